@@ -1,0 +1,1 @@
+#include "alloc_buffer/buffer_allocator.hpp"

@@ -1,0 +1,138 @@
+#include "base/eal.hpp"
+
+#include <rte_eal.h>
+#include <rte_errno.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+
+#include "base/log.hpp"
+
+namespace dmakit::base {
+
+uint64_t HugepageCounts::available() const {
+  uint64_t from_pool = free > reserved ? free - reserved : 0;
+  uint64_t from_overcommit = overcommit > surplus ? overcommit - surplus : 0;
+  return from_pool + from_overcommit;
+}
+
+namespace {
+
+uint64_t read_u64(const std::filesystem::path& p) {
+  std::ifstream in(p);
+  uint64_t v = 0;
+  in >> v;
+  return in ? v : 0;
+}
+
+std::mutex g_mu;
+EalInfo g_info;
+std::atomic<const EalInfo*> g_ready{nullptr};
+
+void remove_runtime_dir() {
+  // As root EAL creates /var/run/dpdk/<prefix> even with --in-memory; leave nothing behind.
+  const char* dir = rte_eal_get_runtime_dir();
+  if (dir == nullptr || *dir == '\0') return;
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+}
+
+}  // namespace
+
+HugepageCounts read_hugepages(uint64_t page_kb) {
+  std::filesystem::path dir = fmt::format("/sys/kernel/mm/hugepages/hugepages-{}kB", page_kb);
+  HugepageCounts c;
+  c.total = read_u64(dir / "nr_hugepages");
+  c.free = read_u64(dir / "free_hugepages");
+  c.reserved = read_u64(dir / "resv_hugepages");
+  c.surplus = read_u64(dir / "surplus_hugepages");
+  c.overcommit = read_u64(dir / "nr_overcommit_hugepages");
+  return c;
+}
+
+Result<EalInfo> plan_eal(const EalSettings& s, const HugepageCounts& huge) {
+  EalInfo info;
+  info.started_by_dmakit = true;
+  info.file_prefix = s.file_prefix.empty() ? fmt::format("dmakit-{}", ::getpid()) : s.file_prefix;
+  if (s.mode == "huge") {
+    if (huge.available() == 0)
+      return fail(Errc::no_memory,
+                  "eal.mode is 'huge' but no 2 MiB hugepage is free (nr_hugepages={}, free={}, "
+                  "nr_overcommit_hugepages={}); reserve some in /proc/sys/vm/nr_hugepages",
+                  huge.total, huge.free, huge.overcommit);
+    info.hugepages = true;
+    info.reason = fmt::format("eal.mode=huge: {} 2 MiB hugepages available", huge.available());
+  } else if (s.mode == "nohuge") {
+    info.hugepages = false;
+    info.reason = "eal.mode=nohuge: running on 4 KiB pages";
+  } else if (s.mode == "auto") {
+    info.hugepages = huge.available() > 0;
+    info.reason = info.hugepages
+                      ? fmt::format("{} 2 MiB hugepages available: running on hugepages", huge.available())
+                      : fmt::format("no 2 MiB hugepages free (nr_hugepages={}, nr_overcommit_hugepages={}): "
+                                    "running on 4 KiB pages",
+                                    huge.total, huge.overcommit);
+  } else {
+    return fail(Errc::invalid_argument, "key 'eal.mode': '{}' is not auto, huge or nohuge", s.mode);
+  }
+
+  // EAL is quiet unless dmakit's logger asks for detail; its lines are routed into it anyway.
+  bool verbose = log().should_log(spdlog::level::debug);
+  info.args = {"dmakit", "-l", "0", "--no-telemetry", "--file-prefix", info.file_prefix,
+               verbose ? "--log-level=lib.eal:info" : "--log-level=lib.eal:warning"};
+  if (info.hugepages) {
+    // memfd-backed pages need no hugetlbfs mount; IOVA=VA because dmakit picks IOVAs itself.
+    for (const char* a : {"--in-memory", "--iova-mode=va", "--no-pci"}) info.args.emplace_back(a);
+  } else {
+    for (const char* a : {"--no-huge", "--no-shconf", "--no-pci", "-m"}) info.args.emplace_back(a);
+    info.args.push_back(std::to_string(s.memory_mb));
+  }
+  std::istringstream extra(s.extra_args);
+  for (std::string a; extra >> a;) info.args.push_back(a);
+  return info;
+}
+
+Result<const EalInfo*> ensure_eal(const EalSettings& s) {
+  if (const EalInfo* ready = g_ready.load(std::memory_order_acquire)) return ready;
+  std::lock_guard lock(g_mu);
+  if (const EalInfo* ready = g_ready.load(std::memory_order_relaxed)) return ready;
+
+  EalInfo info = DMAKIT_TRY(plan_eal(s, read_hugepages()));
+  DMAKIT_TRY(route_dpdk_log());
+
+  std::vector<char*> argv;
+  for (auto& a : info.args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  rte_errno = 0;
+  int rc = rte_eal_init(static_cast<int>(argv.size() - 1), argv.data());
+  if (rc < 0 && rte_errno == EALREADY) {
+    // The host application owns the EAL: use its memory as it is.
+    info.started_by_dmakit = false;
+    info.hugepages = rte_eal_has_hugepages() != 0;
+    info.file_prefix.clear();
+    info.args.clear();
+    info.reason = fmt::format("EAL already started by the application ({})",
+                              info.hugepages ? "hugepages" : "4 KiB pages");
+  } else if (rc < 0) {
+    int err = rte_errno;
+    std::string joined;
+    for (const auto& a : info.args) joined += (joined.empty() ? "" : " ") + a;
+    remove_runtime_dir();
+    return fail_errno(err, "rte_eal_init({}) failed", joined);
+  } else {
+    std::atexit(remove_runtime_dir);
+  }
+  log().info("EAL: {}", info.reason);
+  g_info = std::move(info);
+  g_ready.store(&g_info, std::memory_order_release);
+  return &g_info;
+}
+
+const EalInfo* eal_info() { return g_ready.load(std::memory_order_acquire); }
+
+}  // namespace dmakit::base

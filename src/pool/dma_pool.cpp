@@ -1,0 +1,1 @@
+#include "pool/dma_pool.hpp"

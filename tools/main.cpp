@@ -1,0 +1,69 @@
+// dmakit: inspect the IOMMU, bind devices to vfio-pci, stress and benchmark
+// the DMA allocators.
+#include <cstdio>
+#include <iostream>
+
+#include "base/json.hpp"
+#include "base/log.hpp"
+#include "tool.hpp"
+
+namespace dmakit::tool {
+
+bool prepare(Tool& tool) {
+  if (auto st = base::validate(tool.cfg); !st) {
+    report_error(tool, "config: " + st.error().message, kExitUsage);
+    return false;
+  }
+  // Precedence: --log-level, then DMAKIT_LOG, then log.level from the config.
+  std::string level = tool.log_level;
+  if (level.empty() && !base::env_log_level()) level = tool.cfg.log.level;
+  if (auto st = base::set_log_level(level); !st) {
+    report_error(tool, "--log-level: " + st.error().message, kExitUsage);
+    return false;
+  }
+  return true;
+}
+
+int report_error(const Tool& tool, const std::string& what, int code) {
+  if (tool.json) {
+    std::cout << base::Json::object().add("error", what).add("exit_code", code).str() << "\n";
+  } else {
+    std::cerr << "dmakit: " << what << "\n";
+  }
+  return code;
+}
+
+}  // namespace dmakit::tool
+
+int main(int argc, char** argv) {
+  using namespace dmakit;
+  tool::Tool tool;
+  CLI::App app{"dmakit - DMA memory for user-space drivers over VFIO", "dmakit"};
+  app.require_subcommand(1);
+  app.fallthrough();  // global flags (--json, --config, settings) may follow the subcommand
+  app.set_version_flag("--version", std::string("dmakit ") + DMAKIT_VERSION);
+  app.add_flag("--json", tool.json, "print one JSON object");
+  app.add_option("--log-level", tool.log_level,
+                 "trace|debug|info|warn|error|critical|off (overrides DMAKIT_LOG and log.level)");
+  base::add_config_options(app, tool.cfg, base::default_config_path());
+
+  tool::add_info(app, tool);
+  tool::add_bind(app, tool);
+  tool::add_stress(app, tool);
+  tool::add_bench(app, tool);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::FileError& e) {
+    return tool::report_error(tool, std::string("config: ") + e.what(), tool::kExitUsage);
+  } catch (const CLI::ParseError& e) {
+    return tool::report_error(tool, base::describe_parse_error(e), tool::kExitUsage);
+  }
+  return tool.exit_code;
+}

@@ -1,0 +1,37 @@
+// Shared state of the dmakit command: the parsed config and global flags.
+// Each subcommand lives in its own cmd_*.cpp and registers itself here.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+
+#include "base/config.hpp"
+
+namespace dmakit::tool {
+
+struct Tool {
+  base::Config cfg;
+  bool json = false;
+  std::string log_level;  // --log-level; overrides DMAKIT_LOG and log.level
+  int exit_code = 0;
+};
+
+// Exit codes: 0 success, 1 the operation failed, 2 bad usage or config.
+inline constexpr int kExitFailed = 1;
+inline constexpr int kExitUsage = 2;
+
+// Applies log level precedence and validates the config; prints and
+// returns false on a bad value.
+bool prepare(Tool& tool);
+
+void add_info(CLI::App& app, Tool& tool);
+void add_bind(CLI::App& app, Tool& tool);
+void add_stress(CLI::App& app, Tool& tool);
+void add_bench(CLI::App& app, Tool& tool);
+
+// Prints an error line "dmakit: <what>" to stderr (or {"error": ...} with --json).
+int report_error(const Tool& tool, const std::string& what, int code = kExitFailed);
+
+}  // namespace dmakit::tool
