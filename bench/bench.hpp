@@ -1,3 +1,18 @@
-// Benchmarks behind `dmakit bench NAME --json`. Each returns the JSON object
-// {"bench": NAME, "results": [...]} described in docs/PERFORMANCE.md.
+// Benchmarks behind `dmakit bench NAME --json`. Each returns the object
+// {"bench": NAME, "results": [...]} whose fields DESIGN.md and
+// docs/PERFORMANCE.md describe. Times are medians of repeated runs in one
+// process; every benchmark checks the work it timed and fails rather than
+// print numbers from a broken run.
 #pragma once
+
+#include "base/json.hpp"
+#include "core/context.hpp"
+#include "dmakit/error.hpp"
+
+namespace dmakit::bench {
+
+Result<base::Json> run_arena(core::Context& ctx);
+Result<base::Json> run_buffer(core::Context& ctx);
+Result<base::Json> run_dmapool(core::Context& ctx);
+
+}  // namespace dmakit::bench

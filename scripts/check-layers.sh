@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Checks that calls go down only: base <- iommu <- alloc_buffer <- pool <- core <- tools,
+# that ioctls stay in src/iommu and DPDK calls in the memory sources and the EAL owner.
+set -euo pipefail
+root=${1:-$(cd "$(dirname "$0")/.." && pwd)}
+cd "$root"
+layers=(base iommu alloc_buffer pool core)
+fail=0
+for i in "${!layers[@]}"; do
+  layer=${layers[$i]}
+  for j in "${!layers[@]}"; do
+    [ "$j" -gt "$i" ] || continue
+    upper=${layers[$j]}
+    if hits=$(grep -rnE "#include \"${upper}/" "src/$layer" 2>/dev/null); then
+      echo "layer violation: src/$layer includes src/$upper:"; echo "$hits"; fail=1
+    fi
+  done
+done
+if hits=$(grep -rnE '\bioctl\s*\(' src tools bench --include='*.cpp' --include='*.hpp' | grep -v '^src/iommu/'); then
+  echo "ioctl outside src/iommu:"; echo "$hits"; fail=1
+fi
+# DPDK: only the EAL owner and the memory sources (src/alloc_buffer) include rte_ headers;
+# bench/ may use rte_mempool as a baseline.
+if hits=$(grep -rnE '#include <rte_' src tools | grep -vE '^src/base/(eal|log)\.cpp:|^src/alloc_buffer/'); then
+  echo "DPDK include outside the EAL owner and memory sources:"; echo "$hits"; fail=1
+fi
+[ $fail -eq 0 ] && echo "layers: ok"
+exit $fail

@@ -1,0 +1,116 @@
+// MemorySource: where the BufferAllocator gets host memory, one order each.
+//
+// A source hands out chunks of exactly order() bytes, aligned to order()
+// (so 2 MiB chunks can sit on 2 MiB IOVAs and the IOMMU can use large pages),
+// or - when max_run() > order() - a virtually contiguous run of several
+// chunks from one call, so one Domain::map covers it. take() is the only
+// place memory is obtained; give() returns exactly what take() returned.
+// Every source is thread-safe.
+//
+// The real sources:
+//   HugepageSource  2 MiB (or 1 GiB) pages of EAL hugepage memory. Memory is
+//                   reserved in slabs (rte_memzone, page-aligned, page-size
+//                   strict) and pages are carved from them; a slab is released
+//                   when all its pages are back. One slab per reservation
+//                   because an aligned DPDK allocation of exactly one page
+//                   costs two pages (the element header sits before it).
+//   CarvedSource    1 MiB / 64 KiB pieces split from the pages of a parent
+//                   source (the 2 MiB hugepage source); a parent page goes
+//                   back to the parent when all its pieces are back.
+//   AnonSource      ordinary anonymous memory (mmap), any multiple of its
+//                   order in one run; VFIO pins it when it is mapped.
+//   FaultSource     wraps another source and fails on command (after K
+//                   successful takes, or always): for tests and benchmarks.
+//
+// Sources never free memory that is still taken: destroying a source with
+// live chunks logs them and leaves the memory in place (a device may still
+// reach it).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "dmakit/error.hpp"
+
+namespace dmakit::alloc_buffer {
+
+inline constexpr uint64_t kPage4K = 4096;
+inline constexpr uint64_t kPage2M = 2ull << 20;
+inline constexpr uint64_t kPage1G = 1ull << 30;
+
+struct SourceStats {
+  uint64_t live_bytes = 0;      // taken and not given back
+  uint64_t reserved_bytes = 0;  // held from the system (slabs, parent pages), >= live
+  uint64_t takes = 0;           // successful take() calls
+  uint64_t failures = 0;        // failed take() calls
+};
+
+class MemorySource {
+ public:
+  virtual ~MemorySource() = default;
+  MemorySource() = default;
+  MemorySource(const MemorySource&) = delete;
+  MemorySource& operator=(const MemorySource&) = delete;
+
+  virtual std::string_view name() const = 0;
+  // Chunk size and alignment (power of two).
+  virtual uint64_t order() const = 0;
+  // Largest length one take() serves as one virtually contiguous run.
+  virtual uint64_t max_run() const { return order(); }
+  // Memory fresh from take() reads as zeros (anonymous pages do).
+  virtual bool fresh_zero() const { return false; }
+  // len: a multiple of order() and at most max_run(). Errc::no_memory when exhausted.
+  virtual Result<void*> take(uint64_t len) = 0;
+  // Returns memory from take(), same pointer and length.
+  virtual void give(void* p, uint64_t len) = 0;
+  virtual SourceStats stats() const = 0;
+};
+
+// Anonymous private memory (mmap). order >= 4 KiB; chunks are aligned to
+// order. runs: serve any multiple of order in one mmap.
+Result<std::unique_ptr<MemorySource>> make_anon_source(uint64_t order, bool runs = true);
+
+// EAL hugepage memory of page size page_size (2 MiB or 1 GiB), reserved in
+// slabs of slab_pages pages (fewer when a slab cannot be had). Fails with
+// Errc::unsupported when the EAL is not started or runs without hugepages.
+Result<std::unique_ptr<MemorySource>> make_hugepage_source(uint64_t page_size, uint32_t slab_pages);
+
+// Pieces of `order` bytes split from parent's chunks; parent must outlive it.
+Result<std::unique_ptr<MemorySource>> make_carved_source(MemorySource& parent, uint64_t order);
+
+// Fault injection around a real source.
+class FaultSource final : public MemorySource {
+ public:
+  static constexpr uint64_t kNever = ~0ull;
+  explicit FaultSource(std::unique_ptr<MemorySource> inner);
+
+  // Succeed `k` more takes, then fail every take until changed (0 = fail now).
+  void fail_after(uint64_t k) { budget_.store(k, std::memory_order_relaxed); }
+  void heal() { budget_.store(kNever, std::memory_order_relaxed); }
+  uint64_t attempts() const { return attempts_.load(std::memory_order_relaxed); }
+  uint64_t injected() const { return injected_.load(std::memory_order_relaxed); }
+  MemorySource& inner() { return *inner_; }
+
+  std::string_view name() const override { return name_; }
+  uint64_t order() const override { return inner_->order(); }
+  uint64_t max_run() const override { return inner_->max_run(); }
+  bool fresh_zero() const override { return inner_->fresh_zero(); }
+  Result<void*> take(uint64_t len) override;
+  void give(void* p, uint64_t len) override { inner_->give(p, len); }
+  SourceStats stats() const override { return inner_->stats(); }
+
+ private:
+  std::unique_ptr<MemorySource> inner_;
+  std::string name_;
+  std::atomic<uint64_t> budget_{kNever};
+  std::atomic<uint64_t> attempts_{0};
+  std::atomic<uint64_t> injected_{0};
+};
+
+// Formats 4096 as "4K", 2097152 as "2M".
+std::string size_name(uint64_t bytes);
+
+}  // namespace dmakit::alloc_buffer

@@ -1,0 +1,186 @@
+// The EAL owner: both memory modes, reuse of an application's EAL, and the
+// log bridge. rte_eal_init runs once per process, so each case runs in a
+// forked child (gtest death-test machinery) and reports through its exit code.
+#include <gtest/gtest.h>
+#include <rte_eal.h>
+#include <rte_log.h>
+#include <rte_malloc.h>
+#include <spdlog/sinks/ostream_sink.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "base/eal.hpp"
+#include "base/log.hpp"
+
+using namespace dmakit;
+
+namespace {
+
+// Exit codes of the children: 0 = all checks passed, other = which check failed.
+// exit(), not _Exit(): the EAL owner's atexit hook removes its runtime directory.
+[[noreturn]] void finish(int code) { std::exit(code); }
+
+const char* kOvercommit = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_overcommit_hugepages";
+
+uint64_t read_value(const char* path) {
+  std::ifstream in(path);
+  uint64_t v = 0;
+  in >> v;
+  return v;
+}
+
+bool write_value(const char* path, uint64_t v) {
+  std::ofstream out(path);
+  out << v;
+  out.flush();
+  return static_cast<bool>(out);
+}
+
+// Reserves 2 MiB hugepages on demand (overcommit) for the test and puts the
+// old value back afterwards.
+class HugepageReservation {
+ public:
+  explicit HugepageReservation(uint64_t pages) : old_(read_value(kOvercommit)) {
+    ok_ = write_value(kOvercommit, old_ + pages) && read_value(kOvercommit) == old_ + pages;
+  }
+  ~HugepageReservation() { write_value(kOvercommit, old_); }
+  bool ok() const { return ok_; }
+
+ private:
+  uint64_t old_;
+  bool ok_ = false;
+};
+
+[[noreturn]] void child_StartsWithoutHugepages() {
+  base::EalSettings s;
+  s.mode = "nohuge";
+  s.memory_mb = 64;
+  auto info = base::ensure_eal(s);
+  if (!info) finish(1);
+  if ((*info)->hugepages || !(*info)->started_by_dmakit) finish(2);
+  if (rte_eal_has_hugepages() != 0) finish(3);
+  void* p = rte_malloc(nullptr, 1 << 20, 4096);  // the memory is really there
+  if (p == nullptr) finish(4);
+  rte_free(p);
+  auto again = base::ensure_eal(s);  // second call: same EAL, no re-init
+  if (!again || *again != *info) finish(5);
+  finish(0);
+}
+
+[[noreturn]] void child_StartsOnHugepagesWhenReserved() {
+  base::EalSettings s;  // mode auto: must see the reservation
+  auto info = base::ensure_eal(s);
+  if (!info) finish(1);
+  if (!(*info)->hugepages) finish(2);
+  if ((*info)->reason.find("running on hugepages") == std::string::npos) finish(3);
+  if (rte_eal_has_hugepages() == 0) finish(4);
+  void* p = rte_malloc(nullptr, 4 << 20, 2 << 20);
+  if (p == nullptr) finish(5);
+  rte_free(p);
+  finish(0);
+}
+
+[[noreturn]] void child_ReusesTheApplicationsEal() {
+  std::string prefix = "--file-prefix=dmakit-app-" + std::to_string(::getpid());
+  std::vector<std::string> args = {"app", "--no-huge", "--no-shconf", "-m", "64", "--no-pci",
+                                   "-l", "0", "--no-telemetry", prefix, "--log-level=lib.eal:error"};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  if (rte_eal_init(static_cast<int>(argv.size()), argv.data()) < 0) finish(1);
+  auto info = base::ensure_eal(base::EalSettings{});
+  if (!info) finish(2);
+  if ((*info)->started_by_dmakit) finish(3);
+  if ((*info)->reason.find("already started by the application") == std::string::npos) finish(4);
+  std::string dir = rte_eal_get_runtime_dir();
+  rte_eal_cleanup();
+  std::filesystem::remove_all(dir);  // the application's EAL: the application cleans up
+  finish(0);
+}
+
+[[noreturn]] void child_EalMessagesReachTheDmakitLogger() {
+  auto captured = std::make_shared<std::ostringstream>();
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(*captured);
+  base::log().sinks().push_back(sink);
+  base::log().set_level(spdlog::level::trace);
+  base::EalSettings s;
+  s.mode = "nohuge";
+  s.memory_mb = 64;
+  if (!base::ensure_eal(s)) finish(1);
+  // Start-up lines arrive at debug (EAL INFO/NOTICE are quiet by default).
+  if (captured->str().find("eal: ") == std::string::npos) finish(2);
+  // An EAL error arrives at error level.
+  rte_log(RTE_LOG_ERR, RTE_LOGTYPE_EAL, "EAL: synthetic failure 42\n");
+  const std::string text = captured->str();
+  auto at = text.find("synthetic failure 42");
+  if (at == std::string::npos) finish(3);
+  if (text.rfind("[error]", at) == std::string::npos) finish(4);
+  // At the default level (warn) EAL's info lines are filtered out.
+  captured->str("");
+  base::log().set_level(spdlog::level::warn);
+  rte_log(RTE_LOG_INFO, RTE_LOGTYPE_EAL, "EAL: chatty detail\n");
+  if (captured->str().find("chatty detail") != std::string::npos) finish(5);
+  finish(0);
+}
+
+}  // namespace
+
+TEST(EalPlan, AutoPicksHugepagesOnlyWhenOneCanBeHad) {
+  base::EalSettings s;
+  base::HugepageCounts none;
+  auto plan = base::plan_eal(s, none);
+  ASSERT_TRUE(plan);
+  EXPECT_FALSE(plan->hugepages);
+  EXPECT_NE(plan->reason.find("no 2 MiB hugepages free"), std::string::npos) << plan->reason;
+  EXPECT_NE(plan->reason.find("running on 4 KiB pages"), std::string::npos);
+  auto has = [&](const std::vector<std::string>& args, const std::string& a) {
+    return std::find(args.begin(), args.end(), a) != args.end();
+  };
+  EXPECT_TRUE(has(plan->args, "--no-huge"));
+  EXPECT_TRUE(has(plan->args, "--no-shconf"));
+  EXPECT_TRUE(has(plan->args, "512"));
+  EXPECT_FALSE(has(plan->args, "--in-memory"));
+  EXPECT_TRUE(has(plan->args, "dmakit-" + std::to_string(::getpid()))) << "unique file prefix per process";
+
+  base::HugepageCounts some;
+  some.overcommit = 8;
+  plan = base::plan_eal(s, some);
+  ASSERT_TRUE(plan);
+  EXPECT_TRUE(plan->hugepages);
+  EXPECT_TRUE(has(plan->args, "--in-memory"));
+  EXPECT_TRUE(has(plan->args, "--iova-mode=va"));
+  EXPECT_TRUE(has(plan->args, "--no-pci"));
+  EXPECT_FALSE(has(plan->args, "--no-huge"));
+}
+
+TEST(EalPlan, HugeModeWithoutPagesIsAClearError) {
+  base::EalSettings s;
+  s.mode = "huge";
+  auto plan = base::plan_eal(s, base::HugepageCounts{});
+  ASSERT_FALSE(plan);
+  EXPECT_EQ(plan.error().code, Errc::no_memory);
+  EXPECT_NE(plan.error().message.find("/proc/sys/vm/nr_hugepages"), std::string::npos);
+  s.mode = "turbo";
+  EXPECT_FALSE(base::plan_eal(s, base::HugepageCounts{}));
+}
+
+TEST(EalOwner, StartsWithoutHugepages) {
+  EXPECT_EXIT(child_StartsWithoutHugepages(), ::testing::ExitedWithCode(0), "");
+}
+
+TEST(EalOwner, StartsOnHugepagesWhenReserved) {
+  ASSERT_EQ(::geteuid(), 0u) << "this test reserves hugepages and must run as root";
+  HugepageReservation reserve(16);
+  ASSERT_TRUE(reserve.ok()) << "could not set " << kOvercommit;
+  EXPECT_EXIT(child_StartsOnHugepagesWhenReserved(), ::testing::ExitedWithCode(0), "");
+}
+
+TEST(EalOwner, ReusesTheApplicationsEal) {
+  EXPECT_EXIT(child_ReusesTheApplicationsEal(), ::testing::ExitedWithCode(0), "");
+}
+
+TEST(EalLog, EalMessagesReachTheDmakitLogger) {
+  EXPECT_EXIT(child_EalMessagesReachTheDmakitLogger(), ::testing::ExitedWithCode(0), "");
+}
