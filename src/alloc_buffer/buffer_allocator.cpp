@@ -1,1 +1,816 @@
+// BufferAllocator implementation; the design is in buffer_allocator.hpp.
 #include "alloc_buffer/buffer_allocator.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <shared_mutex>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+
+#include "base/eal.hpp"
+#include "base/log.hpp"
+
+namespace dmakit::alloc_buffer {
+
+class Allocator;
+
+namespace {
+
+int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Lets a Buffer outlive its allocator safely: releases take it shared, the
+// allocator's destructor takes it exclusively and clears `owner`.
+struct Anchor {
+  std::shared_mutex mu;
+  Allocator* owner = nullptr;
+};
+
+}  // namespace
+
+struct Buffer::Impl {
+  std::shared_ptr<Anchor> anchor;
+  uint64_t size = 0;            // requested bytes
+  iommu::IovaSpan span;         // the whole IOVA range
+  uint32_t prot = 0;
+  uint32_t mappings = 0;
+  uint32_t attempts = 0;
+  bool contiguous = false;
+  bool zero = false;            // contents known to be zero
+  bool recycled = false;
+  std::vector<Chunk> chunks;    // IOVA order
+  std::vector<MemorySource*> from;  // source of each chunk
+};
+
+// ---------------------------------------------------------------------------
+// Buffer accessors: the chunk list is in IOVA order, so a byte offset finds
+// its chunk by binary search on the IOVA.
+
+Buffer::Buffer(Buffer&& o) noexcept : impl_(std::exchange(o.impl_, nullptr)) {}
+
+Buffer& Buffer::operator=(Buffer&& o) noexcept {
+  if (this != &o) {
+    Buffer old(std::move(*this));
+    impl_ = std::exchange(o.impl_, nullptr);
+  }
+  return *this;
+}
+
+uint64_t Buffer::iova() const { return impl_->span.iova; }
+uint64_t Buffer::size() const { return impl_->size; }
+uint64_t Buffer::span() const { return impl_->span.len; }
+std::span<const Chunk> Buffer::chunks() const { return impl_->chunks; }
+void* Buffer::vaddr() const { return impl_->chunks.front().vaddr; }
+bool Buffer::virtually_contiguous() const { return impl_->contiguous; }
+uint32_t Buffer::mappings() const { return impl_->mappings; }
+uint32_t Buffer::attempts() const { return impl_->attempts; }
+bool Buffer::recycled() const { return impl_->recycled; }
+
+void* Buffer::at(uint64_t offset) const {
+  if (impl_ == nullptr || offset >= impl_->size) return nullptr;
+  const uint64_t iova = impl_->span.iova + offset;
+  auto& cs = impl_->chunks;
+  auto it = std::upper_bound(cs.begin(), cs.end(), iova, [](uint64_t v, const Chunk& c) { return v < c.iova; });
+  --it;  // chunks start at span.iova, so one precedes any offset inside
+  return static_cast<char*>(it->vaddr) + (iova - it->iova);
+}
+
+Result<uint64_t> Buffer::iova_of(const void* p) const {
+  if (impl_ == nullptr) return fail(Errc::invalid_argument, "iova_of({}): empty buffer", p);
+  auto a = reinterpret_cast<uintptr_t>(p);
+  for (const Chunk& c : impl_->chunks) {
+    auto base = reinterpret_cast<uintptr_t>(c.vaddr);
+    if (a >= base && a - base < c.len) {
+      uint64_t iova = c.iova + (a - base);
+      if (iova - impl_->span.iova >= impl_->size) break;  // in the rounding tail
+      return iova;
+    }
+  }
+  return fail(Errc::invalid_argument, "iova_of({}): not inside the buffer of {} bytes at IOVA {:#x}", p,
+              impl_->size, impl_->span.iova);
+}
+
+// ---------------------------------------------------------------------------
+
+class Allocator final : public BufferAllocator {
+ public:
+  struct Order {
+    uint64_t size = 0;
+    MemorySource* src = nullptr;
+    std::atomic<int64_t> retry_at{0};  // steady ns; the order is skipped before this
+  };
+
+  Allocator(iommu::IovaArena& arena, const base::BufferSettings& s,
+            std::vector<std::unique_ptr<MemorySource>> sources, std::vector<std::pair<uint64_t, MemorySource*>> orders)
+      : arena_(arena),
+        domain_(arena.domain()),
+        sources_(std::move(sources)),
+        orders_(orders.size()),
+        backoff_ns_(int64_t{s.backoff_ms} * 1000000),
+        high_(s.recycle_high_mb << 20),
+        prezero_(s.prezero),
+        anchor_(std::make_shared<Anchor>()) {
+    for (size_t i = 0; i < orders.size(); ++i) {
+      orders_[i].size = orders[i].first;
+      orders_[i].src = orders[i].second;
+    }
+    anchor_->owner = this;
+  }
+
+  ~Allocator() override;
+
+  // Starts the threads and joins the arena's flush listener.
+  void start(bool psi);
+
+  Result<Buffer> alloc(const BufferRequest& req) override;
+  void trim(bool all) override;
+  BufferStats stats() const override;
+  iommu::IovaArena& arena() override { return arena_; }
+  std::vector<uint64_t> orders() const override {
+    std::vector<uint64_t> v;
+    for (const auto& o : orders_) v.push_back(o.size);
+    return v;
+  }
+  std::vector<const MemorySource*> sources() const override {
+    std::vector<const MemorySource*> v;
+    for (const auto& s : sources_) v.push_back(s.get());
+    return v;
+  }
+  bool wait_prezeroed(std::chrono::milliseconds timeout) override;
+
+  // From Buffer's destructor.
+  void release(Buffer::Impl* b);
+  // From the arena, through the listener hub.
+  void on_flushed(std::span<const iommu::IovaSpan> ranges);
+
+ private:
+  using Impl = Buffer::Impl;
+  struct SizeClass {
+    std::vector<Impl*> clean, dirty;  // LIFO: the most recently freed is warmest
+  };
+
+  Impl* pop_recycled(uint64_t span_len, const BufferRequest& req);
+  Result<Impl*> build(const BufferRequest& req, uint64_t span_len);
+  Status gather(Impl& b, uint64_t need);
+  Status map_runs(Impl& b);
+  void give_back(Impl& b);
+  void retire(Impl* b);
+  std::vector<Impl*> collect_victims(uint64_t target);
+  void zero_loop();
+  void psi_loop(int psi_fd);
+  static void zero_memory(Impl& b);
+
+  iommu::IovaArena& arena_;
+  iommu::Domain& domain_;
+  std::vector<std::unique_ptr<MemorySource>> sources_;
+  std::vector<Order> orders_;
+  const int64_t backoff_ns_;
+  const uint64_t high_;
+  const bool prezero_;
+  std::shared_ptr<Anchor> anchor_;
+
+  // Guarded by mu_.
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;   // zeroing thread: dirty work or stop
+  std::condition_variable idle_cv_;   // trim/wait_prezeroed: zeroing finished
+  std::map<uint64_t, SizeClass> classes_;
+  std::map<uint64_t, Impl*> pending_;  // by IOVA: retired, waiting for the flush
+  std::vector<Impl*> lost_;           // IOVA could not be freed: memory kept forever
+  uint64_t live_ = 0, live_bytes_ = 0;
+  uint64_t recycled_bytes_ = 0, clean_bytes_ = 0, dirty_bytes_ = 0, pending_bytes_ = 0;
+  Impl* zeroing_ = nullptr;
+  uint32_t hold_zeroing_ = 0;
+  bool stopping_ = false;
+
+  // Statistics, updated without the lock.
+  std::atomic<uint64_t> attempts_{0}, fallbacks_{0}, skips_{0}, map_calls_{0};
+  std::atomic<uint64_t> fresh_{0}, hits_{0}, memsets_{0}, shrinks_{0}, psi_events_{0};
+  std::atomic<bool> psi_armed_{false};
+
+  std::thread zero_thread_, psi_thread_;
+  int stop_fd_ = -1;  // eventfd that wakes the PSI thread for shutdown
+  bool subscribed_ = false;
+};
+
+// ---------------------------------------------------------------------------
+// The arena has one flush listener; this hub lets several allocators share
+// an arena. The hub's lock is held while a subscriber runs, so an allocator
+// that unsubscribes is never called afterwards.
+
+namespace {
+
+struct Hub {
+  std::mutex mu;
+  std::unordered_map<iommu::IovaArena*, std::vector<Allocator*>> subs;
+};
+
+Hub& hub() {
+  static Hub h;
+  return h;
+}
+
+void subscribe(iommu::IovaArena& arena, Allocator* a) {
+  bool first = false;
+  {
+    std::lock_guard lock(hub().mu);
+    auto& v = hub().subs[&arena];
+    first = v.empty();
+    v.push_back(a);
+  }
+  // Outside the hub lock: the arena may hold its own lock while it calls out.
+  if (first)
+    arena.set_flush_listener([key = &arena](std::span<const iommu::IovaSpan> ranges) {
+      std::lock_guard lock(hub().mu);
+      auto it = hub().subs.find(key);
+      if (it == hub().subs.end()) return;
+      for (Allocator* s : it->second) s->on_flushed(ranges);
+    });
+}
+
+void unsubscribe(iommu::IovaArena& arena, Allocator* a) {
+  std::lock_guard lock(hub().mu);
+  auto it = hub().subs.find(&arena);
+  if (it == hub().subs.end()) return;
+  std::erase(it->second, a);
+  // The dispatcher stays installed; with no subscribers it does nothing.
+  if (it->second.empty()) hub().subs.erase(it);
+}
+
+}  // namespace
+
+Buffer::~Buffer() {
+  if (impl_ == nullptr) return;
+  std::shared_ptr<Anchor> anchor = impl_->anchor;
+  std::shared_lock lock(anchor->mu);
+  // Without an owner the allocator is gone: the memory stays where it is,
+  // because a device may still use it (the destructor reported it).
+  if (anchor->owner != nullptr) anchor->owner->release(impl_);
+}
+
+// ---------------------------------------------------------------------------
+// Allocation. Fast path: pop a recycled buffer of the same span (clean first
+// for zeroed requests); else build one from the sources (slow path).
+
+Result<Buffer> Allocator::alloc(const BufferRequest& req) {
+  const uint64_t unit = orders_.back().size;
+  if (req.len == 0) return fail(Errc::invalid_argument, "buffer of 0 bytes requested");
+  if (req.len > ~0ull - unit) return fail(Errc::invalid_argument, "buffer of {} bytes: size overflows", req.len);
+  if ((req.prot & iommu::kReadWrite) == 0 || (req.prot & ~uint32_t{iommu::kReadWrite}) != 0)
+    return fail(Errc::invalid_argument, "buffer of {} bytes: prot {:#x} is not read and/or write", req.len,
+                req.prot);
+  const uint64_t span_len = (req.len + unit - 1) & ~(unit - 1);
+
+  if (Impl* b = pop_recycled(span_len, req)) {
+    if (req.zeroed && !b->zero) {
+      memsets_.fetch_add(1, std::memory_order_relaxed);
+      zero_memory(*b);
+    }
+    hits_.fetch_add(1, std::memory_order_relaxed);
+    return Buffer(b);
+  }
+  Impl* b = DMAKIT_TRY(build(req, span_len));
+  return Buffer(b);
+}
+
+Allocator::Impl* Allocator::pop_recycled(uint64_t span_len, const BufferRequest& req) {
+  std::lock_guard lock(mu_);
+  auto it = classes_.find(span_len);
+  if (it == classes_.end()) return nullptr;
+  auto fits = [&](const Impl* b) { return b->prot == req.prot && b->span.end() - 1 <= req.dma_limit; };
+  auto take = [&](std::vector<Impl*>& list, uint64_t& bytes) -> Impl* {
+    for (size_t i = list.size(); i-- > 0;) {
+      if (!fits(list[i])) continue;
+      Impl* b = list[i];
+      list.erase(list.begin() + static_cast<ptrdiff_t>(i));
+      bytes -= b->span.len;
+      return b;
+    }
+    return nullptr;
+  };
+  // Zeroed requests want clean buffers; others leave those for them.
+  Impl* b = req.zeroed ? take(it->second.clean, clean_bytes_) : take(it->second.dirty, dirty_bytes_);
+  if (b == nullptr) b = req.zeroed ? take(it->second.dirty, dirty_bytes_) : take(it->second.clean, clean_bytes_);
+  if (b == nullptr) return nullptr;
+  if (it->second.clean.empty() && it->second.dirty.empty()) classes_.erase(it);
+  recycled_bytes_ -= b->span.len;
+  ++live_;
+  live_bytes_ += b->span.len;
+  b->recycled = true;
+  b->attempts = 0;
+  b->size = req.len;
+  return b;
+}
+
+// Slow path: chunks by order fallback, one IOVA range, one map per run.
+// Whatever fails, everything taken so far is given back.
+Result<Allocator::Impl*> Allocator::build(const BufferRequest& req, uint64_t span_len) {
+  auto b = std::make_unique<Impl>();
+  b->anchor = anchor_;
+  b->size = req.len;
+  b->prot = req.prot;
+  if (auto st = gather(*b, span_len); !st) return std::unexpected(st.error());
+
+  // Largest chunk first: each chunk's offset is then a multiple of its size.
+  const uint64_t align = b->chunks.front().order;
+  auto span = arena_.alloc(iommu::IovaRequest{span_len, align, req.dma_limit});
+  if (!span) {
+    give_back(*b);
+    return std::unexpected(with_context(std::move(span).error(),
+                                        fmt::format("buffer of {} bytes: IOVA range of {} aligned to {}", req.len,
+                                                    span_len, size_name(align))));
+  }
+  b->span = *span;
+  uint64_t off = 0;
+  for (Chunk& c : b->chunks) {
+    c.iova = b->span.iova + off;
+    off += c.len;
+  }
+  if (auto st = map_runs(*b); !st) {
+    return std::unexpected(with_context(st.error(), fmt::format("buffer of {} bytes", req.len)));
+  }
+
+  if (req.zeroed && !b->zero) {
+    for (size_t i = 0; i < b->chunks.size(); ++i)
+      if (!b->from[i]->fresh_zero()) std::memset(b->chunks[i].vaddr, 0, b->chunks[i].len);
+    b->zero = true;
+  }
+  fresh_.fetch_add(1, std::memory_order_relaxed);
+  std::lock_guard lock(mu_);
+  ++live_;
+  live_bytes_ += span_len;
+  return b.release();
+}
+
+// Order fallback (see the header). On failure nothing stays taken.
+Status Allocator::gather(Impl& b, uint64_t need) {
+  uint64_t remaining = need;
+  const int64_t now = steady_ns();
+  std::string tried;
+  bool all_fresh_zero = true;
+  for (size_t i = 0; i < orders_.size() && remaining != 0; ++i) {
+    Order& o = orders_[i];
+    if (o.size > remaining) continue;
+    const bool last = i + 1 == orders_.size();
+    if (!last && o.retry_at.load(std::memory_order_relaxed) > now) {
+      skips_.fetch_add(1, std::memory_order_relaxed);
+      tried += fmt::format("{}: skipped (failed within {} ms); ", size_name(o.size), backoff_ns_ / 1000000);
+      continue;
+    }
+    uint64_t got = 0;
+    while (remaining >= o.size) {
+      const uint64_t want = std::min(remaining & ~(o.size - 1), o.src->max_run());
+      ++b.attempts;
+      attempts_.fetch_add(1, std::memory_order_relaxed);
+      auto p = o.src->take(want);
+      if (!p) {
+        // Drop to the next order for the rest of this request; later
+        // requests skip this one until the back-off expires.
+        o.retry_at.store(now + backoff_ns_, std::memory_order_relaxed);
+        if (!last) fallbacks_.fetch_add(1, std::memory_order_relaxed);
+        tried += fmt::format("{}: failed after {} chunks ({}); ", size_name(o.size), got, p.error().what());
+        break;
+      }
+      b.chunks.push_back(Chunk{*p, 0, want, o.size, o.src->name()});
+      b.from.push_back(o.src);
+      all_fresh_zero = all_fresh_zero && o.src->fresh_zero();
+      remaining -= want;
+      ++got;
+    }
+    if (got != 0 && remaining == 0) break;
+  }
+  if (remaining != 0) {
+    give_back(b);
+    if (!tried.empty()) tried.resize(tried.size() - 2);
+    return fail(Errc::no_memory, "buffer of {} bytes: out of memory with {} bytes still needed; {}", b.size,
+                remaining, tried);
+  }
+  b.zero = all_fresh_zero;
+  return ok();
+}
+
+// One Domain::map per virtually contiguous run. On failure the runs mapped
+// so far are unmapped and the memory and the IOVA range are given back.
+Status Allocator::map_runs(Impl& b) {
+  uint64_t mapped = 0;  // bytes from span.iova that are mapped
+  size_t i = 0;
+  uint32_t runs = 0;
+  while (i < b.chunks.size()) {
+    char* va = static_cast<char*>(b.chunks[i].vaddr);
+    uint64_t len = b.chunks[i].len;
+    size_t j = i + 1;
+    while (j < b.chunks.size() && va + len == b.chunks[j].vaddr) len += b.chunks[j++].len;
+    auto st = domain_.map(va, b.chunks[i].iova, len, b.prot);
+    if (!st) {
+      Error err = with_context(st.error(), fmt::format("map of run {} ({} bytes at IOVA {:#x})", runs, len,
+                                                       b.chunks[i].iova));
+      bool unmapped = mapped == 0 || static_cast<bool>(domain_.unmap(b.span.iova, mapped));
+      if (auto fr = arena_.free(b.span); !fr)
+        base::log().error("buffer IOVA {:#x}+{:#x}: free after failed map: {}", b.span.iova, b.span.len,
+                          fr.error().what());
+      if (unmapped) {
+        give_back(b);
+      } else {
+        // Still mapped: hold the memory until the arena's flush unmaps it.
+        base::log().error("buffer IOVA {:#x}: unmap after failed map failed; memory held until flush", b.span.iova);
+        auto owned = std::make_unique<Impl>(std::move(b));
+        std::lock_guard lock(mu_);
+        pending_bytes_ += owned->span.len;
+        pending_.emplace(owned->span.iova, owned.release());
+      }
+      return std::unexpected(std::move(err));
+    }
+    map_calls_.fetch_add(1, std::memory_order_relaxed);
+    mapped += len;
+    ++runs;
+    i = j;
+  }
+  b.mappings = runs;
+  b.contiguous = runs == 1;
+  if (!b.contiguous) {
+    // Runs can also break where the IOMMU maps no differently; check VA only.
+    b.contiguous = true;
+    for (size_t k = 1; k < b.chunks.size() && b.contiguous; ++k)
+      b.contiguous = static_cast<char*>(b.chunks[k - 1].vaddr) + b.chunks[k - 1].len == b.chunks[k].vaddr;
+  }
+  return ok();
+}
+
+void Allocator::give_back(Impl& b) {
+  for (size_t i = 0; i < b.chunks.size(); ++i) b.from[i]->give(b.chunks[i].vaddr, b.chunks[i].len);
+  b.chunks.clear();
+  b.from.clear();
+}
+
+void Allocator::zero_memory(Impl& b) {
+  for (const Chunk& c : b.chunks) std::memset(c.vaddr, 0, c.len);
+  b.zero = true;
+}
+
+// ---------------------------------------------------------------------------
+// Free: into the recycling pool (mapping kept), or retired when the pool is
+// off or the buffer alone exceeds the watermark.
+
+void Allocator::release(Impl* b) {
+  std::vector<Impl*> victims;
+  bool keep = false;
+  {
+    std::lock_guard lock(mu_);
+    --live_;
+    live_bytes_ -= b->span.len;
+    keep = !stopping_ && b->span.len <= high_;
+    if (keep) {
+      b->zero = false;  // the owner may have written it
+      classes_[b->span.len].dirty.push_back(b);
+      recycled_bytes_ += b->span.len;
+      dirty_bytes_ += b->span.len;
+      if (recycled_bytes_ > high_) victims = collect_victims(high_);
+    }
+  }
+  if (!keep) {
+    retire(b);
+    return;
+  }
+  if (prezero_) work_cv_.notify_one();
+  for (Impl* v : victims) retire(v);
+}
+
+// Under mu_: takes recycled buffers out until recycled_bytes_ <= target,
+// largest sizes first (fewest retirements), dirty before clean.
+std::vector<Allocator::Impl*> Allocator::collect_victims(uint64_t target) {
+  std::vector<Impl*> out;
+  for (auto it = classes_.rbegin(); it != classes_.rend() && recycled_bytes_ > target;) {
+    SizeClass& sc = it->second;
+    while (recycled_bytes_ > target && (!sc.dirty.empty() || !sc.clean.empty())) {
+      bool dirty = !sc.dirty.empty();
+      auto& list = dirty ? sc.dirty : sc.clean;
+      Impl* b = list.back();
+      list.pop_back();
+      (dirty ? dirty_bytes_ : clean_bytes_) -= b->span.len;
+      recycled_bytes_ -= b->span.len;
+      out.push_back(b);
+    }
+    if (sc.dirty.empty() && sc.clean.empty())
+      it = std::make_reverse_iterator(classes_.erase(std::next(it).base()));
+    else
+      ++it;
+  }
+  shrinks_.fetch_add(out.size(), std::memory_order_relaxed);
+  return out;
+}
+
+// Frees the IOVA range (stale in the arena, still mapped); the memory waits
+// in pending_ until on_flushed. Registered before the free, because a strict
+// arena flushes (and calls the listener) inside free().
+void Allocator::retire(Impl* b) {
+  {
+    std::lock_guard lock(mu_);
+    pending_.emplace(b->span.iova, b);
+    pending_bytes_ += b->span.len;
+  }
+  if (auto st = arena_.free(b->span); !st) {
+    base::log().error("buffer IOVA {:#x}+{:#x}: arena refused the free ({}); its memory is kept", b->span.iova,
+                      b->span.len, st.error().what());
+    std::lock_guard lock(mu_);
+    if (pending_.erase(b->span.iova) != 0) {
+      pending_bytes_ -= b->span.len;
+      lost_.push_back(b);
+    }
+  }
+}
+
+void Allocator::on_flushed(std::span<const iommu::IovaSpan> ranges) {
+  std::vector<Impl*> done;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& r : ranges) {
+      for (auto it = pending_.lower_bound(r.iova); it != pending_.end() && it->first < r.end();) {
+        if (it->second->span.end() <= r.end()) {
+          pending_bytes_ -= it->second->span.len;
+          done.push_back(it->second);
+          it = pending_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+  }
+  for (Impl* b : done) {
+    give_back(*b);
+    delete b;  // owned by pending_ until here
+  }
+}
+
+void Allocator::trim(bool all) {
+  std::vector<Impl*> victims;
+  {
+    std::unique_lock lock(mu_);
+    // Let a buffer being zeroed come back so it can be counted and taken.
+    ++hold_zeroing_;
+    idle_cv_.wait(lock, [&] { return zeroing_ == nullptr; });
+    victims = collect_victims(all ? 0 : high_);
+    --hold_zeroing_;
+  }
+  work_cv_.notify_one();
+  for (Impl* v : victims) retire(v);
+  if (auto st = arena_.flush(); !st) base::log().warn("buffer trim: arena flush: {}", st.error().what());
+}
+
+// ---------------------------------------------------------------------------
+// Background threads.
+
+void Allocator::zero_loop() {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    work_cv_.wait(lock, [&] { return stopping_ || (hold_zeroing_ == 0 && dirty_bytes_ != 0); });
+    if (stopping_) return;
+    Impl* b = nullptr;
+    for (auto& [len, sc] : classes_) {
+      if (sc.dirty.empty()) continue;
+      b = sc.dirty.back();
+      sc.dirty.pop_back();
+      break;
+    }
+    dirty_bytes_ -= b->span.len;
+    zeroing_ = b;
+    lock.unlock();
+    zero_memory(*b);
+    lock.lock();
+    zeroing_ = nullptr;
+    classes_[b->span.len].clean.push_back(b);
+    clean_bytes_ += b->span.len;
+    idle_cv_.notify_all();
+  }
+}
+
+bool Allocator::wait_prezeroed(std::chrono::milliseconds timeout) {
+  if (!prezero_) return false;
+  std::unique_lock lock(mu_);
+  return idle_cv_.wait_for(lock, timeout, [&] { return dirty_bytes_ == 0 && zeroing_ == nullptr; });
+}
+
+// Memory pressure: a PSI trigger (150 ms of stall in a 2 s window) wakes
+// this thread, which retires every recycled buffer and flushes the arena.
+void Allocator::psi_loop(int psi_fd) {
+  pollfd fds[2] = {{psi_fd, POLLPRI, 0}, {stop_fd_, POLLIN, 0}};
+  for (;;) {
+    int n = ::poll(fds, 2, -1);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 || (fds[1].revents & POLLIN) != 0) break;
+    if ((fds[0].revents & POLLERR) != 0) {
+      base::log().warn("buffer allocator: PSI trigger stopped (the monitor went away)");
+      break;
+    }
+    if ((fds[0].revents & POLLPRI) != 0) {
+      psi_events_.fetch_add(1, std::memory_order_relaxed);
+      base::log().info("buffer allocator: memory pressure, releasing recycled memory");
+      trim(true);
+    }
+  }
+  psi_armed_.store(false);
+  ::close(psi_fd);
+}
+
+void Allocator::start(bool psi) {
+  subscribe(arena_, this);
+  subscribed_ = true;
+  if (prezero_) zero_thread_ = std::thread([this] { zero_loop(); });
+  if (!psi) return;
+  int fd = ::open("/proc/pressure/memory", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+  static std::once_flag logged;
+  if (fd < 0) {
+    int err = errno;
+    std::call_once(logged, [err] {
+      base::log().debug("buffer allocator: no memory-pressure trigger (/proc/pressure/memory: {})",
+                        std::strerror(err));
+    });
+    return;
+  }
+  const char trig[] = "some 150000 2000000";
+  if (::write(fd, trig, sizeof trig) < 0) {
+    int err = errno;
+    std::call_once(logged, [err] {
+      base::log().debug("buffer allocator: PSI trigger refused: {}", std::strerror(err));
+    });
+    ::close(fd);
+    return;
+  }
+  stop_fd_ = ::eventfd(0, EFD_CLOEXEC);
+  if (stop_fd_ < 0) {
+    base::log().warn("buffer allocator: eventfd: {}; no memory-pressure trigger", std::strerror(errno));
+    ::close(fd);
+    return;
+  }
+  psi_armed_.store(true);
+  psi_thread_ = std::thread([this, fd] { psi_loop(fd); });
+}
+
+Allocator::~Allocator() {
+  // Buffers still alive from here on keep their memory and mapping.
+  {
+    std::unique_lock lock(anchor_->mu);
+    anchor_->owner = nullptr;
+  }
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  if (zero_thread_.joinable()) zero_thread_.join();
+  if (psi_thread_.joinable()) {
+    uint64_t one = 1;
+    if (::write(stop_fd_, &one, sizeof one) < 0) base::log().error("buffer allocator: waking the PSI thread failed");
+    psi_thread_.join();
+  }
+  if (stop_fd_ >= 0) ::close(stop_fd_);
+  trim(true);
+  if (subscribed_) unsubscribe(arena_, this);
+  std::lock_guard lock(mu_);
+  if (live_ != 0)
+    base::log().warn("buffer allocator destroyed with {} live buffers ({} bytes): their memory and IOVA "
+                     "mappings are left in place",
+                     live_, live_bytes_);
+  if (!pending_.empty() || !lost_.empty())
+    base::log().warn("buffer allocator destroyed with {} buffers ({} bytes) whose IOVA was never unmapped: "
+                     "their memory is left in place",
+                     pending_.size() + lost_.size(), pending_bytes_);
+  // Sources last, most derived first (carved sources hold their parent's pages).
+  while (!sources_.empty()) sources_.pop_back();
+}
+
+BufferStats Allocator::stats() const {
+  BufferStats s;
+  {
+    std::lock_guard lock(mu_);
+    s.buffers_live = live_;
+    s.bytes_live = live_bytes_;
+    s.recycled_bytes = recycled_bytes_;
+    s.prezeroed_bytes = clean_bytes_;
+    s.pending_flush_bytes = pending_bytes_;
+  }
+  s.chunk_attempts = attempts_.load(std::memory_order_relaxed);
+  s.order_fallbacks = fallbacks_.load(std::memory_order_relaxed);
+  s.backoff_skips = skips_.load(std::memory_order_relaxed);
+  s.map_calls = map_calls_.load(std::memory_order_relaxed);
+  s.fresh_allocs = fresh_.load(std::memory_order_relaxed);
+  s.recycle_hits = hits_.load(std::memory_order_relaxed);
+  s.memset_fallbacks = memsets_.load(std::memory_order_relaxed);
+  s.shrinks = shrinks_.load(std::memory_order_relaxed);
+  s.psi_events = psi_events_.load(std::memory_order_relaxed);
+  s.psi_armed = psi_armed_.load(std::memory_order_relaxed);
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Factory.
+
+Result<std::vector<uint64_t>> parse_orders(const std::string& list) {
+  std::vector<uint64_t> out;
+  std::stringstream ss(list);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    auto sz = base::parse_size(item);
+    if (!sz) return fail(Errc::invalid_argument, "buffer.orders '{}': {}", list, sz.error().message);
+    if (*sz < kPage4K || (*sz & (*sz - 1)) != 0)
+      return fail(Errc::invalid_argument, "buffer.orders '{}': '{}' is not a power of two >= 4K", list, item);
+    out.push_back(*sz);
+  }
+  if (out.empty()) return fail(Errc::invalid_argument, "buffer.orders '{}': empty list", list);
+  std::sort(out.begin(), out.end(), std::greater<>());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+namespace {
+
+// The real sources for the orders: hugepages for >= 2M, pieces carved from
+// 2M hugepages below that, anonymous memory for the smallest order.
+Status default_sources(const base::BufferSettings& s, std::vector<uint64_t> orders,
+                       std::vector<std::unique_ptr<MemorySource>>& out,
+                       std::vector<std::pair<uint64_t, MemorySource*>>& chosen) {
+  const base::EalInfo* eal = base::eal_info();
+  const bool huge = eal != nullptr && eal->hugepages;
+  if (s.hugepage_1g && huge && eal_has_page_size(kPage1G) && orders.front() < kPage1G)
+    orders.insert(orders.begin(), kPage1G);
+  MemorySource* parent2m = nullptr;
+  auto hp2m = [&]() -> Result<MemorySource*> {
+    if (parent2m == nullptr) {
+      out.push_back(DMAKIT_TRY(make_hugepage_source(kPage2M, 16)));
+      parent2m = out.back().get();
+    }
+    return parent2m;
+  };
+  for (size_t i = 0; i < orders.size(); ++i) {
+    const uint64_t o = orders[i];
+    const bool smallest = i + 1 == orders.size();
+    if (o == kPage1G && huge && s.hugepage_1g && eal_has_page_size(kPage1G)) {
+      out.push_back(DMAKIT_TRY(make_hugepage_source(kPage1G, 1)));
+      chosen.emplace_back(o, out.back().get());
+    } else if (o == kPage2M && huge) {
+      chosen.emplace_back(o, DMAKIT_TRY(hp2m()));
+    } else if (smallest) {
+      out.push_back(DMAKIT_TRY(make_anon_source(o, true)));
+      chosen.emplace_back(o, out.back().get());
+    } else if (o < kPage2M && huge) {
+      MemorySource* parent = DMAKIT_TRY(hp2m());
+      out.push_back(DMAKIT_TRY(make_carved_source(*parent, o)));
+      chosen.emplace_back(o, out.back().get());
+    } else {
+      base::log().debug("buffer allocator: no {} source ({}); order left out", size_name(o),
+                        huge ? "no source serves this size" : "EAL runs without hugepages");
+    }
+  }
+  return ok();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaArena& arena,
+                                                                 const base::BufferSettings& s,
+                                                                 std::vector<std::unique_ptr<MemorySource>> sources) {
+  const uint64_t min_page = arena.domain().info().min_page();
+  std::vector<std::pair<uint64_t, MemorySource*>> chosen;
+  if (sources.empty()) {
+    std::vector<uint64_t> orders = DMAKIT_TRY(parse_orders(s.orders));
+    std::erase_if(orders, [&](uint64_t o) { return o < min_page; });
+    if (orders.empty())
+      return fail(Errc::invalid_argument, "buffer.orders '{}': every order is below the IOMMU page {}", s.orders,
+                  size_name(min_page));
+    DMAKIT_TRY(default_sources(s, std::move(orders), sources, chosen));
+  } else {
+    for (auto& src : sources) {
+      if (src == nullptr) return fail(Errc::invalid_argument, "buffer allocator: null memory source");
+      if (src->order() < min_page) continue;
+      for (auto& c : chosen)
+        if (c.first == src->order())
+          return fail(Errc::invalid_argument, "buffer allocator: sources '{}' and '{}' both serve order {}",
+                      c.second->name(), src->name(), size_name(src->order()));
+      chosen.emplace_back(src->order(), src.get());
+    }
+    std::sort(chosen.begin(), chosen.end(), [](auto& a, auto& b) { return a.first > b.first; });
+  }
+  if (chosen.empty())
+    return fail(Errc::invalid_argument, "buffer allocator: no memory source serves an order >= the IOMMU page {}",
+                size_name(min_page));
+  std::string list;
+  for (auto& c : chosen) list += fmt::format("{}{}={}", list.empty() ? "" : ", ", size_name(c.first), c.second->name());
+  base::log().debug("buffer allocator: orders {}", list);
+
+  auto a = std::make_unique<Allocator>(arena, s, std::move(sources), std::move(chosen));
+  a->start(s.psi);
+  return std::unique_ptr<BufferAllocator>(std::move(a));
+}
+
+}  // namespace dmakit::alloc_buffer

@@ -1,28 +1,58 @@
 // BufferAllocator: large DMA buffers from order-fallback host memory, each
 // mapped as one contiguous IOVA range from the arena.
 //
-// A request for N bytes takes chunks of the largest order on the order list
-// (default 2M, 1M, 64K, 4K, adjusted to the IOMMU's page sizes) that still
-// fits the remaining size; the first failure of an order drops to the next
-// order for the rest of the request; an order that failed recently is skipped
-// for a back-off period. Attempts per request <= chunks + orders.
-// 2 MiB chunks come from DPDK hugepages, 1M/64K chunks are carved from EAL
-// hugepage memory, 4K chunks are ordinary anonymous pages (pinned by the map).
-// Virtually contiguous runs are mapped with one Domain::map each.
+// Order fallback. The order list (default 2M, 1M, 64K, 4K; orders below the
+// IOMMU's smallest page dropped; 1G first when buffer.hugepage_1g is set and
+// the EAL has 1 GiB pages) has one MemorySource per order. A request of N
+// bytes (rounded up to the smallest order) takes chunks of the largest order
+// that still fits the remaining size. The first failure of an order drops to
+// the next order for the rest of the request and that order is not retried,
+// so source calls per request <= chunks + orders. An order that failed is
+// skipped by later requests for backoff_ms, then probed again; the smallest
+// order is never skipped (it is the last resort). A source that can serve
+// runs (anonymous memory) gives the whole remainder of its order in one call.
 //
-// Freed buffers go to a recycling pool keyed by size that keeps their IOVA
-// mapping; a background thread zeroes them so zeroed requests are served
-// without a memset; a shrinker releases memory above a high watermark, on
-// trim() and on memory pressure. Memory behind IOVAs that are stale in the
-// arena is not reused before the arena reports their flush.
+// Layout. Chunks are placed largest first in one IOVA range aligned to the
+// largest chunk order, so every chunk sits on an IOVA aligned to its own size
+// (2 MiB chunks on 2 MiB IOVAs, where the IOMMU can use 2 MiB pages). Chunks
+// that are also contiguous in virtual memory form a run; each run is mapped
+// with one Domain::map, so mapping entries grow with runs, not pages.
+//
+// Recycling page pool. A freed buffer keeps its IOVA and mapping and goes to
+// the free list of its size (span length), "dirty"; re-allocation of that size
+// costs no ioctl. A background thread zeroes dirty buffers and moves them to
+// the "clean" list, so zeroed requests are served without a memset on the
+// caller's path (a dirty buffer is memset by the caller only when no clean
+// one is ready). A shrinker retires recycled buffers above recycle_high_mb,
+// on trim(), and on memory pressure (a Linux PSI trigger on
+// /proc/pressure/memory, watched by a second thread).
+//
+// Retiring a buffer frees its IOVA range to the arena, where it turns stale
+// and stays mapped. Its host memory stays with the buffer until the arena's
+// flush listener reports the range unmapped; only then do its chunks go back
+// to their sources, so a device holding a stale IOVA never reaches memory
+// that has a new owner.
+//
+// Threads and locks. alloc() and Buffer destruction run on caller threads;
+// the zeroing thread and the PSI thread are the allocator's own. One mutex
+// guards the free lists, the pending-flush map and the counts; it is never
+// held across a call into the arena, the domain, a source or a memset.
+// Sources have their own locks. Back-off state is per-order atomics.
+//
+// Owns: the sources, the recycled and pending buffers, its two threads, its
+// subscription to the arena's flush listener. Does not own the arena.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "alloc_buffer/memory_source.hpp"
+#include "base/config.hpp"
 #include "dmakit/error.hpp"
 #include "iommu/iova_arena.hpp"
 
@@ -31,8 +61,9 @@ namespace dmakit::alloc_buffer {
 struct Chunk {
   void* vaddr = nullptr;
   uint64_t iova = 0;
-  uint64_t len = 0;      // the chunk's order size
-  std::string_view source;  // "hugepage", "hugepage-carved", "anon", or a test source's name
+  uint64_t len = 0;         // bytes: the order size, or a multiple of it for a run
+  uint64_t order = 0;       // the order it was taken at
+  std::string_view source;  // the source's name, e.g. "hugepage-2M", "carved-64K", "anon-4K"
 };
 
 struct BufferRequest {
@@ -44,9 +75,10 @@ struct BufferRequest {
 
 class BufferAllocator;
 
-// A DMA buffer. Move-only; destroying it returns it to its allocator (which
-// must outlive it). The IOVA range is contiguous; the host memory is the
-// chunk list, contiguous only where virtually_contiguous() says so.
+// A DMA buffer. Move-only; destroying it returns it to its allocator. The
+// IOVA range is contiguous; the host memory is the chunk list, contiguous
+// only where virtually_contiguous() says so. If the allocator is destroyed
+// first, the buffer's memory and mapping are left in place.
 class Buffer {
  public:
   Buffer() = default;
@@ -57,17 +89,20 @@ class Buffer {
   explicit operator bool() const { return impl_ != nullptr; }
   uint64_t iova() const;
   uint64_t size() const;                // requested bytes
-  std::span<const Chunk> chunks() const;
+  uint64_t span() const;                // IOVA bytes (size rounded to the smallest order)
+  std::span<const Chunk> chunks() const;  // in IOVA order
   void* vaddr() const;                  // first chunk
   bool virtually_contiguous() const;    // all chunks form one VA run
-  // Host address of byte `offset` of the buffer, or nullptr past the end.
+  uint32_t mappings() const;            // Domain::map calls (runs) behind this buffer
+  uint32_t attempts() const;            // source calls made to build it (0 when recycled)
+  bool recycled() const;                // served from the recycling pool
+  // Host address of byte `offset` of the buffer, or nullptr past size().
   void* at(uint64_t offset) const;
-  // IOVA of a host address inside the buffer.
+  // IOVA of a host address inside the buffer; Errc::invalid_argument otherwise.
   Result<uint64_t> iova_of(const void* p) const;
 
   struct Impl;
   explicit Buffer(Impl* impl) : impl_(impl) {}
-  Impl* impl() const { return impl_; }
 
  private:
   Impl* impl_ = nullptr;  // owned by the allocator; returned on destruction
@@ -75,22 +110,50 @@ class Buffer {
 
 struct BufferStats {
   uint64_t buffers_live = 0;
-  uint64_t bytes_live = 0;
-  uint64_t recycled_bytes = 0;       // in the recycling pool
-  uint64_t prezeroed_bytes = 0;
-  uint64_t chunk_attempts = 0;       // source calls, all requests
-  uint64_t order_fallbacks = 0;
-  uint64_t map_calls = 0;
+  uint64_t bytes_live = 0;            // span bytes of live buffers
+  uint64_t recycled_bytes = 0;        // in the recycling pool (clean + dirty + being zeroed)
+  uint64_t prezeroed_bytes = 0;       // clean, ready for zeroed requests
+  uint64_t pending_flush_bytes = 0;   // retired, waiting for the arena to unmap them
+  uint64_t chunk_attempts = 0;        // source calls, all requests
+  uint64_t order_fallbacks = 0;       // an order failed and the request dropped below it
+  uint64_t backoff_skips = 0;         // an order skipped because it failed recently
+  uint64_t map_calls = 0;             // Domain::map calls
+  uint64_t fresh_allocs = 0;          // buffers built from sources
+  uint64_t recycle_hits = 0;          // buffers served from the recycling pool
+  uint64_t memset_fallbacks = 0;      // zeroed requests memset on the caller's path
+  uint64_t shrinks = 0;               // buffers retired by the shrinker
+  uint64_t psi_events = 0;            // memory-pressure events handled
+  bool psi_armed = false;             // a PSI trigger is being watched
 };
 
 class BufferAllocator {
  public:
   virtual ~BufferAllocator() = default;
   virtual Result<Buffer> alloc(const BufferRequest& req) = 0;
-  // Releases recycled memory (all of it, or down to the high watermark).
+  // Retires recycled memory (all of it, or down to the high watermark) and
+  // flushes the arena so it goes back to the sources now.
   virtual void trim(bool all) = 0;
   virtual BufferStats stats() const = 0;
   virtual iommu::IovaArena& arena() = 0;
+  // The orders in use, largest first, and their sources.
+  virtual std::vector<uint64_t> orders() const = 0;
+  virtual std::vector<const MemorySource*> sources() const = 0;
+  // Waits until the zeroing thread has nothing left to zero; false on
+  // timeout or when pre-zeroing is off.
+  virtual bool wait_prezeroed(std::chrono::milliseconds timeout) = 0;
 };
+
+// The allocator on `arena` (whose flush listener it subscribes to; several
+// allocators may share one arena). Empty `sources` = the real sources for s
+// and the EAL's mode (the caller started the EAL): hugepage 2M (and 1G)
+// pages, carved 1M/64K pieces, anonymous memory for the smallest order;
+// orders without a source (all hugepage ones under --no-huge) are left out.
+// Given sources define the order list, one source per order.
+Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(
+    iommu::IovaArena& arena, const base::BufferSettings& s,
+    std::vector<std::unique_ptr<MemorySource>> sources = {});
+
+// Parses buffer.orders ("2M,1M,64K,4K") into sizes, largest first.
+Result<std::vector<uint64_t>> parse_orders(const std::string& list);
 
 }  // namespace dmakit::alloc_buffer

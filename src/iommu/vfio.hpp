@@ -72,8 +72,13 @@ class Device;
 // len) for stats and to refuse an unmap that would split a mapping the same
 // way on type1 and type1v2.
 class Container final : public Domain {
+  struct PassKey {
+    explicit PassKey() = default;
+  };
+
  public:
   static Result<std::unique_ptr<Container>> open(const Paths& paths = {});
+  Container(PassKey, base::UniqueFd fd, std::string path, int api_version);
   ~Container() override;
 
   int fd() const { return fd_.get(); }
@@ -101,7 +106,6 @@ class Container final : public Domain {
   Result<DomainInfo> query_info() const;
 
  private:
-  Container(base::UniqueFd fd, std::string path, int api_version);
   Status set_iommu();
 
   base::UniqueFd fd_;
@@ -211,7 +215,9 @@ class BarMapping {
   uint32_t bar() const { return bar_; }
   uint64_t offset() const { return offset_; }  // of this mapping inside the BAR
 
-  // Aligned register access; off is relative to this mapping and must lie inside it.
+  // Aligned register access; off is relative to this mapping. An access
+  // outside the mapping or misaligned is not performed: it is logged as an
+  // error, a read returns all ones (what PCI returns for a missing target).
   uint32_t read32(size_t off) const;
   void write32(size_t off, uint32_t value) const;
   uint64_t read64(size_t off) const;
@@ -269,12 +275,14 @@ class Device {
 
  private:
   friend class Group;
-  Device(base::UniqueFd fd, std::string bdf, DeviceInfo info, uint64_t config_offset);
+  Device(base::UniqueFd fd, std::string bdf, DeviceInfo info, uint64_t config_offset,
+         uint64_t config_size);
 
   base::UniqueFd fd_;
   std::string bdf_;
   DeviceInfo info_;
-  uint64_t config_offset_ = 0;
+  uint64_t config_offset_ = 0;  // config region's offset in the device fd
+  uint64_t config_size_ = 0;
 };
 
 // VfioDomain: a container with the groups of the given devices attached;
@@ -282,7 +290,12 @@ class Device {
 // the groups (groups close first, then the container). Devices it opens are
 // owned by the caller.
 class VfioDomain final : public Domain {
+  struct PassKey {
+    explicit PassKey() = default;
+  };
+
  public:
+  explicit VfioDomain(PassKey) {}
   static Result<std::unique_ptr<VfioDomain>> open(std::span<const std::string> bdfs,
                                                   const Paths& paths = {});
   static Result<std::unique_ptr<VfioDomain>> open(std::string_view bdf, const Paths& paths = {});
@@ -303,7 +316,6 @@ class VfioDomain final : public Domain {
   DomainStats stats() const override { return container_->stats(); }
 
  private:
-  VfioDomain() = default;
   std::unique_ptr<Container> container_;
   std::vector<Group> groups_;
   Paths paths_;

@@ -169,7 +169,7 @@ class DmaPool {
   Result<DmaBlock> alloc_slow();
   Status free_slow(const Entry& e);
   Status refuse_free(const void* vaddr, uint64_t iova, const char* why);
-  Result<DmaBlock> take(const Entry& e);
+  bool take(const Entry& e, DmaBlock& out);  // false: a stale duplicate, dropped
   Status refill(Cache& c);       // free stack -> cache, growing when empty
   Status grow_locked();          // one chunk from the backing; mu_ held
   void flush(Cache& c, uint32_t n);  // top n cache entries -> free stack
@@ -186,9 +186,12 @@ class DmaPool {
   uint32_t cache_cap_ = 0;
   uint32_t batch_ = 0;           // entries moved per refill / flush
   uint32_t chunk_shift_ = 0;
-  uint32_t seg_shift_ = 32;      // boundary segments: rel >> seg_shift_, rel & seg_mask_
+  // Block layout on the IOVA grid: grid offset g = chunk offset + chunk
+  // origin; segment g >> seg_shift_ (one boundary span), blocks at multiples
+  // of size_ inside it, per_seg_ of them. Without a boundary: one segment.
+  uint32_t seg_shift_ = 32;
   uint64_t seg_mask_ = 0xffffffff;
-  uint32_t per_seg_ = UINT32_MAX;  // blocks per boundary segment
+  uint64_t per_seg_ = UINT32_MAX;
   uint64_t div_magic_ = 0;       // exact division by size_ (multiply, no divide)
   uint32_t debug_ = 0;           // kPoison | kZero
   std::atomic<ChunkTable*> table_{nullptr};

@@ -1,0 +1,232 @@
+// vfio::Device: one PCI function through its VFIO device fd.
+#include <linux/pci_regs.h>
+#include <linux/vfio.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "base/log.hpp"
+#include "iommu/vfio.hpp"
+
+namespace dmakit::iommu::vfio {
+
+bool RegionInfo::readable() const { return flags & VFIO_REGION_INFO_FLAG_READ; }
+bool RegionInfo::writable() const { return flags & VFIO_REGION_INFO_FLAG_WRITE; }
+bool RegionInfo::mmappable() const { return flags & VFIO_REGION_INFO_FLAG_MMAP; }
+bool DeviceInfo::is_pci() const { return flags & VFIO_DEVICE_FLAGS_PCI; }
+bool DeviceInfo::can_reset() const { return flags & VFIO_DEVICE_FLAGS_RESET; }
+
+// ---- BarMapping -------------------------------------------------------------
+
+BarMapping::BarMapping(BarMapping&& other) noexcept
+    : addr_(std::exchange(other.addr_, nullptr)),
+      len_(std::exchange(other.len_, 0)),
+      bar_(other.bar_),
+      offset_(other.offset_) {}
+
+BarMapping& BarMapping::operator=(BarMapping&& other) noexcept {
+  if (this != &other) {
+    reset();
+    addr_ = std::exchange(other.addr_, nullptr);
+    len_ = std::exchange(other.len_, 0);
+    bar_ = other.bar_;
+    offset_ = other.offset_;
+  }
+  return *this;
+}
+
+BarMapping::~BarMapping() { reset(); }
+
+void BarMapping::reset() noexcept {
+  if (addr_ != nullptr) ::munmap(addr_, len_);
+  addr_ = nullptr;
+  len_ = 0;
+}
+
+namespace {
+
+bool access_ok(size_t off, size_t width, size_t len, uint32_t bar) {
+  if (off % width == 0 && off + width <= len && off + width > off) return true;
+  base::log().error("BAR{} access of {} bytes at {:#x} refused: outside the {:#x}-byte mapping or misaligned",
+                    bar, width, off, len);
+  return false;
+}
+
+}  // namespace
+
+uint32_t BarMapping::read32(size_t off) const {
+  if (!access_ok(off, 4, len_, bar_)) return 0xffffffffu;
+  return *reinterpret_cast<volatile uint32_t*>(data() + off);
+}
+
+void BarMapping::write32(size_t off, uint32_t value) const {
+  if (access_ok(off, 4, len_, bar_)) *reinterpret_cast<volatile uint32_t*>(data() + off) = value;
+}
+
+uint64_t BarMapping::read64(size_t off) const {
+  if (!access_ok(off, 8, len_, bar_)) return ~0ull;
+  return *reinterpret_cast<volatile uint64_t*>(data() + off);
+}
+
+void BarMapping::write64(size_t off, uint64_t value) const {
+  if (access_ok(off, 8, len_, bar_)) *reinterpret_cast<volatile uint64_t*>(data() + off) = value;
+}
+
+// ---- Device -----------------------------------------------------------------
+
+Device::Device(base::UniqueFd fd, std::string bdf, DeviceInfo info, uint64_t config_offset,
+               uint64_t config_size)
+    : fd_(std::move(fd)),
+      bdf_(std::move(bdf)),
+      info_(info),
+      config_offset_(config_offset),
+      config_size_(config_size) {}
+
+Result<RegionInfo> Device::region_info(uint32_t index) const {
+  if (index >= info_.num_regions)
+    return fail(Errc::invalid_argument, "{}: region {} does not exist (the device has {})", bdf_, index,
+                info_.num_regions);
+  // As with the IOMMU info, capabilities follow the struct and argsz tells
+  // how much room the kernel needs for them.
+  std::vector<uint64_t> storage((sizeof(vfio_region_info) + 7) / 8);
+  vfio_region_info* ri = nullptr;
+  for (int attempt = 0;; ++attempt) {
+    ri = reinterpret_cast<vfio_region_info*>(storage.data());
+    std::memset(ri, 0, storage.size() * 8);
+    ri->argsz = static_cast<uint32_t>(storage.size() * 8);
+    ri->index = index;
+    if (::ioctl(fd_.get(), VFIO_DEVICE_GET_REGION_INFO, ri) != 0)
+      return fail_errno(errno, "VFIO_DEVICE_GET_REGION_INFO region {} of {}", index, bdf_);
+    if (ri->argsz <= storage.size() * 8) break;
+    if (attempt == 4 || ri->argsz > (1u << 20))
+      return fail(Errc::io, "VFIO_DEVICE_GET_REGION_INFO region {} of {}: argsz keeps growing ({})", index,
+                  bdf_, ri->argsz);
+    storage.resize((ri->argsz + 7) / 8);
+  }
+  RegionInfo out;
+  out.index = index;
+  out.flags = ri->flags;
+  out.size = ri->size;
+  out.offset = ri->offset;
+
+  const auto* bytes = reinterpret_cast<const std::byte*>(storage.data());
+  const size_t filled = std::min<size_t>(ri->argsz, storage.size() * 8);
+  if ((ri->flags & VFIO_REGION_INFO_FLAG_CAPS) && ri->cap_offset != 0) {
+    uint32_t off = ri->cap_offset;
+    for (int guard = 0; off != 0 && guard < 64; ++guard) {
+      vfio_info_cap_header hdr;
+      if (off + sizeof hdr > filled) break;
+      std::memcpy(&hdr, bytes + off, sizeof hdr);
+      if (hdr.id == VFIO_REGION_INFO_CAP_SPARSE_MMAP) {
+        // Only these areas may be mmapped (e.g. not the MSI-X table page).
+        vfio_region_info_cap_sparse_mmap head;
+        if (off + sizeof head <= filled) {
+          std::memcpy(&head, bytes + off, sizeof head);
+          out.sparse = true;
+          for (uint32_t i = 0; i < head.nr_areas; ++i) {
+            const size_t at = off + sizeof head + i * sizeof(vfio_region_sparse_mmap_area);
+            if (at + sizeof(vfio_region_sparse_mmap_area) > filled) break;
+            vfio_region_sparse_mmap_area a;
+            std::memcpy(&a, bytes + at, sizeof a);
+            if (a.size != 0) out.mmap_areas.push_back({a.offset, a.size});
+          }
+        }
+      }
+      if (hdr.next <= off) break;
+      off = hdr.next;
+    }
+  }
+  if (!out.mmappable()) out.mmap_areas.clear();
+  else if (!out.sparse && out.size != 0) out.mmap_areas.push_back({0, out.size});
+  return out;
+}
+
+Result<BarMapping> Device::map_bar(uint32_t bar, uint64_t offset, uint64_t len) const {
+  if (bar > VFIO_PCI_BAR5_REGION_INDEX)
+    return fail(Errc::invalid_argument, "{}: BAR{} does not exist (BARs are 0-5)", bdf_, bar);
+  const RegionInfo ri = DMAKIT_TRY(region_info(VFIO_PCI_BAR0_REGION_INDEX + bar));
+  if (ri.size == 0) return fail(Errc::not_found, "{}: BAR{} is not implemented by the device", bdf_, bar);
+  if (len == 0 && offset < ri.size) len = ri.size - offset;
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  if (offset >= ri.size || len > ri.size - offset)
+    return fail(Errc::invalid_argument, "{}: BAR{} range {:#x}+{:#x} is outside the {:#x}-byte BAR", bdf_, bar,
+                offset, len, ri.size);
+  if (offset % page != 0)
+    return fail(Errc::invalid_argument, "{}: BAR{} offset {:#x} is not page aligned", bdf_, bar, offset);
+  bool allowed = false;
+  for (const auto& a : ri.mmap_areas) allowed |= offset >= a.offset && offset + len <= a.offset + a.size;
+  if (!allowed) {
+    std::string areas;
+    for (const auto& a : ri.mmap_areas) areas += fmt::format(" {:#x}+{:#x}", a.offset, a.size);
+    return fail(Errc::unsupported, "{}: BAR{} range {:#x}+{:#x} may not be mmapped (allowed:{})", bdf_, bar,
+                offset, len, areas.empty() ? " none" : areas);
+  }
+  const int prot = (ri.readable() ? PROT_READ : 0) | (ri.writable() ? PROT_WRITE : 0);
+  // The region's offset in the device fd selects the BAR; the kernel maps the
+  // BAR's physical pages, so loads and stores here go to the device.
+  void* p = ::mmap(nullptr, len, prot, MAP_SHARED, fd_.get(), static_cast<off_t>(ri.offset + offset));
+  if (p == MAP_FAILED)
+    return fail_errno(errno, "mmap BAR{} {:#x}+{:#x} of {}", bar, offset, len, bdf_);
+  return BarMapping(p, len, bar, offset);
+}
+
+Status Device::read_config(uint64_t off, std::span<std::byte> out) const {
+  if (off > config_size_ || out.size() > config_size_ - off)
+    return fail(Errc::invalid_argument, "{}: config read {:#x}+{} is outside the {:#x}-byte config space", bdf_,
+                off, out.size(), config_size_);
+  const ssize_t n = ::pread(fd_.get(), out.data(), out.size(), static_cast<off_t>(config_offset_ + off));
+  if (n < 0) return fail_errno(errno, "read config space {:#x}+{} of {}", off, out.size(), bdf_);
+  if (static_cast<size_t>(n) != out.size())
+    return fail(Errc::io, "short read of config space {:#x}+{} of {} ({} bytes)", off, out.size(), bdf_, n);
+  return ok();
+}
+
+Status Device::write_config(uint64_t off, std::span<const std::byte> in) const {
+  if (off > config_size_ || in.size() > config_size_ - off)
+    return fail(Errc::invalid_argument, "{}: config write {:#x}+{} is outside the {:#x}-byte config space", bdf_,
+                off, in.size(), config_size_);
+  const ssize_t n = ::pwrite(fd_.get(), in.data(), in.size(), static_cast<off_t>(config_offset_ + off));
+  if (n < 0) return fail_errno(errno, "write config space {:#x}+{} of {}", off, in.size(), bdf_);
+  if (static_cast<size_t>(n) != in.size())
+    return fail(Errc::io, "short write of config space {:#x}+{} of {} ({} bytes)", off, in.size(), bdf_, n);
+  return ok();
+}
+
+// PCI config space is little-endian, like every host dmakit runs on (x86-64, arm64 LE).
+Result<uint16_t> Device::read_config16(uint64_t off) const {
+  uint16_t v = 0;
+  DMAKIT_TRY(read_config(off, std::as_writable_bytes(std::span(&v, 1))));
+  return v;
+}
+
+Result<uint32_t> Device::read_config32(uint64_t off) const {
+  uint32_t v = 0;
+  DMAKIT_TRY(read_config(off, std::as_writable_bytes(std::span(&v, 1))));
+  return v;
+}
+
+Status Device::write_config16(uint64_t off, uint16_t value) const {
+  return write_config(off, std::as_bytes(std::span(&value, 1)));
+}
+
+Status Device::enable_bus_master() const {
+  const uint16_t cmd = DMAKIT_TRY(read_config16(PCI_COMMAND));
+  const uint16_t want = cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+  if (want != cmd) DMAKIT_TRY(write_config16(PCI_COMMAND, want));
+  const uint16_t now = DMAKIT_TRY(read_config16(PCI_COMMAND));
+  if ((now & (PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)) != (PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER))
+    return fail(Errc::io, "{}: command register reads {:#x} after setting memory space and bus master", bdf_,
+                now);
+  return ok();
+}
+
+Status Device::reset() const {
+  if (!info_.can_reset())
+    return fail(Errc::unsupported, "{}: VFIO reports no reset method for this device", bdf_);
+  if (::ioctl(fd_.get(), VFIO_DEVICE_RESET) != 0) return fail_errno(errno, "VFIO_DEVICE_RESET on {}", bdf_);
+  return ok();
+}
+
+}  // namespace dmakit::iommu::vfio
