@@ -1,15 +1,75 @@
+// dmakit bind BDF / dmakit unbind BDF: move a PCI device to vfio-pci and back.
+#include <iostream>
+#include <memory>
+
+#include "base/json.hpp"
+#include "iommu/pci.hpp"
 #include "tool.hpp"
 
 namespace dmakit::tool {
 
+namespace {
+
+namespace pci = iommu::pci;
+
+std::string driver_text(const std::string& d) { return d.empty() ? "no driver" : d; }
+
+int run_bind(Tool& tool, const std::string& bdf) {
+  if (!prepare(tool)) return kExitUsage;
+  auto r = pci::bind_vfio(bdf);
+  if (!r) return report_error(tool, "bind: " + r.error().what());
+  if (tool.json) {
+    std::cout << base::Json::object()
+                     .add("bdf", r->bdf)
+                     .add("driver", std::string(pci::kVfioPci))
+                     .add("iommu_group", r->group)
+                     .add("previous_driver", r->previous_driver)
+                     .add("already_bound", r->already_bound)
+                     .add("state_file", r->state_file)
+                     .str()
+              << "\n";
+  } else if (r->already_bound) {
+    std::cout << r->bdf << " is already bound to vfio-pci (IOMMU group " << r->group << ")\n";
+  } else {
+    std::cout << r->bdf << ": " << driver_text(r->previous_driver) << " -> vfio-pci (IOMMU group " << r->group
+              << "; /dev/vfio/" << r->group << "; 'dmakit unbind " << r->bdf << "' restores it)\n";
+  }
+  return 0;
+}
+
+int run_unbind(Tool& tool, const std::string& bdf) {
+  if (!prepare(tool)) return kExitUsage;
+  auto r = pci::unbind_vfio(bdf);
+  if (!r) return report_error(tool, "unbind: " + r.error().what());
+  if (tool.json) {
+    std::cout << base::Json::object()
+                     .add("bdf", r->bdf)
+                     .add("driver", r->restored_driver)
+                     .add("was_bound", r->was_bound)
+                     .str()
+              << "\n";
+  } else if (!r->was_bound) {
+    std::cout << r->bdf << " is not bound to vfio-pci (" << driver_text(r->restored_driver)
+              << "); nothing to do\n";
+  } else {
+    std::cout << r->bdf << ": vfio-pci -> " << driver_text(r->restored_driver) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
 void add_bind(CLI::App& app, Tool& tool) {
-  auto* bind = app.add_subcommand("bind", "bind a PCI device (BDF) to vfio-pci");
-  auto* unbind = app.add_subcommand("unbind", "return a PCI device (BDF) to its original driver");
-  static std::string bdf;
-  bind->add_option("bdf", bdf, "PCI address, e.g. 0000:00:03.0")->required();
-  unbind->add_option("bdf", bdf, "PCI address, e.g. 0000:00:03.0")->required();
-  bind->callback([&tool] { tool.exit_code = report_error(tool, "bind: not implemented yet"); });
-  unbind->callback([&tool] { tool.exit_code = report_error(tool, "unbind: not implemented yet"); });
+  // CLI11 keeps pointers to the option targets; they live as long as the app.
+  auto bind_bdf = std::make_shared<std::string>();
+  auto unbind_bdf = std::make_shared<std::string>();
+  auto* bind = app.add_subcommand(
+      "bind", "bind a PCI device to vfio-pci via driver_override (its driver is remembered in /run/dmakit)");
+  auto* unbind = app.add_subcommand("unbind", "return a PCI device from vfio-pci to the driver it had before");
+  bind->add_option("bdf", *bind_bdf, "PCI address, e.g. 0000:00:03.0 or 00:03.0")->required();
+  unbind->add_option("bdf", *unbind_bdf, "PCI address, e.g. 0000:00:03.0 or 00:03.0")->required();
+  bind->callback([&tool, bind_bdf] { tool.exit_code = run_bind(tool, *bind_bdf); });
+  unbind->callback([&tool, unbind_bdf] { tool.exit_code = run_unbind(tool, *unbind_bdf); });
 }
 
 }  // namespace dmakit::tool

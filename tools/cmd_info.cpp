@@ -1,39 +1,170 @@
-#include <unistd.h>
-
-#include <filesystem>
 #include <iostream>
+#include <sstream>
 
 #include "base/eal.hpp"
 #include "base/json.hpp"
+#include "core/context.hpp"
+#include "iommu/vfio.hpp"
+#include "pool/dma_pool.hpp"
 #include "tool.hpp"
 
 namespace dmakit::tool {
 
 namespace {
 
-int run_info(Tool& tool) {
+std::string page_sizes_text(uint64_t bitmap) {
+  std::string out;
+  for (int bit = 0; bit < 64; ++bit) {
+    if ((bitmap >> bit & 1) == 0) continue;
+    uint64_t sz = 1ull << bit;
+    std::string s = sz >= (1ull << 30) ? fmt::format("{}G", sz >> 30)
+                    : sz >= (1ull << 20) ? fmt::format("{}M", sz >> 20)
+                                         : fmt::format("{}K", sz >> 10);
+    out += (out.empty() ? "" : ",") + s;
+  }
+  return out;
+}
+
+base::Json iommu_json(const iommu::DomainInfo& d) {
+  auto windows = base::Json::array();
+  for (const auto& w : d.windows)
+    windows.push(base::Json::object().add("start", fmt::format("{:#x}", w.start)).add("last", fmt::format("{:#x}", w.last)));
+  auto j = base::Json::object();
+  j.add("backend", d.backend).add("page_sizes", fmt::format("{:#x}", d.page_sizes)).add("windows", windows);
+  if (d.dma_avail) j.add("dma_avail", static_cast<uint64_t>(*d.dma_avail));
+  return j;
+}
+
+void print_iommu(const iommu::DomainInfo& d, const char* indent) {
+  std::cout << indent << "page sizes: " << fmt::format("{:#x} ({})", d.page_sizes, page_sizes_text(d.page_sizes)) << "\n";
+  for (const auto& w : d.windows) std::cout << indent << fmt::format("IOVA window: {:#x}-{:#x}", w.start, w.last) << "\n";
+  if (d.dma_avail) std::cout << indent << "DMA_AVAIL: " << *d.dma_avail << " mapping entries\n";
+}
+
+struct Preset {
+  std::string name;
+  size_t size = 0, align = 0, boundary = 0;
+};
+
+Result<std::vector<Preset>> parse_presets(const std::string& text) {
+  std::vector<Preset> out;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    std::stringstream fs(item);
+    std::vector<std::string> f;
+    for (std::string x; std::getline(fs, x, ':');) f.push_back(x);
+    if (f.size() != 4)
+      return fail(Errc::invalid_argument, "key 'pool.presets': '{}' is not name:size:align:boundary", item);
+    Preset p{f[0]};
+    try {
+      p.size = std::stoul(f[1]);
+      p.align = std::stoul(f[2]);
+      p.boundary = std::stoul(f[3]);
+    } catch (const std::exception&) {
+      return fail(Errc::invalid_argument, "key 'pool.presets': '{}' has a non-numeric field", item);
+    }
+    out.push_back(p);
+  }
+  return out;
+}
+
+// Builds a context, creates the preset pools and grows each by one chunk, so
+// the listing shows what a fresh pool of that shape carves from one buffer.
+Result<std::string> pools_listing(Tool& tool, base::Json& json) {
+  auto presets = DMAKIT_TRY(parse_presets(tool.cfg.pool.presets));
+  auto ctx = DMAKIT_TRY(core::Context::create(tool.cfg));
+  for (const auto& p : presets) {
+    auto pool = DMAKIT_TRY(ctx->create_pool(p.name, p.size, p.align, p.boundary));
+    auto blk = DMAKIT_TRY(pool->alloc());
+    DMAKIT_TRY(pool->free(blk.vaddr, blk.iova));
+  }
+  auto stats = ctx->pool_stats();
+  auto arr = base::Json::array();
+  for (const auto& s : stats)
+    arr.push(base::Json::object()
+                 .add("name", s.name).add("size", s.size).add("align", s.align).add("boundary", s.boundary)
+                 .add("blocks", s.blocks).add("active", s.active).add("chunks", s.chunks)
+                 .add("validation_failures", s.validation_failures));
+  json.add("pools", arr);
+  return pool::format_pools(stats);
+}
+
+int run_info(Tool& tool, bool pools) {
   if (!prepare(tool)) return kExitUsage;
-  const bool vfio = std::filesystem::exists("/dev/vfio/vfio");
   const auto huge = base::read_hugepages();
   auto plan = base::plan_eal(tool.cfg.eal, huge);
-  if (tool.json) {
-    auto j = base::Json::object();
-    j.add("vfio", vfio);
-    j.add("backend", vfio ? "vfio" : "sim");
-    j.add("hugepages_2m", base::Json::object()
-                              .add("total", huge.total)
-                              .add("free", huge.free)
-                              .add("overcommit", huge.overcommit)
-                              .add("available", huge.available()));
-    if (plan) j.add("eal_mode", plan->hugepages ? "huge" : "nohuge").add("eal_reason", plan->reason);
-    std::cout << j.str() << "\n";
+  auto vfio = iommu::vfio::probe_vfio();
+  auto j = base::Json::object();
+
+  j.add("vfio", vfio && vfio->present);
+  if (vfio && vfio->present) {
+    j.add("vfio_api_version", vfio->api_version).add("type1v2", vfio->type1v2).add("type1", vfio->type1);
+    auto groups = base::Json::array();
+    for (const auto& g : vfio->groups) {
+      auto members = base::Json::array();
+      for (const auto& m : g.members) members.push(base::Json::object().add("bdf", m.bdf).add("driver", m.driver));
+      auto gj = base::Json::object();
+      gj.add("group", g.number).add("devices", members).add("all_vfio", g.all_vfio);
+      if (g.viable) gj.add("viable", *g.viable);
+      if (g.iommu) gj.add("iommu", iommu_json(*g.iommu));
+      if (!g.error.empty()) gj.add("error", g.error);
+      groups.push(gj);
+    }
+    j.add("groups", groups);
   } else {
-    std::cout << "VFIO:       " << (vfio ? "/dev/vfio/vfio present" : "not available (no /dev/vfio/vfio)") << "\n";
-    std::cout << "backend:    " << (vfio ? "vfio" : "sim (simulated type1 IOMMU)") << "\n";
-    std::cout << "hugepages:  2 MiB total " << huge.total << ", free " << huge.free << ", overcommit "
-              << huge.overcommit << "\n";
-    if (plan) std::cout << "EAL:        " << plan->reason << "\n";
+    j.add("vfio_reason", vfio ? vfio->reason : vfio.error().what());
   }
+  const bool use_vfio = tool.cfg.iommu.backend == "vfio" ||
+                        (tool.cfg.iommu.backend == "auto" && vfio && vfio->present && !tool.cfg.iommu.device.empty());
+  j.add("backend", use_vfio ? "vfio" : "sim");
+  if (!use_vfio) {
+    // The simulated IOMMU that the default backend would use.
+    auto sim = core::Context::make_domain([&] {
+      base::Config c = tool.cfg;
+      c.iommu.backend = "sim";
+      return c;
+    }());
+    if (sim) j.add("sim_iommu", iommu_json((*sim)->info()));
+  }
+  j.add("hugepages_2m", base::Json::object()
+                            .add("total", huge.total).add("free", huge.free)
+                            .add("overcommit", huge.overcommit).add("available", huge.available()));
+  if (plan) j.add("eal_mode", plan->hugepages ? "huge" : "nohuge").add("eal_reason", plan->reason);
+
+  std::string listing;
+  if (pools) {
+    auto l = pools_listing(tool, j);
+    if (!l) return report_error(tool, "info --pools: " + l.error().what());
+    listing = *l;
+  }
+  if (tool.json) {
+    std::cout << j.str() << "\n";
+    return 0;
+  }
+
+  if (vfio && vfio->present) {
+    std::cout << fmt::format("VFIO:      API version {}, TYPE1v2 {}, TYPE1 {}\n", vfio->api_version,
+                             vfio->type1v2 ? "yes" : "no", vfio->type1 ? "yes" : "no");
+    for (const auto& g : vfio->groups) {
+      std::cout << fmt::format("group {}:{}\n", g.number,
+                               g.viable ? (*g.viable ? " viable" : " NOT viable") : "");
+      for (const auto& m : g.members)
+        std::cout << "    " << m.bdf << "  driver " << (m.driver.empty() ? "(none)" : m.driver) << "\n";
+      if (g.iommu) print_iommu(*g.iommu, "    ");
+      if (!g.error.empty()) std::cout << "    " << g.error << "\n";
+    }
+  } else {
+    std::cout << "VFIO:      not available: " << (vfio ? vfio->reason : vfio.error().what()) << "\n";
+  }
+  std::cout << "backend:   " << (use_vfio ? "vfio" : "sim (simulated VFIO type1 IOMMU)") << "\n";
+  if (!use_vfio) {
+    base::Config c = tool.cfg;
+    c.iommu.backend = "sim";
+    if (auto sim = core::Context::make_domain(c)) print_iommu((*sim)->info(), "           ");
+  }
+  std::cout << fmt::format("hugepages: 2 MiB total {}, free {}, overcommit {}\n", huge.total, huge.free, huge.overcommit);
+  if (plan) std::cout << "EAL:       " << plan->reason << "\n";
+  if (pools) std::cout << listing;
   return 0;
 }
 
@@ -41,7 +172,9 @@ int run_info(Tool& tool) {
 
 void add_info(CLI::App& app, Tool& tool) {
   auto* sub = app.add_subcommand("info", "report the IOMMU, VFIO groups, hugepages and pools");
-  sub->callback([&tool] { tool.exit_code = run_info(tool); });
+  static bool pools = false;
+  sub->add_flag("--pools", pools, "create the pool.presets pools and list them as the kernel's dma pools file does");
+  sub->callback([&tool] { tool.exit_code = run_info(tool, pools); });
 }
 
 }  // namespace dmakit::tool

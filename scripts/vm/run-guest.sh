@@ -59,6 +59,9 @@ case $kind in gtest|cmd) ;; *) die "--kind must be gtest or cmd, not '$kind'" ;;
 [[ $disk_mib =~ ^[1-9][0-9]*$ ]] || die "--disk-mib '$disk_mib' is not a positive number"
 [ -n "$name" ] || name=$(basename "$1")
 
+for tool in qemu-system-x86_64 cpio ldd strip perl timeout; do
+  command -v "$tool" >/dev/null || die "'$tool' not found (qemu-system-x86, cpio, libc-bin, binutils, perl, coreutils)"
+done
 "$here/build-guest.sh" "$guest" || die "build-guest.sh $guest failed"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/dmakit-vm.XXXXXX")
@@ -104,8 +107,10 @@ stage_dpdk_plugins() {
   eal=$(find "$stage" -name 'librte_eal.so.*' -print -quit)
   [ -n "$eal" ] || return 0
   eal=${eal#"$stage"}
-  plugdir=$(ls -d "$(dirname "$eal")"/dpdk/pmds-* 2>/dev/null | head -n 1 || true)
-  [ -n "$plugdir" ] || die "the DPDK plugin directory next to $eal is missing"
+  # The directory EAL scans is compiled into it (RTE_EAL_PMD_PATH); the guest
+  # has no /lib -> /usr/lib symlink, so take the exact path from the library.
+  plugdir=$(grep -ao '/[[:graph:]]*/pmds-[0-9.]*' "$eal" | head -n 1 || true)
+  [ -n "$plugdir" ] && [ -d "$plugdir" ] || die "cannot find DPDK's plugin directory (RTE_EAL_PMD_PATH) in $eal"
   mkdir -p "$stage$plugdir"
   for p in $dpdk_plugins; do
     src=$plugdir/$p.so
@@ -121,7 +126,9 @@ for spec in "${bins[@]}"; do
   [ "$spec" = "$src" ] || dest=${spec#*:}
   [ -x "$src" ] || die "--bin $src: not an executable file"
   mkdir -p "$(dirname "$stage$dest")"
-  cp -L "$src" "$stage$dest"
+  # Debug info is most of a test binary and the guest never reads it; a
+  # smaller initramfs boots faster.
+  strip --strip-debug -o "$stage$dest" "$src" || die "strip --strip-debug $src failed"
   stage_libs "$src"
 done
 stage_dpdk_plugins

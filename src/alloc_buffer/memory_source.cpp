@@ -1,6 +1,7 @@
 #include "alloc_buffer/memory_source.hpp"
 
 #include <rte_errno.h>
+#include <rte_memory.h>
 #include <rte_memzone.h>
 #include <sys/mman.h>
 
@@ -362,6 +363,17 @@ Result<std::unique_ptr<MemorySource>> make_carved_source(MemorySource& parent, u
     return fail(Errc::invalid_argument, "carved source: order {} cannot be split from {} chunks of {}",
                 size_name(order), size_name(parent.order()), parent.name());
   return std::make_unique<CarvedSource>(parent, order);
+}
+
+bool eal_has_page_size(uint64_t page_size) {
+  const base::EalInfo* eal = base::eal_info();
+  if (eal == nullptr || !eal->hugepages) return false;
+  uint64_t want = page_size;
+  return rte_memseg_list_walk(
+             [](const rte_memseg_list* msl, void* arg) {
+               return msl->page_sz == *static_cast<uint64_t*>(arg) ? 1 : 0;
+             },
+             &want) == 1;
 }
 
 FaultSource::FaultSource(std::unique_ptr<MemorySource> inner)

@@ -110,6 +110,9 @@ class FaultSource final : public MemorySource {
   std::atomic<uint64_t> injected_{0};
 };
 
+// The EAL is started in hugepage mode and has memory lists of this page size.
+bool eal_has_page_size(uint64_t page_size);
+
 // Formats 4096 as "4K", 2097152 as "2M".
 std::string size_name(uint64_t bytes);
 

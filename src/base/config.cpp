@@ -124,6 +124,7 @@ const std::vector<Setting>& settings() {
       DMAKIT_SETTING(buffer, psi, "shrink the recycle pool on memory pressure (PSI)"),
       DMAKIT_SETTING(pool, cache_size, "blocks held in each per-thread cache"),
       DMAKIT_SETTING(pool, poison, "poison blocks on free and check on alloc"),
+      DMAKIT_SETTING(pool, presets, "pools `info --pools` shows: name:size:align:boundary,..."),
       DMAKIT_SETTING(stress, seconds, "stress run length in seconds"),
       DMAKIT_SETTING(stress, threads, "stress threads"),
       DMAKIT_SETTING(stress, max_bytes, "largest buffer a stress operation requests"),

@@ -44,6 +44,7 @@ struct Block {
 };
 
 struct Shared {
+  Shared(Context& c, iommu::SimDomain* s) : ctx(c), sim(s) {}
   Context& ctx;
   iommu::SimDomain* sim;  // null on real VFIO: no device view
   pool::DmaPool* pools[std::size(kShapes)] = {};

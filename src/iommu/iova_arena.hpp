@@ -1,20 +1,60 @@
 // IovaArena: decides every IOVA dmakit hands to a device.
 //
-// Data structure: the Domain's usable windows (holes excluded, optionally
-// narrowed by config) at the IOMMU's smallest page, split into N small pools
-// (power of two, each a bitmap with its own lock and next-fit hint) plus one
-// large pool for requests above a page-count threshold. A thread picks its
-// pool by a stable hash and tries the next one (trylock) if it is busy.
+// Data structure: the space is the Domain's usable windows at the IOMMU's
+// smallest page (holes between windows and IOVA 0 are never handed out),
+// optionally narrowed by iova_start/iova_end and capped at max_pages pages
+// from its low end. Four bitmaps describe it, interleaved per 64 pages so one
+// cache line serves an operation: used (allocated, stale or being unmapped;
+// holes are permanently set), stale (freed, mapping still in place), head and
+// tail (first and last page of every live allocation, so free() validates a
+// range in O(1) for one page and O(pages/64) in general). The bitmaps are
+// reserved as anonymous memory and materialise only where touched: a 39-bit
+// space (128M pages of 4K) reserves 64 MiB of address space but costs memory
+// only for the parts in use (next-fit restarts low after each flush, so the
+// touched part follows the working set).
 //
-// Lazy flush: free() marks a range stale in its pool's stale bitmap and
-// leaves the IOMMU mapping in place. A pool flushes (unmaps its stale ranges
-// through the Domain, adjacent ones merged into one call, then clears them
-// from the main bitmap) when it cannot serve a request - before borrowing
-// from another pool - on wrap-around of its hint, and when its stale pages or
-// the age of its oldest stale range reach the configured bounds. An IOVA is
-// never handed out again before its unmap returned. Strict mode unmaps at free.
+// The space is split into N small pools (N a power of two, equal size, each a
+// power-of-two page count) from the low end, and one large pool above them
+// (at least large_share of the space; it also takes what the power-of-two
+// rounding leaves). Each pool has its own spinlock, next-fit hint and
+// counters. A thread's home pool is its per-thread number (handed out in
+// order of first use) modulo N; if the home pool is locked, the thread tries
+// the next pool with try_lock, and blocks only when every eligible pool was
+// busy. Requests above large_threshold_pages start at the large pool. Any
+// pool can serve any request; one served outside its home pool counts as a
+// borrow.
 //
-// Owns: the bitmaps. Does not own the Domain nor the memory behind mappings.
+// Fast path (1 page, lazy mode; budget 20 ns for an alloc+free pair on one
+// thread): lock the home pool, find the first zero bit from the hint with
+// ctz, set used/head/tail in one 32-byte group, move the hint, unlock. free:
+// lock the page's pool (computed with a shift), test head and tail, set stale,
+// unlock. No heap allocation, no system call (the stale-age check reads the
+// coarse clock from the vDSO).
+//
+// Lazy flush: free() marks a range stale and leaves its IOMMU mapping in
+// place. A pool flushes - collects its stale runs (adjacent ranges merged),
+// unmaps each run with one Domain::unmap, then clears the pages from the used
+// bitmap and reports the runs to the flush listener - when it cannot serve a
+// request (before anyone borrows from another pool), when its next-fit hint
+// wraps around, when its stale pages reach stale_max_pages, and when its
+// oldest stale range is older than stale_max_age (both checked on every
+// alloc/free that touches the pool). The pool lock is not held during the
+// unmap calls; the pages stay marked used meanwhile, so an IOVA is never
+// handed out again before its unmap returned. A run whose unmap fails stays
+// stale (never handed out, retried by later flushes) and the error is logged
+// and counted; flush() returns it. Strict mode unmaps inside free().
+//
+// Exposure window: after free() in lazy mode a device can still reach the
+// freed IOVA (and the memory behind it, which therefore must not change
+// owner before the listener reports the flush) until its pool flushes: at
+// most stale_max_pages pages per pool stay reachable, for at most
+// stale_max_age after the free provided the pool sees an alloc or free in
+// that time (an idle pool keeps its stale ranges until its next operation or
+// an explicit flush()). Allocation pressure shortens the window.
+//
+// Owns: the bitmaps and the pool state. Does not own the Domain nor the
+// memory behind mappings. The destructor unmaps remaining stale ranges
+// (without calling the listener); live allocations stay the caller's.
 #pragma once
 
 #include <chrono>
@@ -22,7 +62,9 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <vector>
 
+#include "base/config.hpp"
 #include "dmakit/error.hpp"
 #include "iommu/domain.hpp"
 
@@ -30,31 +72,36 @@ namespace dmakit::iommu {
 
 struct ArenaConfig {
   uint32_t pools = 0;                   // 0 = from hardware threads; power of two <= 16
-  double large_share = 0.25;            // share of the space for the large pool
+  double large_share = 0.25;            // minimum share of the space for the large pool, 0..0.9
   uint64_t large_threshold_pages = 64;  // requests above this go to the large pool
   bool strict = false;                  // unmap at free
-  uint64_t stale_max_pages = 8192;      // per pool
-  std::chrono::milliseconds stale_max_age{50};
+  uint64_t stale_max_pages = 8192;      // per pool; 0 = no bound (flush on pressure only)
+  std::chrono::milliseconds stale_max_age{50};  // 0 = no age bound
   uint64_t iova_start = 0;              // narrow the space (0/0 = all windows)
   uint64_t iova_end = 0;                // inclusive; 0 = end of the last window
+  uint64_t max_pages = 1ull << 27;      // cap on the space (512 GiB of 4K pages), from its low end
+
+  static ArenaConfig from_settings(const base::ArenaSettings& s);
 };
 
 struct IovaRequest {
   uint64_t len = 0;                  // bytes, rounded up to the page
-  uint64_t align = 0;                // bytes, power of two; 0 = one page
+  uint64_t align = 0;                // bytes, power of two; 0 = one page; absolute IOVA alignment
   uint64_t dma_limit = ~0ull;        // highest IOVA any byte may have (e.g. 0xffffffff)
 };
 
 struct ArenaStats {
   uint64_t pages_in_use = 0;   // allocated and not freed
-  uint64_t stale_pages = 0;    // freed, mapping still in place
-  uint64_t flushes = 0;
-  uint64_t unmap_calls = 0;
-  uint64_t ranges_flushed = 0; // stale ranges before merging
+  uint64_t stale_pages = 0;    // freed, mapping still in place (including runs being unmapped)
+  uint64_t flushes = 0;        // flushes that unmapped at least one run
+  uint64_t unmap_calls = 0;    // Domain::unmap calls issued by the arena
+  uint64_t ranges_flushed = 0; // stale ranges before merging (strict mode: ranges unmapped)
   uint64_t borrows = 0;        // served by a pool other than the caller's
   uint64_t failures = 0;       // requests refused for lack of space
-  uint64_t total_pages = 0;
-  uint32_t pools = 0;
+  uint64_t flush_errors = 0;   // unmap calls that failed (their runs stay stale)
+  uint64_t total_pages = 0;    // usable pages (holes excluded)
+  uint32_t pools = 0;          // small pools
+  bool large_pool = false;
 };
 
 class IovaArena {
@@ -66,16 +113,20 @@ class IovaArena {
 
   static Result<std::unique_ptr<IovaArena>> create(Domain& domain, const ArenaConfig& cfg);
   virtual ~IovaArena() = default;
+  IovaArena(const IovaArena&) = delete;
+  IovaArena& operator=(const IovaArena&) = delete;
 
   // Reserves an IOVA range. The caller maps memory into it via domain().
+  // The returned len is the request rounded up to the page.
   virtual Result<IovaSpan> alloc(const IovaRequest& req) = 0;
 
-  // Returns a range from alloc(). Lazy mode: marked stale, unmapped later.
-  // Strict mode: unmapped before return. A range not currently allocated is
-  // refused (Errc::corrupted) and nothing changes.
+  // Returns a range from alloc() (len may be the requested or the rounded
+  // length). Lazy mode: marked stale, unmapped later. Strict mode: unmapped
+  // before return. A range not currently allocated is refused
+  // (Errc::corrupted) and nothing changes.
   virtual Status free(IovaSpan range) = 0;
 
-  // Flushes every pool now.
+  // Flushes every pool now; returns the first unmap error.
   virtual Status flush() = 0;
 
   virtual void set_flush_listener(FlushListener listener) = 0;
@@ -83,6 +134,14 @@ class IovaArena {
   virtual ArenaStats stats() const = 0;
   virtual uint64_t page_size() const = 0;
   virtual Domain& domain() = 0;
+
+  // The IOVA span of each pool: small pools in order, then the large pool.
+  virtual std::vector<IovaSpan> pool_spans() const = 0;
+
+  // Recounts every bitmap against the counters and checks the invariants
+  // (stale implies used, heads and tails pair up, holes stay reserved).
+  // O(size of the space); meant for tests and the stress tool.
+  virtual Status check() const = 0;
 
  protected:
   IovaArena() = default;

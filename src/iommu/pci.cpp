@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 
@@ -73,6 +74,13 @@ Status write_attr(const std::string& path, std::string_view value) {
   return ok();
 }
 
+// write_attr plus the after_write hook.
+Status write_sysfs(const BindOptions& opt, const std::string& path, std::string_view value) {
+  DMAKIT_TRY(write_attr(path, value));
+  if (opt.after_write) opt.after_write(path, value);
+  return ok();
+}
+
 bool path_exists(const std::string& path, int* err) {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0) return true;
@@ -99,8 +107,9 @@ Result<std::optional<std::string>> read_state(const std::string& path) {
 
 // Writes the state file via a temp file and rename so a reader never sees half of it.
 Status write_state(const BindOptions& opt, const std::string& path, std::string_view driver) {
-  if (::mkdir(opt.state_dir.c_str(), 0755) != 0 && errno != EEXIST)
-    return fail_errno(errno, "mkdir {} (state of bound devices)", opt.state_dir);
+  std::error_code ec;
+  std::filesystem::create_directories(opt.state_dir, ec);
+  if (ec) return fail_errno(ec.value(), "create directory {} (state of bound devices)", opt.state_dir);
   const std::string tmp = path + ".tmp";
   {
     base::UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
@@ -258,9 +267,9 @@ Result<BindResult> bind_vfio(std::string_view text, const BindOptions& opt) {
   DMAKIT_TRY(write_state(opt, r.state_file, driver));
   // driver_override makes the next probe of this one device pick vfio-pci,
   // without a new_id that would grab every device of the same model.
-  DMAKIT_TRY(write_attr(dev + "/driver_override", kVfioPci));
-  if (!driver.empty()) DMAKIT_TRY(write_attr(driver_dir(opt.sysfs, driver) + "/unbind", r.bdf));
-  DMAKIT_TRY(write_attr(fmt::format("{}/bus/pci/drivers_probe", opt.sysfs), r.bdf));
+  DMAKIT_TRY(write_sysfs(opt, dev + "/driver_override", kVfioPci));
+  if (!driver.empty()) DMAKIT_TRY(write_sysfs(opt, driver_dir(opt.sysfs, driver) + "/unbind", r.bdf));
+  DMAKIT_TRY(write_sysfs(opt, fmt::format("{}/bus/pci/drivers_probe", opt.sysfs), r.bdf));
 
   const std::string now = DMAKIT_TRY(current_driver(bdf, opt.sysfs));
   if (now != kVfioPci)
@@ -288,17 +297,17 @@ Result<UnbindResult> unbind_vfio(std::string_view text, const BindOptions& opt) 
   const std::string dev = device_dir(opt.sysfs, r.bdf);
 
   // An empty write clears driver_override, so probing uses the normal id match again.
-  DMAKIT_TRY(write_attr(dev + "/driver_override", "\n"));
-  DMAKIT_TRY(write_attr(driver_dir(opt.sysfs, kVfioPci) + "/unbind", r.bdf));
+  DMAKIT_TRY(write_sysfs(opt, dev + "/driver_override", "\n"));
+  DMAKIT_TRY(write_sysfs(opt, driver_dir(opt.sysfs, kVfioPci) + "/unbind", r.bdf));
   // A device that had no driver stays without one; otherwise let the kernel
   // probe, which binds the driver that matches (normally the original one).
   if (!recorded || !recorded->empty())
-    DMAKIT_TRY(write_attr(fmt::format("{}/bus/pci/drivers_probe", opt.sysfs), r.bdf));
+    DMAKIT_TRY(write_sysfs(opt, fmt::format("{}/bus/pci/drivers_probe", opt.sysfs), r.bdf));
   r.restored_driver = DMAKIT_TRY(current_driver(bdf, opt.sysfs));
   if (recorded && !recorded->empty() && r.restored_driver != *recorded) {
     // The probe picked another driver or none: ask the recorded one directly.
     const std::string bind = driver_dir(opt.sysfs, *recorded) + "/bind";
-    if (r.restored_driver.empty()) DMAKIT_TRY(write_attr(bind, r.bdf));
+    if (r.restored_driver.empty()) DMAKIT_TRY(write_sysfs(opt, bind, r.bdf));
     r.restored_driver = DMAKIT_TRY(current_driver(bdf, opt.sysfs));
     if (r.restored_driver != *recorded)
       return fail(Errc::io, "unbind {}: released from vfio-pci but {} did not take it back (now: {}; is its module loaded?)",

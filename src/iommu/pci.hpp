@@ -26,6 +26,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -87,6 +88,10 @@ Status check_vfio_pci_loaded(std::string_view sysfs = kDefaultSysfs);
 struct BindOptions {
   std::string sysfs = std::string(kDefaultSysfs);
   std::string state_dir = std::string(kDefaultStateDir);
+  // Called after each successful sysfs write with the file and the value.
+  // The kernel reacts to these writes (binding, unbinding); a test tree of
+  // plain files does not, so tests play the kernel's part here.
+  std::function<void(const std::string& path, std::string_view value)> after_write;
 };
 
 struct BindResult {

@@ -213,10 +213,11 @@ Status Device::write_config16(uint64_t off, uint16_t value) const {
 
 Status Device::enable_bus_master() const {
   const uint16_t cmd = DMAKIT_TRY(read_config16(PCI_COMMAND));
-  const uint16_t want = cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+  constexpr uint16_t kBits = PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;  // bits 1 and 2
+  const auto want = static_cast<uint16_t>(cmd | kBits);
   if (want != cmd) DMAKIT_TRY(write_config16(PCI_COMMAND, want));
   const uint16_t now = DMAKIT_TRY(read_config16(PCI_COMMAND));
-  if ((now & (PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)) != (PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER))
+  if ((now & kBits) != kBits)
     return fail(Errc::io, "{}: command register reads {:#x} after setting memory space and bus master", bdf_,
                 now);
   return ok();

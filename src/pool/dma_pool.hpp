@@ -34,6 +34,10 @@
 #pragma once
 
 #include <atomic>
+#include <bit>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -140,10 +144,11 @@ class DmaPool {
   DmaPool& operator=(const DmaPool&) = delete;
 
   // A block, or Errc::no_memory / no_space when the pool cannot grow.
-  Result<DmaBlock> alloc();
+  // Inline fast path (below), so the block is returned without a memory round trip.
+  inline Result<DmaBlock> alloc();
   // Returns a block. Foreign pointer, not a block start, IOVA mismatch or a
   // block not currently allocated: Errc::corrupted, counted, nothing changes.
-  Status free(void* vaddr, uint64_t iova);
+  inline Status free(void* vaddr, uint64_t iova);
   Status free(const DmaBlock& b) { return free(b.vaddr, b.iova); }
 
   // Returns this thread's cached blocks to the shared free stack.
@@ -161,21 +166,28 @@ class DmaPool {
   struct Cache;
   struct ChunkTable;
 
- private:
-  DmaPool() = default;
+  struct Key {  // create() is the only way to build a pool
+   private:
+    Key() = default;
+    friend class DmaPool;
+  };
+  explicit DmaPool(Key);
 
-  Cache* this_thread_cache() const;
+ private:
+
+  inline Cache* this_thread_cache() const;
   Cache* attach_cache();
   Result<DmaBlock> alloc_slow();
-  Status free_slow(const Entry& e);
+  Status free_slow(Chunk* ch, uint32_t off, uint32_t index);
   Status refuse_free(const void* vaddr, uint64_t iova, const char* why);
   bool take(const Entry& e, DmaBlock& out);  // false: a stale duplicate, dropped
   Status refill(Cache& c);       // free stack -> cache, growing when empty
   Status grow_locked();          // one chunk from the backing; mu_ held
   void flush(Cache& c, uint32_t n);  // top n cache entries -> free stack
   void publish_chunk(Chunk* ch); // into the chunk table; mu_ held
-  Chunk* find_chunk(uintptr_t v) const;
-  void debug_on_alloc(const DmaBlock& b);
+  inline Chunk* find_chunk(uintptr_t v) const;
+  void debug_on_alloc(void* vaddr, uint64_t iova);
+  void debug_on_free(void* vaddr);
   void detach_all_caches();      // at destroy
   friend struct ThreadCaches;
   void absorb_cache(Cache& c);   // a thread exits: its cache -> free stack
@@ -213,5 +225,160 @@ class DmaPool {
   std::atomic<uint64_t> poison_failures_{0};
   std::atomic<uint64_t> grow_failures_{0};
 };
+
+// ---------------------------------------------------------------------------
+// Internals the inline fast paths need. Not part of the interface.
+
+struct DmaPool::Chunk {
+  uintptr_t base = 0;      // vaddr of byte 0
+  uint64_t iova = 0;       // IOVA of byte 0
+  uint64_t len = 0;
+  uint64_t origin = 0;     // grid offset of byte 0 (iova modulo the segment or alignment)
+  uint64_t first = 0;      // grid index of block 0
+  uint32_t nblocks = 0;
+  std::unique_ptr<std::atomic<uint8_t>[]> state;  // free (0) / allocated (1) per block
+  Region region;
+};
+
+// A free block: chunk, byte offset in it, block index in it.
+struct DmaPool::Entry {
+  Chunk* chunk = nullptr;
+  uint32_t off = 0;
+  uint32_t index = 0;
+};
+
+// One thread's cache for one pool. Only the owner thread pushes and pops;
+// count is atomic so stats() and a destroying pool may read or reset it.
+struct DmaPool::Cache {
+  std::atomic<uint64_t> uid{0};  // owning pool's uid; 0 once detached
+  DmaPool* pool = nullptr;       // guarded by the registry mutex
+  std::atomic<uint32_t> count{0};
+  uint32_t cap = 0;
+  std::unique_ptr<Entry[]> slots;
+};
+
+// Open-addressed, insert-only table read without locks. A slot holds the
+// (at most two) chunks that overlap one 2^chunk_shift-aligned address range;
+// slot index = range number modulo the table size, then linear probing.
+struct DmaPool::ChunkTable {
+  struct Slot {
+    std::atomic<uint64_t> key{0};  // (address >> chunk_shift) + 1; 0 = empty
+    std::atomic<Chunk*> a{nullptr};
+    std::atomic<Chunk*> b{nullptr};
+  };
+  uint64_t mask = 0;  // size - 1
+  std::unique_ptr<Slot[]> slots;
+};
+
+namespace detail {
+// This thread's cache array, indexed by pool slot (plain TLS: no wrapper call).
+extern __thread DmaPool::Cache** tl_slots __attribute__((tls_model("initial-exec")));
+extern __thread uint32_t tl_nslots __attribute__((tls_model("initial-exec")));
+inline constexpr uint8_t kFree = 0;
+inline constexpr uint8_t kAllocated = 1;
+inline constexpr uint32_t kPoison = 1;
+inline constexpr uint32_t kZero = 2;
+__extension__ typedef unsigned __int128 u128;
+inline uint64_t mulhi(uint64_t a, uint64_t b) { return static_cast<uint64_t>((u128{a} * b) >> 64); }
+// The block written as one 16-byte store: GCC builds the Result in memory
+// and copies it with one 16-byte load, which stalls when the two halves were
+// stored separately (a failed store-to-load forward costs more than the pop).
+inline DmaBlock make_block(uintptr_t v, uint64_t iova) {
+#if defined(__SSE2__)
+  static_assert(sizeof(DmaBlock) == sizeof(__m128i));
+  return std::bit_cast<DmaBlock>(_mm_set_epi64x(static_cast<long long>(iova), static_cast<long long>(v)));
+#else
+  return DmaBlock{reinterpret_cast<void*>(v), iova};
+#endif
+}
+}  // namespace detail
+
+inline DmaPool::Cache* DmaPool::this_thread_cache() const {
+  const uint32_t s = slot_;
+  if (s >= detail::tl_nslots) return nullptr;
+  Cache* c = detail::tl_slots[s];
+  if (c == nullptr || c->uid.load(std::memory_order_relaxed) != uid_) return nullptr;
+  return c;
+}
+
+inline DmaPool::Chunk* DmaPool::find_chunk(uintptr_t v) const {
+  const ChunkTable* t = table_.load(std::memory_order_acquire);
+  if (t == nullptr) [[unlikely]] return nullptr;
+  const uint64_t key = (uint64_t{v} >> chunk_shift_) + 1;
+  for (uint64_t i = key & t->mask;; i = (i + 1) & t->mask) {
+    const ChunkTable::Slot& s = t->slots[i];
+    const uint64_t k = s.key.load(std::memory_order_acquire);
+    if (k == key) {
+      // A block from a newly published chunk reached this thread through the
+      // caller's own synchronisation, so its chunk is visible here.
+      Chunk* a = s.a.load(std::memory_order_relaxed);
+      if (a != nullptr && v - a->base < a->len) return a;
+      Chunk* b = s.b.load(std::memory_order_relaxed);
+      if (b != nullptr && v - b->base < b->len) return b;
+      return nullptr;
+    }
+    if (k == 0) return nullptr;
+  }
+}
+
+// Alloc: pop from this thread's cache, else the slow path. About 25
+// instructions: TLS slot lookup, one count test, one state test, one debug test.
+inline Result<DmaBlock> DmaPool::alloc() {
+  Cache* c = this_thread_cache();
+  if (c != nullptr) [[likely]] {
+    const uint32_t n = c->count.load(std::memory_order_relaxed);
+    if (n != 0) [[likely]] {
+      const Entry& e = c->slots[n - 1];
+      Chunk* ch = e.chunk;
+      const uint32_t off = e.off;
+      std::atomic<uint8_t>& st = ch->state[e.index];
+      if (st.load(std::memory_order_relaxed) == detail::kFree) [[likely]] {
+        c->count.store(n - 1, std::memory_order_relaxed);
+        st.store(detail::kAllocated, std::memory_order_relaxed);
+        void* v = reinterpret_cast<void*>(ch->base + off);
+        if (debug_ != 0) [[unlikely]] debug_on_alloc(v, ch->iova + off);
+        return detail::make_block(ch->base + off, ch->iova + off);
+      }
+    }
+  }
+  return alloc_slow();
+}
+
+// Free: validate - chunk by address (table), block start (one multiply),
+// IOVA, state byte - then push on this thread's cache, else the slow path.
+// About 50 instructions; four tests refuse, one takes the slow path.
+inline Status DmaPool::free(void* vaddr, uint64_t iova) {
+  const auto v = reinterpret_cast<uintptr_t>(vaddr);
+  Chunk* ch = find_chunk(v);
+  if (ch == nullptr) [[unlikely]]
+    return refuse_free(vaddr, iova, "not inside any chunk of this pool");
+  const uint64_t off = v - ch->base;
+  const uint64_t g = off + ch->origin;
+  const uint64_t in = g & seg_mask_;
+  const uint64_t k = detail::mulhi(in, div_magic_);  // in / size
+  const uint64_t index = (g >> seg_shift_) * per_seg_ + k - ch->first;
+  if (in * div_magic_ >= div_magic_ || k >= per_seg_ || index >= ch->nblocks) [[unlikely]]
+    return refuse_free(vaddr, iova, "not the start of a block");
+  if (iova != ch->iova + off) [[unlikely]] return refuse_free(vaddr, iova, "IOVA does not match the block");
+  std::atomic<uint8_t>& st = ch->state[index];
+  if (st.load(std::memory_order_relaxed) != detail::kAllocated) [[unlikely]]
+    return refuse_free(vaddr, iova, "block is not allocated (double free?)");
+  st.store(detail::kFree, std::memory_order_relaxed);
+  if (debug_ & detail::kPoison) [[unlikely]] debug_on_free(vaddr);
+
+  Cache* c = this_thread_cache();
+  if (c != nullptr) [[likely]] {
+    const uint32_t n = c->count.load(std::memory_order_relaxed);
+    if (n < c->cap) [[likely]] {
+      Entry& e = c->slots[n];
+      e.chunk = ch;
+      e.off = static_cast<uint32_t>(off);
+      e.index = static_cast<uint32_t>(index);
+      c->count.store(n + 1, std::memory_order_relaxed);
+      return ok();
+    }
+  }
+  return free_slow(ch, static_cast<uint32_t>(off), static_cast<uint32_t>(index));
+}
 
 }  // namespace dmakit::pool

@@ -1,0 +1,31 @@
+// The dmapool benchmark with its knobs exposed, so tests can run it small
+// and on any backing; run_dmapool(Context&) is this with the context's
+// buffer allocator and settings.
+#pragma once
+
+#include <functional>
+#include <memory>
+
+#include "base/config.hpp"
+#include "base/json.hpp"
+#include "dmakit/error.hpp"
+#include "pool/dma_pool.hpp"
+
+namespace dmakit::bench {
+
+struct DmapoolBenchOptions {
+  uint32_t rounds = 100;        // alloc-all then free-all, per timed run
+  uint32_t repeats = 5;         // timed runs per case; the median is reported
+  uint32_t max_blocks = 8192;   // the kernel's clamp upper bound (lower it to run small)
+  uint32_t cache_size = 32;     // dmakit per-thread cache
+  uint32_t mempool_cache = 256; // rte_mempool per-lcore cache
+  bool mempool = true;          // also run rte_mempool (starts the EAL)
+  bool two_threads = true;      // also run dmakit with two threads
+};
+
+using BackingFactory = std::function<std::unique_ptr<pool::Backing>()>;
+
+Result<base::Json> run_dmapool(const base::Config& cfg, const DmapoolBenchOptions& opts,
+                               const BackingFactory& backing);
+
+}  // namespace dmakit::bench

@@ -1,0 +1,697 @@
+#include "iommu/iova_arena.hpp"
+
+#include <sys/mman.h>
+#include <time.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cerrno>
+#include <mutex>
+#include <thread>
+#include <utility>
+
+#include "base/log.hpp"
+#include "iommu/iova_bits.hpp"
+
+namespace dmakit::iommu {
+
+namespace detail {
+
+Result<PageBits> PageBits::create(uint64_t first_pn, uint64_t end_pn) {
+  PageBits b;
+  b.base_word_ = first_pn >> 6;
+  const uint64_t words = ((end_pn + 63) >> 6) - b.base_word_;
+  b.bytes_ = words * sizeof(Group);
+  // Reserved, not committed: the kernel materialises a page of groups on
+  // first touch, so a large space costs memory only where it is used.
+  void* p = mmap(nullptr, b.bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
+  if (p == MAP_FAILED)
+    return fail_errno(errno, "mmap of {} bytes for the IOVA arena's bitmaps ({} pages)", b.bytes_,
+                      end_pn - first_pn);
+  b.groups_ = static_cast<Group*>(p);
+  return b;
+}
+
+PageBits::~PageBits() {
+  if (groups_ != nullptr) munmap(groups_, bytes_);
+}
+
+uint64_t PageBits::count(Field f, uint64_t pn, uint64_t n) const {
+  uint64_t c = 0;
+  while (n > 0) {
+    const uint64_t bit = pn & 63;
+    const uint64_t k = n < 64 - bit ? n : 64 - bit;
+    const uint64_t mask = (k == 64 ? ~0ull : ((1ull << k) - 1)) << bit;
+    c += static_cast<uint64_t>(std::popcount(word(pn).*f & mask));
+    pn += k;
+    n -= k;
+  }
+  return c;
+}
+
+}  // namespace detail
+
+namespace {
+
+using detail::Counter;
+using detail::Field;
+using detail::Group;
+using detail::PageBits;
+using detail::SpinLock;
+
+constexpr uint64_t kNone = ~0ull;
+constexpr uint64_t kBusy = ~0ull - 1;
+// Smallest small pool: below this, splitting costs more locality than it buys.
+constexpr uint64_t kMinPoolPages = 512;
+
+constexpr Field kUsed = &Group::used;
+constexpr Field kStale = &Group::stale;
+constexpr Field kHead = &Group::head;
+constexpr Field kTail = &Group::tail;
+
+// CLOCK_MONOTONIC_COARSE is read from the vDSO without touching the clock
+// source (a few ns); its tick-sized resolution is ample for a stale age bound.
+int64_t coarse_now_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// A stable per-thread number, handed out in order of first use: N threads
+// land on N different pools, where a hash of the thread id could collide.
+uint32_t thread_number() {
+  static std::atomic<uint32_t> next{0};
+  thread_local const uint32_t mine = next.fetch_add(1, std::memory_order_relaxed);
+  return mine;
+}
+
+uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) & ~(a - 1); }
+
+struct Run {
+  uint64_t pn;
+  uint64_t n;
+  bool ok;
+};
+
+// One pool: pages [first, end). Everything but the counters and `runs` is
+// guarded by `lock`; `runs` by `flush_mu`, which is taken before `lock`.
+struct alignas(64) Pool {
+  SpinLock lock;
+  uint64_t first = 0;
+  uint64_t end = 0;
+  uint64_t hint = 0;              // next-fit: where the next search starts
+  uint64_t stale_lo = kNone;      // extent of the stale bits, so a flush scans only it
+  uint64_t stale_hi = 0;
+  uint64_t flush_at = 0;          // flush when stale pages reach this
+  int64_t oldest_ns = 0;          // coarse time when the oldest stale range was freed
+  uint64_t pending_ranges = 0;    // stale ranges not yet flushed
+  uint64_t hole_pages = 0;        // reserved pages inside [first, end)
+  Counter in_use, stale, unmapping, flushes, unmap_calls, ranges_flushed, borrows, flush_errors;
+  std::mutex flush_mu;            // one flush at a time per pool
+  std::vector<Run> runs;          // scratch of the running flush
+};
+
+struct Need {
+  uint64_t n;          // pages
+  uint64_t align;      // pages, power of two
+  uint64_t limit_end;  // first page number the range may not reach
+};
+
+class PooledArena final : public IovaArena {
+ public:
+  PooledArena(Domain& domain, const ArenaConfig& cfg) : domain_(domain), cfg_(cfg) {}
+  ~PooledArena() override;
+
+  Status init();
+
+  Result<IovaSpan> alloc(const IovaRequest& req) override;
+  Status free(IovaSpan range) override;
+  Status flush() override;
+  void set_flush_listener(FlushListener listener) override {
+    std::lock_guard lk(listener_mu_);
+    listener_ = std::move(listener);
+  }
+  ArenaStats stats() const override;
+  uint64_t page_size() const override { return page_; }
+  Domain& domain() override { return domain_; }
+  std::vector<IovaSpan> pool_spans() const override;
+  Status check() const override;
+
+ private:
+  uint32_t pool_count() const { return nsmall_ + (has_large_ ? 1u : 0u); }
+  uint32_t pool_of(uint64_t pn) const {
+    if (pn >= large_first_) return nsmall_;
+    const uint64_t i = (pn - base_pn_) >> small_shift_;
+    return i < nsmall_ ? static_cast<uint32_t>(i) : nsmall_ - 1;
+  }
+  uint64_t find(uint64_t from, uint64_t to, const Need& need) const;
+  uint64_t take(Pool& p, const Need& need, bool wait, bool borrow);
+  void commit(Pool& p, uint64_t pn, uint64_t n);
+  void mark_stale(Pool& p, uint64_t pn, uint64_t n);
+  bool flush_due(const Pool& p) const;
+  void rearm(Pool& p);
+  Status flush_pool(Pool& p, bool notify_listener);
+  Status unmap_strict(Pool& p, uint64_t pn, uint64_t n);
+  void notify(std::span<const IovaSpan> done);
+  Status check_pool(const Pool& p) const;
+
+  Domain& domain_;
+  const ArenaConfig cfg_;
+  uint64_t page_ = 0;
+  unsigned shift_ = 0;
+  uint64_t lo_ = 0, hi_ = 0;       // the space, page numbers [lo_, hi_)
+  uint64_t base_pn_ = 0;           // lo_ rounded down to 64 pages
+  uint64_t total_pages_ = 0;       // usable pages
+  uint32_t nsmall_ = 1;
+  unsigned small_shift_ = 63;      // small pool i covers base_pn_ + [i, i+1) << small_shift_
+  uint64_t large_first_ = kNone;   // first page of the large pool
+  bool has_large_ = false;
+  int64_t max_age_ns_ = 0;
+  PageBits bits_;
+  std::unique_ptr<Pool[]> pools_;
+  std::vector<std::pair<uint64_t, uint64_t>> holes_;  // [pn, n) reserved between windows
+  std::atomic<uint64_t> failures_{0};
+  std::mutex listener_mu_;
+  FlushListener listener_;
+};
+
+Status PooledArena::init() {
+  const DomainInfo& info = domain_.info();
+  page_ = info.min_page();
+  if (page_ == 0 || info.windows.empty())
+    return fail(Errc::invalid_argument, "IOVA arena: the '{}' domain reports no page sizes or no IOVA windows",
+                info.backend);
+  shift_ = static_cast<unsigned>(std::countr_zero(page_));
+  if (cfg_.pools > 16 || (cfg_.pools & (cfg_.pools - 1)) != 0)
+    return fail(Errc::invalid_argument, "IOVA arena: pools = {} is not 0 or a power of two up to 16", cfg_.pools);
+  if (!(cfg_.large_share >= 0.0 && cfg_.large_share <= 0.9))
+    return fail(Errc::invalid_argument, "IOVA arena: large_share = {} is outside 0..0.9", cfg_.large_share);
+  if (cfg_.iova_end != 0 && cfg_.iova_end < cfg_.iova_start)
+    return fail(Errc::invalid_argument, "IOVA arena: iova_end {:#x} is below iova_start {:#x}", cfg_.iova_end,
+                cfg_.iova_start);
+  if (cfg_.max_pages == 0) return fail(Errc::invalid_argument, "IOVA arena: max_pages is 0");
+  if (cfg_.stale_max_age.count() < 0)
+    return fail(Errc::invalid_argument, "IOVA arena: stale_max_age is negative");
+  max_age_ns_ = static_cast<int64_t>(cfg_.stale_max_age.count()) * 1000000;
+
+  // Whole pages of every window inside [iova_start, iova_end]. IOVA 0 is
+  // left out: a zero bus address in a descriptor is then always a bug.
+  const uint64_t narrow_last = cfg_.iova_end != 0 ? cfg_.iova_end : ~0ull;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;  // [first_pn, end_pn)
+  for (const IovaWindow& w : info.windows) {
+    const uint64_t s = std::max({w.start, cfg_.iova_start, page_});
+    const uint64_t last = std::min(w.last, narrow_last);
+    if (last < s || s > ~0ull - (page_ - 1)) continue;
+    const uint64_t first_pn = (s + page_ - 1) >> shift_;
+    const uint64_t end_pn = last == ~0ull ? (1ull << (64 - shift_)) : (last + 1) >> shift_;
+    if (end_pn > first_pn) ranges.emplace_back(first_pn, end_pn);
+  }
+  if (ranges.empty())
+    return fail(Errc::invalid_argument,
+                "IOVA arena: no whole {:#x}-byte page of the domain's IOVA windows lies inside [{:#x}, {:#x}]",
+                page_, cfg_.iova_start, narrow_last);
+  lo_ = ranges.front().first;
+  const uint64_t cap_end = cfg_.max_pages > (1ull << 63) - lo_ ? kNone : lo_ + cfg_.max_pages;
+  hi_ = lo_;
+  for (auto& [first, end] : ranges) {
+    if (first >= cap_end) break;
+    end = std::min(end, cap_end);
+    if (first > hi_) holes_.emplace_back(hi_, first - hi_);
+    total_pages_ += end - first;
+    hi_ = end;
+  }
+  base_pn_ = lo_ & ~63ull;
+  auto bits = PageBits::create(lo_, hi_);
+  if (!bits) return std::unexpected(bits.error());
+  bits_ = std::move(*bits);
+
+  // Pool layout: N equal power-of-two small pools from the bottom, the large
+  // pool above them.
+  uint32_t n = cfg_.pools;
+  if (n == 0) n = std::bit_floor(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
+  const uint64_t span = hi_ - lo_;
+  uint64_t pool_pages = 0;
+  for (;;) {
+    const auto target =
+        static_cast<uint64_t>(static_cast<double>(span) * (1.0 - cfg_.large_share)) / n;
+    pool_pages = target != 0 ? std::bit_floor(target) : 0;
+    if (pool_pages >= kMinPoolPages || n == 1) break;
+    n /= 2;
+  }
+  if (pool_pages < kMinPoolPages) {
+    nsmall_ = 1;  // a small space: one pool over all of it
+    small_shift_ = 63;
+    large_first_ = kNone;
+    has_large_ = false;
+  } else {
+    nsmall_ = n;
+    small_shift_ = static_cast<unsigned>(std::countr_zero(pool_pages));
+    const uint64_t top = base_pn_ + uint64_t{n} * pool_pages;
+    has_large_ = top < hi_ && hi_ - top >= kMinPoolPages;
+    large_first_ = has_large_ ? top : kNone;  // else the last small pool takes the rest
+  }
+  pools_ = std::make_unique<Pool[]>(pool_count());
+  for (uint32_t i = 0; i < pool_count(); ++i) {
+    Pool& p = pools_[i];
+    if (i == nsmall_) {
+      p.first = large_first_;
+      p.end = hi_;
+    } else {
+      p.first = i == 0 ? lo_ : base_pn_ + (uint64_t{i} << small_shift_);
+      p.end = (i + 1 == nsmall_ && !has_large_) ? hi_ : base_pn_ + (uint64_t{i + 1} << small_shift_);
+      if (small_shift_ == 63) p.end = hi_;
+    }
+    p.hint = p.first;
+    p.flush_at = cfg_.stale_max_pages;
+  }
+  // Holes are permanently used and never a head, so they are never handed
+  // out and never accepted by free().
+  for (auto [pn, len] : holes_) {
+    bits_.assign(kUsed, pn, len, true);
+    for (uint64_t left = len, at = pn; left > 0;) {
+      Pool& p = pools_[pool_of(at)];
+      const uint64_t k = std::min(left, p.end - at);
+      p.hole_pages += k;
+      at += k;
+      left -= k;
+    }
+  }
+  base::log().debug("IOVA arena: {:#x}-{:#x}, {} pages of {:#x}, {} small pools of {} pages{}",
+                    lo_ << shift_, (hi_ << shift_) - 1, total_pages_, page_, nsmall_,
+                    small_shift_ == 63 ? span : 1ull << small_shift_,
+                    has_large_ ? fmt::format(", large pool from {:#x}", large_first_ << shift_) : "");
+  return ok();
+}
+
+PooledArena::~PooledArena() {
+  if (!pools_) return;
+  for (uint32_t i = 0; i < pool_count(); ++i) (void)flush_pool(pools_[i], false);
+}
+
+// First page of a free run of need.n pages aligned to need.align inside
+// [from, to), or kNone. Caller holds the pool lock.
+uint64_t PooledArena::find(uint64_t from, uint64_t to, const Need& need) const {
+  if (need.n == 1 && need.align == 1) {
+    const uint64_t pn = bits_.next(kUsed, false, from, to);
+    return pn < to ? pn : kNone;
+  }
+  uint64_t pos = from;
+  for (;;) {
+    pos = bits_.next(kUsed, false, pos, to);
+    if (pos >= to) return kNone;
+    const uint64_t cand = align_up(pos, need.align);
+    if (cand >= to || to - cand < need.n) return kNone;
+    const uint64_t busy = bits_.next(kUsed, true, cand, cand + need.n);
+    if (busy == cand + need.n) return cand;
+    pos = busy + 1;
+  }
+}
+
+void PooledArena::commit(Pool& p, uint64_t pn, uint64_t n) {
+  if (n == 1) {
+    bits_.set1(kUsed, pn);
+  } else {
+    bits_.assign(kUsed, pn, n, true);
+  }
+  bits_.set1(kHead, pn);
+  bits_.set1(kTail, pn + n - 1);
+  p.in_use.add(n);
+  p.hint = pn + n < p.end ? pn + n : p.first;
+}
+
+void PooledArena::mark_stale(Pool& p, uint64_t pn, uint64_t n) {
+  bits_.assign(kStale, pn, n, true);
+  if (p.stale.get() == 0) p.oldest_ns = coarse_now_ns();
+  p.stale.add(n);
+  p.stale_lo = std::min(p.stale_lo, pn);
+  p.stale_hi = std::max(p.stale_hi, pn + n);
+}
+
+bool PooledArena::flush_due(const Pool& p) const {
+  const uint64_t s = p.stale.get();
+  if (s == 0) return false;
+  if (cfg_.stale_max_pages != 0 && s >= p.flush_at) return true;
+  return max_age_ns_ != 0 && coarse_now_ns() - p.oldest_ns >= max_age_ns_;
+}
+
+// After a flush: ranges whose unmap failed do not re-trigger a flush on
+// every operation; they are retried once the bounds are reached again.
+void PooledArena::rearm(Pool& p) {
+  p.flush_at = p.stale.get() + cfg_.stale_max_pages;
+  p.oldest_ns = p.stale.get() != 0 ? coarse_now_ns() : 0;
+}
+
+// Serves `need` from pool p: search from the hint; on failure flush the
+// pool's stale pages (this is both "wrap-around" and "cannot serve") and
+// search it whole. Returns the first page, kNone, or kBusy when !wait and
+// the pool is locked.
+uint64_t PooledArena::take(Pool& p, const Need& need, bool wait, bool borrow) {
+  if (wait) {
+    p.lock.lock();
+  } else if (!p.lock.try_lock()) {
+    return kBusy;
+  }
+  const uint64_t to = std::min(p.end, need.limit_end);
+  const uint64_t from = p.hint >= p.first && p.hint < to ? p.hint : p.first;
+  uint64_t pn = find(from, to, need);
+  if (pn == kNone) {
+    // Waiting for a concurrent flush (unmapping != 0) also goes through
+    // flush_pool: its mutex returns once that flush has finished.
+    if (p.stale.get() != 0 || p.unmapping.get() != 0) {
+      p.lock.unlock();
+      (void)flush_pool(p, true);  // an error is logged and counted; the pages stay reserved
+      p.lock.lock();
+    }
+    pn = find(p.first, to, need);
+  }
+  bool due = false;
+  if (pn != kNone) {
+    commit(p, pn, need.n);
+    if (borrow) p.borrows.add(1);
+    due = flush_due(p);
+  }
+  p.lock.unlock();
+  if (due) (void)flush_pool(p, true);
+  return pn;
+}
+
+Result<IovaSpan> PooledArena::alloc(const IovaRequest& req) {
+  if (req.len == 0) return fail(Errc::invalid_argument, "IOVA request of 0 bytes");
+  if ((req.align & (req.align - 1)) != 0)
+    return fail(Errc::invalid_argument, "IOVA request of {:#x} bytes: alignment {:#x} is not a power of two",
+                req.len, req.align);
+  Need need{};
+  need.n = (req.len >> shift_) + ((req.len & (page_ - 1)) != 0 ? 1 : 0);
+  if (need.n > total_pages_)
+    return fail(Errc::invalid_argument,
+                "IOVA request of {:#x} bytes is larger than the arena's whole space of {} pages of {:#x}",
+                req.len, total_pages_, page_);
+  need.align = req.align > page_ ? req.align >> shift_ : 1;
+  if (req.dma_limit < page_ - 1)
+    return fail(Errc::invalid_argument, "IOVA request of {:#x} bytes: dma_limit {:#x} is below the first page",
+                req.len, req.dma_limit);
+  need.limit_end = std::min(hi_, ((req.dma_limit - (page_ - 1)) >> shift_) + 1);
+  const uint64_t lowest = align_up(lo_, need.align);
+  if (lowest < lo_ || lowest >= need.limit_end || need.limit_end - lowest < need.n)
+    return fail(Errc::invalid_argument,
+                "IOVA request of {:#x} bytes aligned to {:#x} can never fit below dma_limit {:#x}: the arena "
+                "spans {:#x}-{:#x}",
+                req.len, need.align << shift_, req.dma_limit, lo_ << shift_, (hi_ << shift_) - 1);
+
+  const uint32_t slot = thread_number() & (nsmall_ - 1);
+  const bool large = has_large_ && need.n > cfg_.large_threshold_pages;
+  const uint32_t home = large ? nsmall_ : slot;
+  const uint32_t count = pool_count();
+  // Order of pools to try: home first; small requests borrow from the other
+  // small pools, then the large pool; large requests from the small pools.
+  auto pool_at = [&](uint32_t k) -> uint32_t {
+    if (large) return k == 0 ? nsmall_ : (slot + k - 1) & (nsmall_ - 1);
+    return k < nsmall_ ? (slot + k) & (nsmall_ - 1) : nsmall_;
+  };
+  uint32_t busy = 0;
+  for (uint32_t k = 0; k < count; ++k) {
+    const uint32_t i = pool_at(k);
+    if (pools_[i].first >= need.limit_end) continue;
+    const uint64_t pn = take(pools_[i], need, false, i != home);
+    if (pn == kBusy) {
+      busy |= 1u << i;
+    } else if (pn != kNone) {
+      return IovaSpan{pn << shift_, need.n << shift_};
+    }
+  }
+  // Every eligible pool was busy or full: wait for the busy ones.
+  for (uint32_t k = 0; k < count && busy != 0; ++k) {
+    const uint32_t i = pool_at(k);
+    if ((busy & (1u << i)) == 0) continue;
+    const uint64_t pn = take(pools_[i], need, true, i != home);
+    if (pn != kNone) return IovaSpan{pn << shift_, need.n << shift_};
+  }
+  failures_.fetch_add(1, std::memory_order_relaxed);
+  const ArenaStats s = stats();
+  return fail(Errc::no_space,
+              "no free IOVA range of {:#x} bytes (align {:#x}, dma_limit {:#x}) in the arena {:#x}-{:#x}: "
+              "{} of {} pages in use, {} stale (unmap failed or in progress)",
+              req.len, need.align << shift_, req.dma_limit, lo_ << shift_, (hi_ << shift_) - 1, s.pages_in_use,
+              s.total_pages, s.stale_pages);
+}
+
+Status PooledArena::free(IovaSpan range) {
+  if (range.len == 0 || (range.iova & (page_ - 1)) != 0)
+    return fail(Errc::corrupted,
+                "free of IOVA {:#x} len {:#x}: not a range from this arena (zero length or not page aligned)",
+                range.iova, range.len);
+  const uint64_t pn = range.iova >> shift_;
+  const uint64_t n = (range.len >> shift_) + ((range.len & (page_ - 1)) != 0 ? 1 : 0);
+  if (pn < lo_ || pn >= hi_ || n > hi_ - pn)
+    return fail(Errc::corrupted, "free of IOVA {:#x} len {:#x}: outside the arena's space {:#x}-{:#x}",
+                range.iova, range.len, lo_ << shift_, (hi_ << shift_) - 1);
+  Pool& p = pools_[pool_of(pn)];
+  if (n > p.end - pn)
+    return fail(Errc::corrupted, "free of IOVA {:#x} len {:#x}: crosses a pool boundary, so it was never allocated",
+                range.iova, range.len);
+  const uint64_t last = pn + n - 1;
+  p.lock.lock();
+  if (!bits_.test(kHead, pn) || !bits_.test(kTail, last) || (n > 1 && bits_.next(kTail, true, pn, last) != last)) {
+    p.lock.unlock();
+    return fail(Errc::corrupted,
+                "free of IOVA {:#x} len {:#x}: not an allocated range (double free, never allocated, or wrong "
+                "length)",
+                range.iova, range.len);
+  }
+  bits_.clear1(kHead, pn);
+  bits_.clear1(kTail, last);
+  p.in_use.sub(n);
+  if (cfg_.strict) {
+    p.unmapping.add(n);
+    p.lock.unlock();
+    return unmap_strict(p, pn, n);
+  }
+  mark_stale(p, pn, n);
+  ++p.pending_ranges;
+  const bool due = flush_due(p);
+  p.lock.unlock();
+  if (due) (void)flush_pool(p, true);
+  return ok();
+}
+
+Status PooledArena::unmap_strict(Pool& p, uint64_t pn, uint64_t n) {
+  auto st = domain_.unmap(pn << shift_, n << shift_);
+  p.lock.lock();
+  p.unmap_calls.add(1);
+  p.unmapping.sub(n);
+  if (st) {
+    bits_.assign(kUsed, pn, n, false);
+    p.ranges_flushed.add(1);
+    if (pn < p.hint) p.hint = pn;
+  } else {
+    mark_stale(p, pn, n);
+    ++p.pending_ranges;
+    p.flush_errors.add(1);
+    rearm(p);
+  }
+  p.lock.unlock();
+  if (!st)
+    return std::unexpected(with_context(
+        st.error(), fmt::format("strict free of IOVA {:#x} len {:#x} (the range stays reserved until a flush "
+                                "unmaps it)",
+                                pn << shift_, n << shift_)));
+  const IovaSpan done{pn << shift_, n << shift_};
+  notify({&done, 1});
+  return ok();
+}
+
+Status PooledArena::flush_pool(Pool& p, bool notify_listener) {
+  std::vector<IovaSpan> done;
+  Status first = ok();
+  {
+    std::lock_guard fl(p.flush_mu);
+    p.runs.clear();
+    // 1. Under the lock: take the stale runs (adjacent ranges merge by
+    //    construction); their pages stay used, so nobody gets them yet.
+    p.lock.lock();
+    uint64_t total = 0;
+    for (uint64_t pn = p.stale_lo; pn < p.stale_hi;) {
+      const uint64_t s = bits_.next(kStale, true, pn, p.stale_hi);
+      if (s >= p.stale_hi) break;
+      const uint64_t e = bits_.next(kStale, false, s, p.stale_hi);
+      p.runs.push_back({s, e - s, true});
+      bits_.assign(kStale, s, e - s, false);
+      total += e - s;
+      pn = e;
+    }
+    p.stale.sub(total);
+    p.unmapping.add(total);
+    const uint64_t taken_ranges = p.pending_ranges;
+    p.pending_ranges = 0;
+    p.stale_lo = kNone;
+    p.stale_hi = 0;
+    if (p.runs.empty()) rearm(p);
+    p.lock.unlock();
+    if (p.runs.empty()) return ok();
+
+    // 2. Without the lock: one unmap per run.
+    for (Run& r : p.runs) {
+      auto st = domain_.unmap(r.pn << shift_, r.n << shift_);
+      if (!st) {
+        r.ok = false;
+        if (first)
+          first = std::unexpected(with_context(
+              st.error(), fmt::format("flush of stale IOVA run {:#x} len {:#x} (kept reserved)", r.pn << shift_,
+                                      r.n << shift_)));
+      }
+    }
+
+    // 3. Under the lock: the unmapped pages become free; failed runs stay stale.
+    p.lock.lock();
+    uint64_t failed = 0;
+    for (const Run& r : p.runs) {
+      if (r.ok) {
+        bits_.assign(kUsed, r.pn, r.n, false);
+        if (r.pn < p.hint) p.hint = r.pn;  // reuse low, just-unmapped space first: keeps the working set small
+      } else {
+        ++failed;
+        mark_stale(p, r.pn, r.n);
+      }
+    }
+    p.unmapping.sub(total);
+    p.unmap_calls.add(p.runs.size());
+    if (failed < p.runs.size()) p.flushes.add(1);
+    if (failed == 0) {
+      p.ranges_flushed.add(taken_ranges);
+    } else {
+      p.pending_ranges += taken_ranges;
+      p.flush_errors.add(failed);
+    }
+    rearm(p);
+    p.lock.unlock();
+    if (notify_listener)
+      for (const Run& r : p.runs)
+        if (r.ok) done.push_back({r.pn << shift_, r.n << shift_});
+  }
+  if (!first) base::log().error("IOVA arena: {}", first.error().what());
+  if (!done.empty()) notify(done);
+  return first;
+}
+
+void PooledArena::notify(std::span<const IovaSpan> done) {
+  FlushListener l;
+  {
+    std::lock_guard lk(listener_mu_);
+    l = listener_;
+  }
+  if (l) l(done);
+}
+
+Status PooledArena::flush() {
+  Status first = ok();
+  for (uint32_t i = 0; i < pool_count(); ++i) {
+    auto st = flush_pool(pools_[i], true);
+    if (!st && first) first = st;
+  }
+  return first;
+}
+
+ArenaStats PooledArena::stats() const {
+  ArenaStats s;
+  for (uint32_t i = 0; i < pool_count(); ++i) {
+    const Pool& p = pools_[i];
+    s.pages_in_use += p.in_use.get();
+    s.stale_pages += p.stale.get() + p.unmapping.get();
+    s.flushes += p.flushes.get();
+    s.unmap_calls += p.unmap_calls.get();
+    s.ranges_flushed += p.ranges_flushed.get();
+    s.borrows += p.borrows.get();
+    s.flush_errors += p.flush_errors.get();
+  }
+  s.failures = failures_.load(std::memory_order_relaxed);
+  s.total_pages = total_pages_;
+  s.pools = nsmall_;
+  s.large_pool = has_large_;
+  return s;
+}
+
+std::vector<IovaSpan> PooledArena::pool_spans() const {
+  std::vector<IovaSpan> out;
+  for (uint32_t i = 0; i < pool_count(); ++i)
+    out.push_back({pools_[i].first << shift_, (pools_[i].end - pools_[i].first) << shift_});
+  return out;
+}
+
+Status PooledArena::check_pool(const Pool& p) const {
+  const uint64_t n = p.end - p.first;
+  const uint64_t used = bits_.count(kUsed, p.first, n);
+  const uint64_t stale = bits_.count(kStale, p.first, n);
+  const uint64_t expect_used = p.in_use.get() + p.stale.get() + p.unmapping.get() + p.hole_pages;
+  if (used != expect_used)
+    return fail(Errc::internal, "IOVA arena pool {:#x}: {} used pages, counters say {}", p.first << shift_, used,
+                expect_used);
+  if (stale != p.stale.get())
+    return fail(Errc::internal, "IOVA arena pool {:#x}: {} stale pages, counter says {}", p.first << shift_, stale,
+                p.stale.get());
+  for (uint64_t pn = p.first & ~63ull; pn < p.end; pn += 64) {
+    const Group& g = bits_.word(pn);
+    if ((g.stale & ~g.used) != 0 || ((g.head | g.tail) & (~g.used | g.stale)) != 0)
+      return fail(Errc::internal, "IOVA arena: inconsistent bits at IOVA {:#x}", pn << shift_);
+  }
+  // Heads and tails pair up, and the allocations they bound add up to in_use.
+  uint64_t live = 0;
+  for (uint64_t pn = p.first;;) {
+    const uint64_t h = bits_.next(kHead, true, pn, p.end);
+    if (h == p.end) {
+      if (bits_.next(kTail, true, pn, p.end) != p.end)
+        return fail(Errc::internal, "IOVA arena pool {:#x}: tail without head", p.first << shift_);
+      break;
+    }
+    const uint64_t t = bits_.next(kTail, true, h, p.end);
+    if (t == p.end || bits_.next(kHead, true, h + 1, p.end) <= t || bits_.next(kTail, true, pn, h) != h)
+      return fail(Errc::internal, "IOVA arena: allocation at IOVA {:#x} has no matching end", h << shift_);
+    if (bits_.count(kUsed, h, t - h + 1) != t - h + 1)
+      return fail(Errc::internal, "IOVA arena: allocation at IOVA {:#x} has free pages", h << shift_);
+    live += t - h + 1;
+    pn = t + 1;
+  }
+  if (live != p.in_use.get())
+    return fail(Errc::internal, "IOVA arena pool {:#x}: allocations cover {} pages, counter says {}",
+                p.first << shift_, live, p.in_use.get());
+  return ok();
+}
+
+Status PooledArena::check() const {
+  for (auto [pn, len] : holes_)
+    if (bits_.count(kUsed, pn, len) != len || bits_.count(kHead, pn, len) != 0 || bits_.count(kStale, pn, len) != 0)
+      return fail(Errc::internal, "IOVA arena: the hole at IOVA {:#x} is not reserved", pn << shift_);
+  for (uint32_t i = 0; i < pool_count(); ++i) {
+    Pool& p = pools_[i];
+    std::lock_guard fl(p.flush_mu);
+    p.lock.lock();
+    auto st = check_pool(p);
+    p.lock.unlock();
+    if (!st) return st;
+  }
+  return ok();
+}
+
+}  // namespace
+
+ArenaConfig ArenaConfig::from_settings(const base::ArenaSettings& s) {
+  ArenaConfig c;
+  c.pools = s.pools;
+  c.large_share = s.large_share;
+  c.large_threshold_pages = s.large_threshold_pages;
+  c.strict = s.strict;
+  c.stale_max_pages = s.stale_max_pages;
+  c.stale_max_age = std::chrono::milliseconds(s.stale_max_age_ms);
+  c.iova_start = s.iova_start;
+  c.iova_end = s.iova_end;
+  return c;
+}
+
+Result<std::unique_ptr<IovaArena>> IovaArena::create(Domain& domain, const ArenaConfig& cfg) {
+  auto arena = std::make_unique<PooledArena>(domain, cfg);
+  DMAKIT_TRY(arena->init());
+  return std::unique_ptr<IovaArena>(std::move(arena));
+}
+
+}  // namespace dmakit::iommu

@@ -1,0 +1,73 @@
+// Backing over the BufferAllocator: each chunk of a pool is one buffer that
+// is a single virtually contiguous run, so the pool costs one IOMMU mapping
+// per chunk at most (fewer when the allocator's runs are larger).
+#include <mutex>
+#include <unordered_map>
+
+#include "alloc_buffer/buffer_allocator.hpp"
+#include "pool/dma_pool.hpp"
+
+namespace dmakit::pool {
+
+namespace {
+
+class BufferBacking final : public Backing {
+ public:
+  explicit BufferBacking(alloc_buffer::BufferAllocator& buffers) : buffers_(buffers) {}
+
+  Result<Region> grow(uint64_t len) override {
+    alloc_buffer::BufferRequest req;
+    req.len = len;
+    auto buf = buffers_.alloc(req);
+    if (!buf) return std::unexpected(std::move(buf).error());
+    if (!buf->virtually_contiguous() || buf->size() < len)
+      return fail(Errc::no_memory,
+                  "buffer allocator: a buffer of {} bytes came as {} chunks that are not one virtually "
+                  "contiguous run",
+                  len, buf->chunks().size());
+    Region r{buf->vaddr(), buf->iova(), len};
+    std::lock_guard lock(mu_);
+    held_.emplace(reinterpret_cast<uintptr_t>(r.vaddr), std::move(*buf));
+    return r;
+  }
+
+  void release(const Region& r) override {
+    alloc_buffer::Buffer dying;  // returned to the allocator outside the lock
+    std::lock_guard lock(mu_);
+    auto it = held_.find(reinterpret_cast<uintptr_t>(r.vaddr));
+    if (it == held_.end()) return;
+    dying = std::move(it->second);
+    held_.erase(it);
+  }
+
+  void abandon(const Region& r) override {
+    std::lock_guard lock(mu_);
+    auto it = held_.find(reinterpret_cast<uintptr_t>(r.vaddr));
+    if (it == held_.end()) return;
+    // Deliberate leak: the buffer is never destroyed, so its memory and IOVA
+    // mapping are never given to another owner while a device may use them.
+    (void)std::make_unique<alloc_buffer::Buffer>(std::move(it->second)).release();
+    held_.erase(it);
+  }
+
+  std::string describe() const override { return "the buffer allocator"; }
+
+ private:
+  alloc_buffer::BufferAllocator& buffers_;
+  std::mutex mu_;
+  std::unordered_map<uintptr_t, alloc_buffer::Buffer> held_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backing> make_buffer_backing(alloc_buffer::BufferAllocator& buffers) {
+  return std::make_unique<BufferBacking>(buffers);
+}
+
+Result<std::unique_ptr<DmaPool>> DmaPool::create(alloc_buffer::BufferAllocator& buffers, std::string name,
+                                                 size_t size, size_t align, size_t boundary,
+                                                 const PoolOptions& opts) {
+  return create(make_buffer_backing(buffers), std::move(name), size, align, boundary, opts);
+}
+
+}  // namespace dmakit::pool

@@ -1,0 +1,126 @@
+// BufferAllocator on real EAL hugepages (--in-memory), simulated domain.
+// Needs root: reserves 2 MiB pages on demand through nr_overcommit_hugepages
+// and puts the old value back at exit. The EAL starts once per process, so
+// this is its own binary (the no-huge cases are in buffer_allocator_test).
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <fstream>
+
+#include "alloc_buffer/buffer_allocator.hpp"
+#include "base/eal.hpp"
+#include "buffer_support.hpp"
+#include "iommu/iova_arena.hpp"
+#include "iommu/sim_domain.hpp"
+
+using namespace dmakit;
+using namespace dmakit::alloc_buffer;
+
+namespace {
+
+constexpr uint64_t K = 1024, M = 1024 * 1024;
+const char* kOvercommit = "/proc/sys/vm/nr_overcommit_hugepages";
+constexpr uint64_t kPages = 48;  // 96 MiB on demand
+
+uint64_t read_value(const char* path) {
+  std::ifstream in(path);
+  uint64_t v = 0;
+  in >> v;
+  return v;
+}
+
+void write_value(const char* path, uint64_t v) {
+  std::ofstream out(path);
+  out << v;
+}
+
+class HugepageEnv : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    ASSERT_EQ(::geteuid(), 0u) << "this test reserves hugepages and must run as root";
+    old_ = read_value(kOvercommit);
+    write_value(kOvercommit, old_ + kPages);
+    ASSERT_EQ(read_value(kOvercommit), old_ + kPages) << "could not reserve hugepages";
+    base::EalSettings e;
+    e.mode = "huge";
+    auto r = base::ensure_eal(e);
+    ASSERT_TRUE(r) << r.error().what();
+    ASSERT_TRUE((*r)->hugepages);
+  }
+  void TearDown() override { write_value(kOvercommit, old_); }
+
+ private:
+  uint64_t old_ = 0;
+};
+
+const auto* const g_env = ::testing::AddGlobalTestEnvironment(new HugepageEnv);
+
+class HugeBufferTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto d = iommu::SimDomain::create();
+    ASSERT_TRUE(d);
+    sim_ = std::move(*d);
+    auto a = iommu::IovaArena::create(*sim_, iommu::ArenaConfig{});
+    ASSERT_TRUE(a);
+    arena_ = std::move(*a);
+    base::BufferSettings s;
+    s.psi = false;
+    s.prezero = false;
+    auto b = create_buffer_allocator(*arena_, s);
+    ASSERT_TRUE(b) << b.error().what();
+    alloc_ = std::move(*b);
+  }
+  void TearDown() override {
+    alloc_.reset();
+    EXPECT_EQ(sim_->stats().mappings, 0u);
+  }
+
+  std::unique_ptr<iommu::SimDomain> sim_;
+  std::unique_ptr<iommu::IovaArena> arena_;
+  std::unique_ptr<BufferAllocator> alloc_;
+};
+
+TEST_F(HugeBufferTest, EveryOrderFromItsRealSource) {
+  EXPECT_EQ(alloc_->orders(), (std::vector<uint64_t>{2 * M, M, 64 * K, 4 * K}));
+  auto b = alloc_->alloc({.len = 4 * M + M + 64 * K + 4 * K, .zeroed = true});
+  ASSERT_TRUE(b) << b.error().what();
+  std::vector<std::string_view> src;
+  for (auto& c : b->chunks()) src.push_back(c.source);
+  EXPECT_EQ(src, (std::vector<std::string_view>{"hugepage-2M", "hugepage-2M", "carved-1M", "carved-64K", "anon-4K"}));
+  uint64_t runs = 1;
+  for (size_t i = 0; i < b->chunks().size(); ++i) {
+    const Chunk& c = b->chunks()[i];
+    EXPECT_EQ(c.iova % c.order, 0u);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(c.vaddr) % c.order, 0u);
+    if (i > 0 && static_cast<char*>(b->chunks()[i - 1].vaddr) + b->chunks()[i - 1].len != c.vaddr) ++runs;
+  }
+  EXPECT_EQ(b->mappings(), runs);
+  EXPECT_EQ(sim_->stats().mappings, runs);
+  EXPECT_LT(runs, b->chunks().size()) << "consecutive pages of one slab share a mapping";
+  std::vector<std::byte> out(b->size());
+  ASSERT_TRUE(sim_->device_read(b->iova(), out));
+  EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](std::byte x) { return x == std::byte{0}; }));
+}
+
+TEST_F(HugeBufferTest, RunsOutOfHugepagesAndFallsBackThenGivesThemBack) {
+  std::vector<Buffer> held;
+  bool fell_back = false;
+  for (int i = 0; i < 64 && !fell_back; ++i) {
+    auto b = alloc_->alloc({.len = 4 * M});
+    ASSERT_TRUE(b) << b.error().what();
+    fell_back = b->chunks().back().source == "anon-4K" && b->chunks().front().order == 4 * K;
+    EXPECT_LE(b->attempts(), b->chunks().size() + alloc_->orders().size());
+    held.push_back(std::move(*b));
+  }
+  ASSERT_TRUE(fell_back) << "hugepages never ran out within 256 MiB";
+  EXPECT_GE(alloc_->stats().order_fallbacks, 1u);
+  held.clear();
+  alloc_->trim(true);
+  for (const MemorySource* s : alloc_->sources()) {
+    EXPECT_EQ(s->stats().live_bytes, 0u) << s->name();
+    EXPECT_EQ(s->stats().reserved_bytes, 0u) << s->name() << ": slab not released";
+  }
+}
+
+}  // namespace

@@ -1,0 +1,90 @@
+// Shared pieces of the buffer allocator tests: a Domain decorator that fails
+// the K-th map, a 4 KiB source whose chunks are never virtually adjacent (so
+// a test knows how many runs a buffer has), and helpers to read counters.
+#pragma once
+
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "alloc_buffer/buffer_allocator.hpp"
+#include "iommu/domain.hpp"
+
+namespace dmakit::buftest {
+
+// Forwards to a real domain; map number `fail_at` (1-based, counted from
+// arm()) fails with ENOSPC as an exhausted entry limit would.
+class FailingDomain final : public iommu::Domain {
+ public:
+  explicit FailingDomain(iommu::Domain& inner) : inner_(inner) {}
+  void arm(uint64_t fail_at) {
+    count_ = 0;
+    fail_at_ = fail_at;
+  }
+  const iommu::DomainInfo& info() const override { return inner_.info(); }
+  Status map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t prot) override {
+    if (fail_at_ != 0 && ++count_ == fail_at_) return fail_errno(ENOSPC, "injected map failure at {:#x}", iova);
+    return inner_.map(vaddr, iova, len, prot);
+  }
+  Status unmap(uint64_t iova, uint64_t len) override { return inner_.unmap(iova, len); }
+  uint64_t dma_avail() const override { return inner_.dma_avail(); }
+  iommu::DomainStats stats() const override { return inner_.stats(); }
+
+ private:
+  iommu::Domain& inner_;
+  uint64_t count_ = 0, fail_at_ = 0;
+};
+
+// 4 KiB chunks at every other page of one anonymous region: no two chunks
+// are virtually adjacent, so each is its own run (its own mapping).
+class ScatterSource final : public alloc_buffer::MemorySource {
+ public:
+  explicit ScatterSource(uint64_t pages) : pages_(pages), used_(pages, false) {
+    void* p = ::mmap(nullptr, pages * 2 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    base_ = p == MAP_FAILED ? nullptr : static_cast<char*>(p);
+  }
+  ~ScatterSource() override {
+    if (base_ != nullptr) ::munmap(base_, pages_ * 2 * 4096);
+  }
+  std::string_view name() const override { return "scatter-4K"; }
+  uint64_t order() const override { return 4096; }
+  Result<void*> take(uint64_t len) override {
+    std::lock_guard lock(mu_);
+    if (base_ == nullptr || len != 4096) return fail(Errc::invalid_argument, "scatter: bad take");
+    for (uint64_t i = 0; i < pages_; ++i)
+      if (!used_[i]) {
+        used_[i] = true;
+        live_ += 4096;
+        return static_cast<void*>(base_ + i * 2 * 4096);
+      }
+    return fail(Errc::no_memory, "scatter: all {} pages taken", pages_);
+  }
+  void give(void* p, uint64_t) override {
+    std::lock_guard lock(mu_);
+    used_[static_cast<uint64_t>(static_cast<char*>(p) - base_) / (2 * 4096)] = false;
+    live_ -= 4096;
+  }
+  alloc_buffer::SourceStats stats() const override {
+    std::lock_guard lock(mu_);
+    return {live_, live_, 0, 0};
+  }
+
+ private:
+  uint64_t pages_;
+  std::vector<bool> used_;
+  char* base_ = nullptr;
+  mutable std::mutex mu_;
+  uint64_t live_ = 0;
+};
+
+inline uint64_t live_bytes(const alloc_buffer::BufferAllocator& a) {
+  uint64_t sum = 0;
+  for (const auto* s : a.sources()) sum += s->stats().live_bytes;
+  return sum;
+}
+
+}  // namespace dmakit::buftest

@@ -1,0 +1,551 @@
+// IovaArena on the simulated type1 model: placement rules (windows, holes,
+// alignment, DMA limit), lazy flush safety (an IOVA comes back only after its
+// unmap returned), flush triggers, strict mode, exhaustion and bad input.
+#include <gtest/gtest.h>
+
+#include <sys/mman.h>
+
+#include <chrono>
+#include <map>
+#include <random>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "iommu/iova_arena.hpp"
+#include "iommu/sim_domain.hpp"
+
+namespace dmakit::iommu {
+namespace {
+
+constexpr uint64_t K4 = 4096;
+constexpr uint64_t M2 = 2ull << 20;
+constexpr uint64_t G1 = 1ull << 30;
+constexpr uint64_t kMsiStart = 0xfee00000;
+constexpr uint64_t kMsiEnd = 0xfef00000;
+
+std::unique_ptr<SimDomain> sim(SimConfig cfg = {}) {
+  auto d = SimDomain::create(cfg);
+  EXPECT_TRUE(d) << d.error().what();
+  return std::move(*d);
+}
+
+std::unique_ptr<IovaArena> arena(Domain& d, const ArenaConfig& cfg) {
+  auto a = IovaArena::create(d, cfg);
+  EXPECT_TRUE(a) << a.error().what();
+  return a ? std::move(*a) : nullptr;
+}
+
+// A small lazy arena with one pool and no automatic flush bounds, so only
+// allocation pressure (or wrap-around) flushes.
+ArenaConfig small_cfg(uint64_t start, uint64_t pages) {
+  ArenaConfig c;
+  c.pools = 1;
+  c.iova_start = start;
+  c.iova_end = start + pages * K4 - 1;
+  c.stale_max_pages = 0;
+  c.stale_max_age = std::chrono::milliseconds(0);
+  return c;
+}
+
+class HostPage {
+ public:
+  HostPage() {
+    void* p = mmap(nullptr, K4, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    p_ = p == MAP_FAILED ? nullptr : p;
+  }
+  ~HostPage() {
+    if (p_) munmap(p_, K4);
+  }
+  HostPage(const HostPage&) = delete;
+  HostPage& operator=(const HostPage&) = delete;
+  void* get() const { return p_; }
+
+ private:
+  void* p_;
+};
+
+TEST(IovaArena, LayoutOfTheDefaultSpace) {
+  auto d = sim();
+  ArenaConfig cfg;
+  cfg.pools = 2;
+  auto a = arena(*d, cfg);
+  ArenaStats s = a->stats();
+  // 39 bits of 4K pages, minus IOVA 0 and the 1 MiB MSI hole.
+  EXPECT_EQ(s.total_pages, (1ull << 27) - 1 - 256);
+  EXPECT_EQ(s.pools, 2u);
+  EXPECT_TRUE(s.large_pool);
+  EXPECT_EQ(a->page_size(), K4);
+  auto spans = a->pool_spans();
+  ASSERT_EQ(spans.size(), 3u);
+  EXPECT_EQ(spans[0].iova, K4);
+  for (size_t i = 1; i < spans.size(); ++i) EXPECT_EQ(spans[i].iova, spans[i - 1].end());
+  EXPECT_EQ(spans.back().end(), 1ull << 39);
+  // The large pool holds at least large_share of the space.
+  EXPECT_GE(static_cast<double>(spans.back().len), 0.25 * static_cast<double>(1ull << 39));
+  EXPECT_TRUE(a->check()) << a->check().error().what();
+}
+
+TEST(IovaArena, ConfigErrors) {
+  auto d = sim();
+  ArenaConfig cfg;
+  cfg.pools = 3;
+  auto a = IovaArena::create(*d, cfg);
+  ASSERT_FALSE(a);
+  EXPECT_EQ(a.error().code, Errc::invalid_argument);
+  EXPECT_NE(a.error().message.find("pools"), std::string::npos);
+  cfg = {};
+  cfg.large_share = 1.5;
+  EXPECT_EQ(IovaArena::create(*d, cfg).error().code, Errc::invalid_argument);
+  cfg = {};
+  cfg.iova_start = 0x200000;
+  cfg.iova_end = 0x100000;
+  EXPECT_EQ(IovaArena::create(*d, cfg).error().code, Errc::invalid_argument);
+  // Narrowed to the MSI hole only: nothing usable.
+  cfg = {};
+  cfg.iova_start = kMsiStart;
+  cfg.iova_end = kMsiEnd - 1;
+  auto hole = IovaArena::create(*d, cfg);
+  ASSERT_FALSE(hole);
+  EXPECT_EQ(hole.error().code, Errc::invalid_argument);
+  EXPECT_NE(hole.error().message.find("0xfee00000"), std::string::npos) << hole.error().message;
+}
+
+TEST(IovaArena, ConfigFromSettings) {
+  base::ArenaSettings s;
+  s.pools = 4;
+  s.strict = true;
+  s.stale_max_age_ms = 7;
+  s.iova_start = 0x1000000;
+  ArenaConfig c = ArenaConfig::from_settings(s);
+  EXPECT_EQ(c.pools, 4u);
+  EXPECT_TRUE(c.strict);
+  EXPECT_EQ(c.stale_max_age, std::chrono::milliseconds(7));
+  EXPECT_EQ(c.iova_start, 0x1000000u);
+  EXPECT_EQ(c.stale_max_pages, s.stale_max_pages);
+}
+
+TEST(IovaArena, BadRequestsAreRefusedWithMessages) {
+  auto d = sim();
+  ArenaConfig cfg;
+  cfg.pools = 2;
+  cfg.iova_start = 1ull << 32;  // the space starts above 4 GiB
+  auto a = arena(*d, cfg);
+  auto zero = a->alloc({0, 0, ~0ull});
+  ASSERT_FALSE(zero);
+  EXPECT_EQ(zero.error().code, Errc::invalid_argument);
+  EXPECT_NE(zero.error().message.find("0 bytes"), std::string::npos);
+  auto odd = a->alloc({K4, 3 * K4, ~0ull});
+  ASSERT_FALSE(odd);
+  EXPECT_EQ(odd.error().code, Errc::invalid_argument);
+  EXPECT_NE(odd.error().message.find("power of two"), std::string::npos);
+  auto low = a->alloc({K4, 0, 0xffffffff});
+  ASSERT_FALSE(low);
+  EXPECT_EQ(low.error().code, Errc::invalid_argument);
+  EXPECT_NE(low.error().message.find("dma_limit 0xffffffff"), std::string::npos) << low.error().message;
+  auto huge = a->alloc({1ull << 40, 0, ~0ull});
+  ASSERT_FALSE(huge);
+  EXPECT_EQ(huge.error().code, Errc::invalid_argument);
+  EXPECT_NE(huge.error().message.find("larger than"), std::string::npos);
+  auto tiny_limit = a->alloc({K4, 0, 100});
+  ASSERT_FALSE(tiny_limit);
+  EXPECT_EQ(tiny_limit.error().code, Errc::invalid_argument);
+  EXPECT_EQ(a->stats().pages_in_use, 0u);
+  EXPECT_EQ(a->stats().failures, 0u);
+}
+
+TEST(IovaArena, AlignmentAndDmaLimit) {
+  auto d = sim();
+  ArenaConfig cfg;
+  cfg.pools = 2;
+  auto a = arena(*d, cfg);
+  std::vector<IovaSpan> got;
+  for (int i = 0; i < 20; ++i) {
+    auto r = a->alloc({3 * K4, M2, ~0ull});  // small request, 2 MiB aligned
+    ASSERT_TRUE(r) << r.error().what();
+    EXPECT_EQ(r->iova % M2, 0u);
+    EXPECT_EQ(r->len, 3 * K4);
+    got.push_back(*r);
+  }
+  auto gig = a->alloc({G1, G1, ~0ull});
+  ASSERT_TRUE(gig) << gig.error().what();
+  EXPECT_EQ(gig->iova % G1, 0u);
+  got.push_back(*gig);
+  // 32-bit device: every byte below 4 GiB, for small and large requests
+  // (the large pool lies above 4 GiB, so the large one must borrow).
+  for (uint64_t len : {K4, 5 * K4, 100 * K4, 64 * M2}) {
+    auto r = a->alloc({len, 0, 0xffffffff});
+    ASSERT_TRUE(r) << r.error().what();
+    EXPECT_LE(r->end() - 1, 0xffffffffu);
+    got.push_back(*r);
+  }
+  // A limit that is not page aligned: the whole last page must be below it.
+  auto r = a->alloc({K4, 0, 0x10000 + 0x800});
+  ASSERT_TRUE(r) << r.error().what();
+  EXPECT_LE(r->end() - 1, 0x10800u);
+  got.push_back(*r);
+  for (auto& g : got) ASSERT_TRUE(a->free(g));
+  EXPECT_TRUE(a->check()) << a->check().error().what();
+}
+
+TEST(IovaArena, RandomOpsNeverOverlapAndAvoidTheHole) {
+  auto d = sim();
+  ArenaConfig cfg;
+  cfg.pools = 2;
+  cfg.iova_start = 0xfe000000;  // 17 MiB around the MSI hole
+  cfg.iova_end = 0xff0fffff;
+  cfg.stale_max_pages = 64;
+  cfg.large_threshold_pages = 16;
+  auto a = arena(*d, cfg);
+  ASSERT_EQ(a->stats().total_pages, 4096u);
+
+  std::mt19937_64 rng(42);
+  std::map<uint64_t, uint64_t> live;  // iova -> len: the reference
+  const uint64_t aligns[] = {0, K4, 16 * K4, 64 * K4, M2};
+  uint64_t refused = 0;
+  for (int op = 0; op < 20000; ++op) {
+    if (live.empty() || rng() % 100 < 55) {
+      IovaRequest req;
+      req.len = (1 + rng() % 40) * K4 - (rng() % 2) * 100;  // some lengths not page multiples
+      req.align = aligns[rng() % 5];
+      if (rng() % 4 == 0) req.dma_limit = 0xfe7fffff;
+      auto r = a->alloc(req);
+      if (!r) {
+        ASSERT_EQ(r.error().code, Errc::no_space) << r.error().what();
+        ++refused;
+        continue;
+      }
+      ASSERT_EQ(r->len % K4, 0u);
+      ASSERT_GE(r->len, req.len);
+      ASSERT_GE(r->iova, cfg.iova_start);
+      ASSERT_LE(r->end() - 1, cfg.iova_end);
+      ASSERT_LE(r->end() - 1, req.dma_limit);
+      if (req.align > K4) {
+        ASSERT_EQ(r->iova % req.align, 0u);
+      }
+      ASSERT_TRUE(r->end() <= kMsiStart || r->iova >= kMsiEnd) << std::hex << r->iova;
+      auto next = live.lower_bound(r->iova);
+      if (next != live.end()) {
+        ASSERT_LE(r->end(), next->first) << "overlaps the next allocation";
+      }
+      if (next != live.begin()) {
+        auto prev = std::prev(next);
+        ASSERT_LE(prev->first + prev->second, r->iova) << "overlaps the previous allocation";
+      }
+      live.emplace(r->iova, r->len);
+    } else {
+      auto it = live.begin();
+      std::advance(it, static_cast<long>(rng() % live.size()));
+      ASSERT_TRUE(a->free({it->first, it->second}));
+      live.erase(it);
+    }
+  }
+  EXPECT_GT(refused, 0u) << "the space was meant to run full at times";
+  uint64_t pages = 0;
+  for (auto& [iova, len] : live) pages += len / K4;
+  EXPECT_EQ(a->stats().pages_in_use, pages);
+  ASSERT_TRUE(a->check()) << a->check().error().what();
+  for (auto& [iova, len] : live) ASSERT_TRUE(a->free({iova, len}));
+  ASSERT_TRUE(a->flush());
+  ArenaStats s = a->stats();
+  EXPECT_EQ(s.pages_in_use, 0u);
+  EXPECT_EQ(s.stale_pages, 0u);
+  EXPECT_GT(s.borrows, 0u);
+  EXPECT_TRUE(a->check()) << a->check().error().what();
+}
+
+// The safety property of lazy flush: when an IOVA is handed out again, the
+// mapping it had before is already gone (the device can no longer reach the
+// old memory through it) and the listener has been told.
+TEST(IovaArena, ReuseOnlyAfterUnmap) {
+  auto d = sim();
+  auto a = arena(*d, small_cfg(0x100000, 64));
+  HostPage mem;
+  std::set<uint64_t> flushed;  // pages the listener reported as unmapped
+  a->set_flush_listener([&](std::span<const IovaSpan> spans) {
+    for (auto& s : spans) {
+      for (uint64_t p = s.iova; p < s.end(); p += K4) {
+        // Reported only after the unmap returned.
+        EXPECT_FALSE(d->translate(p, 1, kRead)) << std::hex << p;
+        flushed.insert(p);
+      }
+    }
+  });
+  std::set<uint64_t> ever_freed;
+  std::mt19937_64 rng(7);
+  std::vector<IovaSpan> live;
+  uint64_t reuses = 0;
+  for (int op = 0; op < 3000; ++op) {
+    if (live.size() < 10 || (live.size() < 18 && rng() % 2 == 0)) {
+      auto r = a->alloc({(1 + rng() % 3) * K4, 0, ~0ull});
+      ASSERT_TRUE(r) << r.error().what();
+      for (uint64_t p = r->iova; p < r->end(); p += K4) {
+        if (ever_freed.count(p)) {
+          ++reuses;
+          ASSERT_TRUE(flushed.count(p)) << "IOVA handed out again before the listener saw its flush";
+          auto old = d->translate(p, K4, kRead);
+          ASSERT_FALSE(old) << "IOVA " << std::hex << p << " handed out while still mapped";
+          EXPECT_EQ(old.error().code, Errc::fault);
+          ever_freed.erase(p);
+          flushed.erase(p);
+        }
+      }
+      // One mapping per page, all to the same host page, as a driver would.
+      for (uint64_t p = r->iova; p < r->end(); p += K4) ASSERT_TRUE(d->map(mem.get(), p, K4, kReadWrite));
+      live.push_back(*r);
+    } else {
+      const size_t i = rng() % live.size();
+      IovaSpan s = live[i];
+      live.erase(live.begin() + static_cast<long>(i));
+      ASSERT_TRUE(a->free(s));
+      // Lazy: still mapped right after free.
+      for (uint64_t p = s.iova; p < s.end(); p += K4) {
+        if (!flushed.count(p)) {
+          EXPECT_TRUE(d->translate(p, K4, kRead)) << std::hex << p;
+        }
+        ever_freed.insert(p);
+      }
+    }
+  }
+  EXPECT_GT(reuses, 100u);
+  ArenaStats s = a->stats();
+  EXPECT_GT(s.flushes, 0u);
+  // Merging: far fewer unmap calls than pages (each page was its own mapping).
+  EXPECT_LT(s.unmap_calls, s.ranges_flushed);
+  for (auto& l : live) ASSERT_TRUE(a->free(l));
+  ASSERT_TRUE(a->flush());
+  EXPECT_EQ(d->stats().mappings, 0u);
+  EXPECT_TRUE(a->check()) << a->check().error().what();
+}
+
+TEST(IovaArena, StalePagesBoundTriggersFlush) {
+  auto d = sim();
+  ArenaConfig cfg = small_cfg(0x200000, 1024);
+  cfg.stale_max_pages = 16;
+  auto a = arena(*d, cfg);
+  HostPage mem;
+  std::vector<IovaSpan> spans;
+  for (int i = 0; i < 16; ++i) {
+    auto r = a->alloc({K4, 0, ~0ull});
+    ASSERT_TRUE(r);
+    ASSERT_TRUE(d->map(mem.get(), r->iova, K4, kRead));
+    spans.push_back(*r);
+  }
+  const uint64_t calls0 = d->stats().unmap_calls;
+  for (int i = 0; i < 15; ++i) ASSERT_TRUE(a->free(spans[i]));
+  EXPECT_EQ(a->stats().stale_pages, 15u);
+  EXPECT_EQ(d->stats().unmap_calls, calls0);
+  EXPECT_EQ(d->stats().mappings, 16u);
+  ASSERT_TRUE(a->free(spans[15]));  // the 16th stale page reaches the bound
+  ArenaStats s = a->stats();
+  EXPECT_EQ(s.stale_pages, 0u);
+  EXPECT_EQ(s.flushes, 1u);
+  EXPECT_EQ(s.ranges_flushed, 16u);
+  // The 16 adjacent pages merge into one unmap call.
+  EXPECT_EQ(d->stats().unmap_calls - calls0, 1u);
+  EXPECT_EQ(s.unmap_calls, 1u);
+  EXPECT_EQ(d->stats().mappings, 0u);
+}
+
+TEST(IovaArena, StaleAgeBoundTriggersFlush) {
+  auto d = sim();
+  ArenaConfig cfg = small_cfg(0x200000, 1024);
+  cfg.stale_max_age = std::chrono::milliseconds(20);
+  auto a = arena(*d, cfg);
+  HostPage mem;
+  auto r = a->alloc({K4, 0, ~0ull});
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(d->map(mem.get(), r->iova, K4, kRead));
+  ASSERT_TRUE(a->free(*r));
+  EXPECT_EQ(a->stats().stale_pages, 1u);
+  EXPECT_TRUE(d->translate(r->iova, K4, kRead));
+  // Well past the bound (the coarse clock ticks every few ms); the next
+  // operation on the pool notices the age.
+  std::this_thread::sleep_for(std::chrono::milliseconds(80));
+  auto r2 = a->alloc({K4, 0, ~0ull});
+  ASSERT_TRUE(r2);
+  EXPECT_EQ(a->stats().stale_pages, 0u);
+  EXPECT_EQ(a->stats().flushes, 1u);
+  EXPECT_FALSE(d->translate(r->iova, K4, kRead));
+  ASSERT_TRUE(a->free(*r2));
+}
+
+TEST(IovaArena, StrictModeUnmapsAtFree) {
+  auto d = sim();
+  ArenaConfig cfg = small_cfg(0x200000, 1024);
+  cfg.strict = true;
+  auto a = arena(*d, cfg);
+  std::vector<IovaSpan> reported;
+  a->set_flush_listener([&](std::span<const IovaSpan> s) { reported.insert(reported.end(), s.begin(), s.end()); });
+  HostPage mem;
+  for (int i = 0; i < 10; ++i) {
+    auto r = a->alloc({2 * K4, 0, ~0ull});
+    ASSERT_TRUE(r);
+    ASSERT_TRUE(d->map(mem.get(), r->iova, K4, kRead));
+    ASSERT_TRUE(d->map(mem.get(), r->iova + K4, K4, kRead));
+    const uint64_t calls = d->stats().unmap_calls;
+    ASSERT_TRUE(a->free(*r));
+    EXPECT_EQ(d->stats().unmap_calls, calls + 1);
+    EXPECT_FALSE(d->translate(r->iova, K4, kRead));
+    EXPECT_FALSE(d->translate(r->iova + K4, K4, kRead));
+    ASSERT_FALSE(reported.empty());
+    EXPECT_EQ(reported.back(), *r);
+  }
+  EXPECT_EQ(a->stats().stale_pages, 0u);
+  EXPECT_EQ(a->stats().unmap_calls, 10u);
+  EXPECT_EQ(d->stats().mappings, 0u);
+}
+
+TEST(IovaArena, ExhaustionIsClearAndRecoverable) {
+  auto d = sim();
+  auto a = arena(*d, small_cfg(0x400000, 64));
+  std::vector<IovaSpan> all;
+  for (;;) {
+    auto r = a->alloc({K4, 0, ~0ull});
+    if (!r) {
+      EXPECT_EQ(r.error().code, Errc::no_space);
+      EXPECT_NE(r.error().message.find("64 of 64 pages in use"), std::string::npos) << r.error().message;
+      EXPECT_NE(r.error().message.find("0x1000 bytes"), std::string::npos) << r.error().message;
+      break;
+    }
+    all.push_back(*r);
+    ASSERT_LE(all.size(), 64u);
+  }
+  EXPECT_EQ(all.size(), 64u);
+  EXPECT_EQ(a->stats().failures, 1u);
+  // Lazy free leaves the page stale; the next request flushes and gets it.
+  ASSERT_TRUE(a->free(all[10]));
+  EXPECT_EQ(a->stats().stale_pages, 1u);
+  auto again = a->alloc({K4, 0, ~0ull});
+  ASSERT_TRUE(again) << again.error().what();
+  EXPECT_EQ(*again, all[10]);
+  EXPECT_EQ(a->stats().stale_pages, 0u);
+  // A request bigger than any free run fails; smaller ones still work.
+  ASSERT_TRUE(a->free(all[20]));
+  ASSERT_TRUE(a->free(all[22]));
+  EXPECT_EQ(a->alloc({2 * K4, 0, ~0ull}).error().code, Errc::no_space);
+  EXPECT_TRUE(a->alloc({K4, 0, ~0ull}));
+  EXPECT_TRUE(a->check()) << a->check().error().what();
+}
+
+TEST(IovaArena, NarrowingIsHonoured) {
+  auto d = sim();
+  ArenaConfig cfg;
+  cfg.pools = 4;
+  cfg.iova_start = 0x10000000;
+  cfg.iova_end = 0x1fffffff;
+  auto a = arena(*d, cfg);
+  EXPECT_EQ(a->stats().total_pages, 0x10000000 / K4);
+  for (auto& s : a->pool_spans()) {
+    EXPECT_GE(s.iova, cfg.iova_start);
+    EXPECT_LE(s.end() - 1, cfg.iova_end);
+  }
+  for (uint64_t len : {K4, 64 * K4, 65 * K4, 16 * M2}) {
+    auto r = a->alloc({len, 0, ~0ull});
+    ASSERT_TRUE(r) << r.error().what();
+    EXPECT_GE(r->iova, cfg.iova_start);
+    EXPECT_LE(r->end() - 1, cfg.iova_end);
+  }
+  // Unaligned narrowing bounds shrink to whole pages.
+  ArenaConfig odd;
+  odd.iova_start = 0x300001;
+  odd.iova_end = 0x400fff + 0x800;
+  auto b = arena(*d, odd);
+  EXPECT_EQ(b->pool_spans().front().iova, 0x301000u);
+  EXPECT_EQ(b->stats().total_pages, 0x100u);
+}
+
+TEST(IovaArena, BadFreesChangeNothing) {
+  auto d = sim();
+  auto a = arena(*d, small_cfg(0x800000, 256));
+  auto r = a->alloc({4 * K4, 0, ~0ull});
+  ASSERT_TRUE(r);
+  auto other = a->alloc({K4, 0, ~0ull});
+  ASSERT_TRUE(other);
+  const ArenaStats before = a->stats();
+  auto expect_corrupted = [&](IovaSpan s) {
+    auto st = a->free(s);
+    ASSERT_FALSE(st) << std::hex << s.iova << " " << s.len;
+    EXPECT_EQ(st.error().code, Errc::corrupted) << st.error().what();
+    EXPECT_NE(st.error().message.find(fmt::format("{:#x}", s.iova)), std::string::npos) << st.error().message;
+  };
+  expect_corrupted({r->iova, 3 * K4});           // too short
+  expect_corrupted({r->iova, 5 * K4});           // too long (covers the next allocation)
+  expect_corrupted({r->iova + K4, 3 * K4});      // not its start
+  expect_corrupted({r->iova + 100, 4 * K4});     // not page aligned
+  expect_corrupted({r->iova, 0});                // empty
+  expect_corrupted({0x800000 + 200 * K4, K4});   // never allocated
+  expect_corrupted({0x10000000, K4});            // outside the arena
+  EXPECT_EQ(a->stats().pages_in_use, before.pages_in_use);
+  EXPECT_EQ(a->stats().stale_pages, before.stale_pages);
+  ASSERT_TRUE(a->check()) << a->check().error().what();
+  ASSERT_TRUE(a->free({r->iova, 4 * K4 - 10}));  // the requested, unrounded length is accepted
+  expect_corrupted(*r);                          // double free
+  ASSERT_TRUE(a->free(*other));
+  EXPECT_EQ(a->stats().pages_in_use, 0u);
+  EXPECT_TRUE(a->check()) << a->check().error().what();
+}
+
+TEST(IovaArena, FailedUnmapKeepsTheRangeReserved) {
+  auto d = sim();
+  auto a = arena(*d, small_cfg(0x1000000, 64));
+  HostPage mem;
+  auto first = a->alloc({K4, 0, ~0ull});
+  auto second = a->alloc({K4, 0, ~0ull});
+  ASSERT_TRUE(first && second);
+  ASSERT_EQ(second->iova, first->end());
+  // A (misbehaving) caller maps both allocations with one mapping, so the
+  // unmap of just the first would split it: type1 refuses.
+  ASSERT_TRUE(d->map(mem.get(), first->iova, K4, kRead));
+  ASSERT_TRUE(d->unmap(first->iova, K4));
+  std::vector<char> two(2 * K4 + K4);
+  void* base = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(two.data()) + K4 - 1) & ~(K4 - 1));
+  ASSERT_TRUE(d->map(base, first->iova, 2 * K4, kRead));
+  ASSERT_TRUE(a->free(*first));
+  auto st = a->flush();
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error().sys_errno, EINVAL);
+  EXPECT_NE(st.error().message.find(fmt::format("{:#x}", first->iova)), std::string::npos) << st.error().message;
+  ArenaStats s = a->stats();
+  EXPECT_EQ(s.flush_errors, 1u);
+  EXPECT_EQ(s.stale_pages, 1u);
+  // Fill the arena: the stale page is never handed out.
+  std::vector<IovaSpan> rest;
+  while (auto r = a->alloc({K4, 0, ~0ull})) {
+    EXPECT_NE(r->iova, first->iova);
+    rest.push_back(*r);
+  }
+  EXPECT_EQ(rest.size(), 62u);
+  // Once the caller fixes its mapping, a flush succeeds.
+  ASSERT_TRUE(d->unmap(first->iova, 2 * K4));
+  ASSERT_TRUE(a->flush());
+  EXPECT_EQ(a->stats().stale_pages, 0u);
+  ASSERT_TRUE(a->check()) << a->check().error().what();
+}
+
+TEST(IovaArena, BorrowsWhenTheHomePoolIsFull) {
+  auto d = sim();
+  ArenaConfig cfg;
+  cfg.pools = 2;
+  cfg.large_share = 0;
+  cfg.iova_start = 0x1000000;
+  cfg.iova_end = 0x1000000 + 2048 * K4 - 1;  // two pools of 1024 pages
+  auto a = arena(*d, cfg);
+  auto spans = a->pool_spans();
+  ASSERT_EQ(spans.size(), 2u);
+  auto r = a->alloc({K4, 0, ~0ull});
+  ASSERT_TRUE(r);
+  const IovaSpan home = r->iova < spans[1].iova ? spans[0] : spans[1];
+  uint64_t n = 1;
+  for (;;) {
+    auto x = a->alloc({K4, 0, ~0ull});
+    ASSERT_TRUE(x) << x.error().what();
+    if (x->iova < home.iova || x->iova >= home.end()) break;
+    ++n;
+  }
+  EXPECT_EQ(n, home.len / K4);
+  EXPECT_EQ(a->stats().borrows, 1u);
+}
+
+}  // namespace
+}  // namespace dmakit::iommu
