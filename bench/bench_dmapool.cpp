@@ -107,21 +107,22 @@ Result<double> time_dmakit(const Shape& s, uint32_t blocks, uint32_t threads, co
     failed = !alloc_free_rounds(*pool, held, o.rounds);
     t1 = now_ns();
   } else {
-    std::barrier start(static_cast<ptrdiff_t>(threads) + 1);
-    std::barrier done(static_cast<ptrdiff_t>(threads) + 1);
+    // Each worker stamps its own start and end: the main thread may be
+    // descheduled between the barrier and a clock read of its own.
+    std::barrier start(static_cast<ptrdiff_t>(threads));
+    std::vector<uint64_t> begins(threads), ends(threads);
     std::vector<std::thread> ts;
     for (uint32_t i = 0; i < threads; ++i)
-      ts.emplace_back([&] {
+      ts.emplace_back([&, i] {
         std::vector<pool::DmaBlock> held(blocks);
         start.arrive_and_wait();
+        begins[i] = now_ns();
         if (!alloc_free_rounds(*pool, held, o.rounds)) failed = true;
-        done.arrive_and_wait();
+        ends[i] = now_ns();
       });
-    start.arrive_and_wait();
-    t0 = now_ns();
-    done.arrive_and_wait();
-    t1 = now_ns();
     for (auto& t : ts) t.join();
+    t0 = *std::min_element(begins.begin(), begins.end());
+    t1 = *std::max_element(ends.begin(), ends.end());
   }
   auto st = pool->stats();
   if (failed || st.active != 0 || st.validation_failures != 0)

@@ -65,6 +65,9 @@ constexpr uint64_t kNone = ~0ull;
 constexpr uint64_t kBusy = ~0ull - 1;
 // Smallest small pool: below this, splitting costs more locality than it buys.
 constexpr uint64_t kMinPoolPages = 512;
+// The stale-age bound is checked on every this many operations of a pool:
+// even the coarse clock costs as much as the rest of a 1-page alloc.
+constexpr uint32_t kAgeCheckEvery = 8;
 
 constexpr Field kUsed = &Group::used;
 constexpr Field kStale = &Group::stale;
@@ -108,6 +111,7 @@ struct alignas(64) Pool {
   int64_t oldest_ns = 0;          // coarse time when the oldest stale range was freed
   uint64_t pending_ranges = 0;    // stale ranges not yet flushed
   uint64_t hole_pages = 0;        // reserved pages inside [first, end)
+  uint32_t age_tick = 0;          // operations since the last stale-age check
   Counter in_use, stale, unmapping, flushes, unmap_calls, ranges_flushed, borrows, flush_errors;
   std::mutex flush_mu;            // one flush at a time per pool
   std::vector<Run> runs;          // scratch of the running flush
@@ -146,11 +150,11 @@ class PooledArena final : public IovaArena {
     const uint64_t i = (pn - base_pn_) >> small_shift_;
     return i < nsmall_ ? static_cast<uint32_t>(i) : nsmall_ - 1;
   }
-  uint64_t find(uint64_t from, uint64_t to, const Need& need) const;
+  [[gnu::always_inline]] uint64_t find(uint64_t from, uint64_t to, const Need& need) const;
   uint64_t take(Pool& p, const Need& need, bool wait, bool borrow);
-  void commit(Pool& p, uint64_t pn, uint64_t n);
-  void mark_stale(Pool& p, uint64_t pn, uint64_t n);
-  bool flush_due(const Pool& p) const;
+  [[gnu::always_inline]] void commit(Pool& p, uint64_t pn, uint64_t n);
+  [[gnu::always_inline]] void mark_stale(Pool& p, uint64_t pn, uint64_t n);
+  [[gnu::always_inline]] bool flush_due(Pool& p) const;
   void rearm(Pool& p);
   Status flush_pool(Pool& p, bool notify_listener);
   Status unmap_strict(Pool& p, uint64_t pn, uint64_t n);
@@ -292,9 +296,12 @@ PooledArena::~PooledArena() {
 
 // First page of a free run of need.n pages aligned to need.align inside
 // [from, to), or kNone. Caller holds the pool lock.
-uint64_t PooledArena::find(uint64_t from, uint64_t to, const Need& need) const {
+inline uint64_t PooledArena::find(uint64_t from, uint64_t to, const Need& need) const {
   if (need.n == 1 && need.align == 1) {
-    const uint64_t pn = bits_.next(kUsed, false, from, to);
+    // Fast path: a free page in the hint's word; else scan on.
+    const uint64_t free_bits = ~bits_.word(from).used & (~0ull << (from & 63));
+    const uint64_t pn = free_bits != 0 ? (from & ~63ull) + static_cast<uint64_t>(std::countr_zero(free_bits))
+                                       : bits_.next(kUsed, false, from, to);
     return pn < to ? pn : kNone;
   }
   uint64_t pos = from;
@@ -309,7 +316,7 @@ uint64_t PooledArena::find(uint64_t from, uint64_t to, const Need& need) const {
   }
 }
 
-void PooledArena::commit(Pool& p, uint64_t pn, uint64_t n) {
+inline void PooledArena::commit(Pool& p, uint64_t pn, uint64_t n) {
   if (n == 1) {
     bits_.set1(kUsed, pn);
   } else {
@@ -321,19 +328,24 @@ void PooledArena::commit(Pool& p, uint64_t pn, uint64_t n) {
   p.hint = pn + n < p.end ? pn + n : p.first;
 }
 
-void PooledArena::mark_stale(Pool& p, uint64_t pn, uint64_t n) {
-  bits_.assign(kStale, pn, n, true);
+inline void PooledArena::mark_stale(Pool& p, uint64_t pn, uint64_t n) {
+  if (n == 1) {
+    bits_.set1(kStale, pn);
+  } else {
+    bits_.assign(kStale, pn, n, true);
+  }
   if (p.stale.get() == 0) p.oldest_ns = coarse_now_ns();
   p.stale.add(n);
   p.stale_lo = std::min(p.stale_lo, pn);
   p.stale_hi = std::max(p.stale_hi, pn + n);
 }
 
-bool PooledArena::flush_due(const Pool& p) const {
+inline bool PooledArena::flush_due(Pool& p) const {
   const uint64_t s = p.stale.get();
   if (s == 0) return false;
   if (cfg_.stale_max_pages != 0 && s >= p.flush_at) return true;
-  return max_age_ns_ != 0 && coarse_now_ns() - p.oldest_ns >= max_age_ns_;
+  if (max_age_ns_ == 0 || (++p.age_tick % kAgeCheckEvery) != 0) return false;
+  return coarse_now_ns() - p.oldest_ns >= max_age_ns_;
 }
 
 // After a flush: ranges whose unmap failed do not re-trigger a flush on

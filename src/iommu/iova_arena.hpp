@@ -28,17 +28,18 @@
 // thread): lock the home pool, find the first zero bit from the hint with
 // ctz, set used/head/tail in one 32-byte group, move the hint, unlock. free:
 // lock the page's pool (computed with a shift), test head and tail, set stale,
-// unlock. No heap allocation, no system call (the stale-age check reads the
-// coarse clock from the vDSO).
+// unlock. No heap allocation, no system call (every 8th operation reads the
+// coarse clock from the vDSO for the stale-age check).
 //
 // Lazy flush: free() marks a range stale and leaves its IOMMU mapping in
 // place. A pool flushes - collects its stale runs (adjacent ranges merged),
 // unmaps each run with one Domain::unmap, then clears the pages from the used
 // bitmap and reports the runs to the flush listener - when it cannot serve a
 // request (before anyone borrows from another pool), when its next-fit hint
-// wraps around, when its stale pages reach stale_max_pages, and when its
-// oldest stale range is older than stale_max_age (both checked on every
-// alloc/free that touches the pool). The pool lock is not held during the
+// wraps around, when its stale pages reach stale_max_pages (checked on every
+// alloc/free that touches the pool), and when its oldest stale range is older
+// than stale_max_age (checked on every 8th alloc/free of the pool: reading
+// even the coarse clock costs as much as the rest of a 1-page alloc). The pool lock is not held during the
 // unmap calls; the pages stay marked used meanwhile, so an IOVA is never
 // handed out again before its unmap returned. A run whose unmap fails stays
 // stale (never handed out, retried by later flushes) and the error is logged
@@ -48,9 +49,9 @@
 // freed IOVA (and the memory behind it, which therefore must not change
 // owner before the listener reports the flush) until its pool flushes: at
 // most stale_max_pages pages per pool stay reachable, for at most
-// stale_max_age after the free provided the pool sees an alloc or free in
-// that time (an idle pool keeps its stale ranges until its next operation or
-// an explicit flush()). Allocation pressure shortens the window.
+// stale_max_age after the free provided the pool sees 8 allocs or frees in
+// that time (a quiet pool keeps its stale ranges until its 8th next operation
+// or an explicit flush()). Allocation pressure shortens the window.
 //
 // Owns: the bitmaps and the pool state. Does not own the Domain nor the
 // memory behind mappings. The destructor unmaps remaining stale ranges

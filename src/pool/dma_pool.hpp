@@ -34,7 +34,6 @@
 #pragma once
 
 #include <atomic>
-#include <bit>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -286,7 +285,10 @@ inline uint64_t mulhi(uint64_t a, uint64_t b) { return static_cast<uint64_t>((u1
 inline DmaBlock make_block(uintptr_t v, uint64_t iova) {
 #if defined(__SSE2__)
   static_assert(sizeof(DmaBlock) == sizeof(__m128i));
-  return std::bit_cast<DmaBlock>(_mm_set_epi64x(static_cast<long long>(iova), static_cast<long long>(v)));
+  DmaBlock b;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(&b),
+                   _mm_set_epi64x(static_cast<long long>(iova), static_cast<long long>(v)));
+  return b;
 #else
   return DmaBlock{reinterpret_cast<void*>(v), iova};
 #endif

@@ -141,15 +141,12 @@ TEST_P(ArenaStress, ThreadsKeepTheInvariants) {
   s.dom = dom->get();
   s.arena = arena->get();
   s.host = static_cast<std::byte*>(host);
-  // The listener runs after unmap returned: nothing in a reported range may
-  // still be reachable.
+  // (With other threads running, a reported page may already be allocated
+  // and mapped again by the time the listener runs, so reachability is
+  // checked through map() refusing nothing, not here.)
   std::atomic<uint64_t> reported_pages{0};
   s.arena->set_flush_listener([&](std::span<const IovaSpan> spans) {
-    for (auto& r : spans) {
-      reported_pages.fetch_add(r.len / K4);
-      for (uint64_t p = r.iova; p < r.end(); p += K4)
-        if (s.dom->translate(p, 1, kRead)) fail_check(s, fmt::format("{:#x} reported but still mapped", p));
-    }
+    for (auto& r : spans) reported_pages.fetch_add(r.len / K4);
   });
 
   const unsigned threads = 4;
@@ -182,7 +179,7 @@ TEST_P(ArenaStress, ThreadsKeepTheInvariants) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, ArenaStress, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? "strict" : "lazy"; });
+                         [](const auto& p) { return p.param ? "strict" : "lazy"; });
 
 }  // namespace
 }  // namespace dmakit::iommu
