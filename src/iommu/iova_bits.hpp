@@ -103,6 +103,12 @@ class SpinLock {
     return !held_.load(std::memory_order_relaxed) && !held_.exchange(true, std::memory_order_acquire);
   }
   void lock() noexcept {
+    if (!try_lock()) lock_slow();
+  }
+  void unlock() noexcept { held_.store(false, std::memory_order_release); }
+
+ private:
+  [[gnu::noinline]] void lock_slow() noexcept {
     for (unsigned spins = 0; !try_lock(); ++spins) {
       if (spins < 128) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -113,9 +119,7 @@ class SpinLock {
       }
     }
   }
-  void unlock() noexcept { held_.store(false, std::memory_order_release); }
 
- private:
   std::atomic<bool> held_{false};
 };
 
