@@ -13,6 +13,7 @@
 #include "bench_arena.hpp"
 
 #include <sys/mman.h>
+#include <time.h>
 
 #include <algorithm>
 #include <atomic>
@@ -37,6 +38,14 @@ using iommu::Domain;
 using iommu::IovaArena;
 using iommu::IovaRequest;
 using iommu::IovaSpan;
+
+// CPU time of the calling thread: on a shared host the wall clock also counts
+// time the thread spent preempted, so both are reported.
+uint64_t thread_cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000u + static_cast<uint64_t>(ts.tv_nsec);
+}
 
 ArenaConfig confined(IovaSpan region, bool strict) {
   ArenaConfig c;
@@ -79,11 +88,18 @@ Status drain(IovaArena& arena, const char* what, uint64_t ranges_freed) {
   return ok();
 }
 
-Result<double> alloc_free_one_thread(Domain& dom, IovaSpan region, uint64_t pages, uint64_t pairs, int repeats) {
+struct OneThread {
+  double ns_per_op;      // wall
+  double cpu_ns_per_op;  // thread CPU time
+};
+
+Result<OneThread> alloc_free_one_thread(Domain& dom, IovaSpan region, uint64_t pages, uint64_t pairs,
+                                        int repeats) {
   auto arena = DMAKIT_TRY(IovaArena::create(dom, confined(region, false)));
   const IovaRequest req{pages * arena->page_size(), 0, ~0ull};
-  std::vector<double> samples;
+  std::vector<double> samples, cpu_samples;
   for (int r = 0; r < repeats; ++r) {
+    const uint64_t c0 = thread_cpu_ns();
     const uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < pairs; ++i) {
       auto span = arena->alloc(req);
@@ -91,9 +107,10 @@ Result<double> alloc_free_one_thread(Domain& dom, IovaSpan region, uint64_t page
       if (auto st = arena->free(*span); !st) return std::unexpected(with_context(st.error(), "arena bench alloc_free"));
     }
     samples.push_back(static_cast<double>(now_ns() - t0) / static_cast<double>(pairs));
+    cpu_samples.push_back(static_cast<double>(thread_cpu_ns() - c0) / static_cast<double>(pairs));
   }
   DMAKIT_TRY(drain(*arena, "alloc_free", pairs * static_cast<uint64_t>(repeats)));
-  return median(samples);
+  return OneThread{median(samples), median(cpu_samples)};
 }
 
 struct TwoThreads {
@@ -184,12 +201,13 @@ Result<base::Json> run_arena(Domain& domain, IovaSpan region, const ArenaBenchOp
   for (uint64_t pages : {1u, 16u, 512u}) {
     // Fewer pairs for big requests, so each case runs for a similar time.
     const uint64_t pairs = pages >= 512 ? std::max<uint64_t>(1, opt.pairs / 8) : opt.pairs;
-    const double ns = DMAKIT_TRY(alloc_free_one_thread(domain, region, pages, pairs, opt.repeats));
+    const OneThread one = DMAKIT_TRY(alloc_free_one_thread(domain, region, pages, pairs, opt.repeats));
     results.push(base::Json::object()
                      .add("case", "alloc_free")
                      .add("pages", pages)
                      .add("threads", 1)
-                     .add("ns_per_op", ns)
+                     .add("ns_per_op", one.ns_per_op)
+                     .add("cpu_ns_per_op", one.cpu_ns_per_op)
                      .add("op", "alloc+free pair")
                      .add("pairs", pairs)
                      .add("repeats", opt.repeats));

@@ -13,23 +13,6 @@
 
 namespace dmakit::core {
 
-namespace {
-
-iommu::ArenaConfig arena_config(const base::ArenaSettings& s) {
-  iommu::ArenaConfig c;
-  c.pools = s.pools;
-  c.large_share = s.large_share;
-  c.large_threshold_pages = s.large_threshold_pages;
-  c.strict = s.strict;
-  c.stale_max_pages = s.stale_max_pages;
-  c.stale_max_age = std::chrono::milliseconds(s.stale_max_age_ms);
-  c.iova_start = s.iova_start;
-  c.iova_end = s.iova_end;
-  return c;
-}
-
-}  // namespace
-
 Context::Context(Key, const base::Config& cfg) : cfg_(cfg) {}
 
 Context::~Context() {
@@ -72,7 +55,7 @@ Result<std::unique_ptr<Context>> Context::create(const base::Config& cfg) {
   DMAKIT_TRY(base::ensure_eal(cfg.eal));
   auto ctx = std::make_unique<Context>(Key{}, cfg);
   ctx->domain_ = DMAKIT_TRY(make_domain(cfg));
-  ctx->arena_ = DMAKIT_TRY(iommu::IovaArena::create(*ctx->domain_, arena_config(cfg.arena)));
+  ctx->arena_ = DMAKIT_TRY(iommu::IovaArena::create(*ctx->domain_, iommu::ArenaConfig::from_settings(cfg.arena)));
   ctx->buffers_ = DMAKIT_TRY(alloc_buffer::create_buffer_allocator(*ctx->arena_, cfg.buffer));
   base::log().info("context: backend {}, {} IOVA window(s), pages {:#x}", ctx->backend(),
                    ctx->domain_->info().windows.size(), ctx->domain_->info().page_sizes);

@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 
 #include <atomic>
+#include <cstdio>
 #include <deque>
 #include <mutex>
 #include <random>
@@ -175,6 +176,10 @@ TEST_P(ArenaStress, ThreadsKeepTheInvariants) {
     EXPECT_LT(st.unmap_calls, st.ranges_flushed);  // merging saved calls
   }
   EXPECT_GT(reported_pages.load(), 0u);
+  std::printf("ops %lu, refused for space %lu, borrows %lu, flushes %lu, unmap calls %lu, ranges %lu\n",
+              static_cast<unsigned long>(s.ops.load()), static_cast<unsigned long>(s.no_space.load()),
+              static_cast<unsigned long>(st.borrows), static_cast<unsigned long>(st.flushes),
+              static_cast<unsigned long>(st.unmap_calls), static_cast<unsigned long>(st.ranges_flushed));
   munmap(host, kMaxPages * K4);
 }
 

@@ -10,6 +10,7 @@
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
 #include "buffer_support.hpp"
+#include "hugepage_reservation.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"
 
@@ -19,38 +20,24 @@ using namespace dmakit::alloc_buffer;
 namespace {
 
 constexpr uint64_t K = 1024, M = 1024 * 1024;
-const char* kOvercommit = "/proc/sys/vm/nr_overcommit_hugepages";
 constexpr uint64_t kPages = 48;  // 96 MiB on demand
-
-uint64_t read_value(const char* path) {
-  std::ifstream in(path);
-  uint64_t v = 0;
-  in >> v;
-  return v;
-}
-
-void write_value(const char* path, uint64_t v) {
-  std::ofstream out(path);
-  out << v;
-}
 
 class HugepageEnv : public ::testing::Environment {
  public:
   void SetUp() override {
     ASSERT_EQ(::geteuid(), 0u) << "this test reserves hugepages and must run as root";
-    old_ = read_value(kOvercommit);
-    write_value(kOvercommit, old_ + kPages);
-    ASSERT_EQ(read_value(kOvercommit), old_ + kPages) << "could not reserve hugepages";
+    reservation_ = std::make_unique<test::HugepageReservation>(kPages);
+    ASSERT_TRUE(reservation_->ok()) << "could not set " << test::HugepageReservation::kOvercommit;
     base::EalSettings e;
     e.mode = "huge";
     auto r = base::ensure_eal(e);
     ASSERT_TRUE(r) << r.error().what();
     ASSERT_TRUE((*r)->hugepages);
   }
-  void TearDown() override { write_value(kOvercommit, old_); }
+  void TearDown() override { reservation_.reset(); }
 
  private:
-  uint64_t old_ = 0;
+  std::unique_ptr<test::HugepageReservation> reservation_;
 };
 
 const auto* const g_env = ::testing::AddGlobalTestEnvironment(new HugepageEnv);

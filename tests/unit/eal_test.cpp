@@ -14,6 +14,7 @@
 
 #include "base/eal.hpp"
 #include "base/log.hpp"
+#include "hugepage_reservation.hpp"
 
 using namespace dmakit;
 
@@ -22,37 +23,6 @@ namespace {
 // Exit codes of the children: 0 = all checks passed, other = which check failed.
 // exit(), not _Exit(): the EAL owner's atexit hook removes its runtime directory.
 [[noreturn]] void finish(int code) { std::exit(code); }
-
-const char* kOvercommit = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_overcommit_hugepages";
-
-uint64_t read_value(const char* path) {
-  std::ifstream in(path);
-  uint64_t v = 0;
-  in >> v;
-  return v;
-}
-
-bool write_value(const char* path, uint64_t v) {
-  std::ofstream out(path);
-  out << v;
-  out.flush();
-  return static_cast<bool>(out);
-}
-
-// Reserves 2 MiB hugepages on demand (overcommit) for the test and puts the
-// old value back afterwards.
-class HugepageReservation {
- public:
-  explicit HugepageReservation(uint64_t pages) : old_(read_value(kOvercommit)) {
-    ok_ = write_value(kOvercommit, old_ + pages) && read_value(kOvercommit) == old_ + pages;
-  }
-  ~HugepageReservation() { write_value(kOvercommit, old_); }
-  bool ok() const { return ok_; }
-
- private:
-  uint64_t old_;
-  bool ok_ = false;
-};
 
 [[noreturn]] void child_StartsWithoutHugepages() {
   base::EalSettings s;
@@ -172,8 +142,8 @@ TEST(EalOwner, StartsWithoutHugepages) {
 
 TEST(EalOwner, StartsOnHugepagesWhenReserved) {
   ASSERT_EQ(::geteuid(), 0u) << "this test reserves hugepages and must run as root";
-  HugepageReservation reserve(16);
-  ASSERT_TRUE(reserve.ok()) << "could not set " << kOvercommit;
+  test::HugepageReservation reserve(16);
+  ASSERT_TRUE(reserve.ok()) << "could not set " << test::HugepageReservation::kOvercommit;
   EXPECT_EXIT(child_StartsOnHugepagesWhenReserved(), ::testing::ExitedWithCode(0), "");
 }
 

@@ -1,0 +1,329 @@
+// Guest test: the buffer allocator on the real VFIO domain of an NVMe
+// controller, with EAL hugepage memory. Large buffers are built from 2 MiB
+// hugepages on 2 MiB-aligned IOVAs and mapped with one entry per virtually
+// contiguous run; the device's writes land in the right bytes of the right
+// chunk. When the hugepages are really used up, buffers come from 4 KiB
+// anonymous memory and still work. Freeing everything and trimming returns
+// the domain to where it started.
+//
+// The cases share one EAL, domain, allocator and controller (the EAL starts
+// once per process, and the exhaustion they build on is state): they run in
+// the order written and each builds on the previous one.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "alloc_buffer/buffer_allocator.hpp"
+#include "base/eal.hpp"
+#include "guest.hpp"
+#include "iommu/iova_arena.hpp"
+#include "iommu/vfio.hpp"
+#include "nvme.hpp"
+
+namespace dmakit::vmtest {
+namespace {
+
+using alloc_buffer::Buffer;
+using alloc_buffer::BufferAllocator;
+using alloc_buffer::BufferRequest;
+using alloc_buffer::Chunk;
+using iommu::IovaArena;
+using iommu::vfio::VfioDomain;
+
+constexpr uint64_t kPage = NvmeController::kPageSize;
+constexpr uint64_t k2M = 2ull << 20;
+constexpr uint16_t kQueueEntries = 16;
+constexpr uint64_t kDiskLbas = 16 * 2048;  // run-guest.sh's 16 MiB disk
+constexpr uint16_t kReadBlocks = 24;       // 12 KiB: PRP1 mid-page plus a PRP list
+constexpr uint64_t kSizes[] = {4ull << 10, 64ull << 10, 1ull << 20, 4ull << 20, 16ull << 20, 64ull << 20};
+
+// What every case uses; built once, torn down after the last case.
+struct Rig {
+  std::unique_ptr<VfioDomain> domain;
+  std::unique_ptr<IovaArena> arena;
+  std::unique_ptr<BufferAllocator> buffers;
+  Buffer control;  // queues (pages 0-3) and the PRP list (page 4)
+  std::optional<NvmeController> ctrl;
+  uint64_t empty_avail = 0;  // dma_avail of the domain before anything was mapped
+  uint64_t base_mappings = 0, base_avail = 0;  // with only the control buffer mapped
+  std::vector<Buffer> held;  // buffers the cases keep alive for later ones
+  std::string error;         // why the rig could not be built
+};
+Rig* rig = nullptr;
+
+// Host address of byte `off` of a buffer, found through its chunk list (an
+// independent path from Buffer::at).
+std::byte* byte_at(const Buffer& b, uint64_t off) {
+  for (const Chunk& c : b.chunks()) {
+    const uint64_t first = c.iova - b.iova();
+    if (off >= first && off < first + c.len) return static_cast<std::byte*>(c.vaddr) + (off - first);
+  }
+  return nullptr;
+}
+
+// Virtually contiguous runs of the chunk list: the mappings the buffer needs.
+uint32_t va_runs(const Buffer& b) {
+  uint32_t runs = 0;
+  const std::byte* next = nullptr;
+  for (const Chunk& c : b.chunks()) {
+    if (static_cast<const std::byte*>(c.vaddr) != next) ++runs;
+    next = static_cast<const std::byte*>(c.vaddr) + c.len;
+  }
+  return runs;
+}
+
+std::string describe(const Buffer& b) {
+  std::string s = fmt::format("buffer {} bytes at IOVA {:#x}, {} mappings, chunks:", b.size(), b.iova(), b.mappings());
+  for (const Chunk& c : b.chunks())
+    s += fmt::format(" [{} {:#x}+{:#x} va {}]", c.source, c.iova, c.len, c.vaddr);
+  return s;
+}
+
+class BufferVfio : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    rig = new Rig;
+    rig->error = build_rig(*rig);
+  }
+
+  static void TearDownTestSuite() {
+    if (rig->ctrl) (void)rig->ctrl->disable();
+    delete rig;  // controller, buffers, allocator, arena, domain: in that order below
+    rig = nullptr;
+  }
+
+  static std::string build_rig(Rig& r) {
+    base::EalSettings eal;
+    eal.mode = "huge";
+    auto info = base::ensure_eal(eal);
+    if (!info) return info.error().what();
+    if (!(*info)->hugepages) return "EAL started without hugepages";
+    auto domain = VfioDomain::open(std::string_view(kNvmeBdf));
+    if (!domain) return domain.error().what();
+    r.domain = std::move(*domain);
+    r.empty_avail = r.domain->dma_avail();
+    auto arena = IovaArena::create(*r.domain, iommu::ArenaConfig{});
+    if (!arena) return arena.error().what();
+    r.arena = std::move(*arena);
+    auto buffers = alloc_buffer::create_buffer_allocator(*r.arena, base::BufferSettings{});
+    if (!buffers) return buffers.error().what();
+    r.buffers = std::move(*buffers);
+
+    auto control = r.buffers->alloc(BufferRequest{5 * kPage, true});
+    if (!control) return control.error().what();
+    if (!control->virtually_contiguous()) return "control buffer is not one run: " + describe(*control);
+    r.control = std::move(*control);
+    auto dev = r.domain->open_device(kNvmeBdf);
+    if (!dev) return dev.error().what();
+    auto ctrl = NvmeController::attach(std::move(*dev));
+    if (!ctrl) return ctrl.error().what();
+    r.ctrl.emplace(std::move(*ctrl));
+    if (auto st = r.ctrl->enable(page(0), page(1), kQueueEntries); !st) return st.error().what();
+    if (auto st = r.ctrl->create_io_queues(page(2), page(3), kQueueEntries); !st) return st.error().what();
+    r.base_mappings = r.domain->stats().mappings;
+    r.base_avail = r.domain->dma_avail();
+    return "";
+  }
+
+  static DmaRef page(size_t i) {
+    return DmaRef{rig->control.at(i * kPage), rig->control.iova() + i * kPage, kPage};
+  }
+
+  void SetUp() override { ASSERT_EQ(rig->error, "") << "guest rig could not be built"; }
+
+  // Allocates a buffer and checks the domain gained exactly its runs.
+  static Result<Buffer> alloc_counted(uint64_t len, ::testing::AssertionResult& counted) {
+    const uint64_t maps0 = rig->domain->stats().mappings;
+    const uint64_t avail0 = rig->domain->dma_avail();
+    auto b = rig->buffers->alloc(BufferRequest{len});
+    if (!b) return b;
+    const uint64_t maps = rig->domain->stats().mappings - maps0;
+    const uint64_t entries = avail0 - rig->domain->dma_avail();
+    counted = ::testing::AssertionSuccess();
+    if (maps != b->mappings() || entries != b->mappings() || va_runs(*b) != b->mappings())
+      counted = ::testing::AssertionFailure()
+                << fmt::format("domain mappings +{}, kernel entries +{}, VA runs {}, buffer says {}: {}", maps,
+                               entries, va_runs(*b), b->mappings(), describe(*b));
+    return b;
+  }
+
+  // An NVMe Read into the buffer at an offset that crosses from one chunk
+  // into the next (or the middle of a single chunk, across a page), checked
+  // byte by byte through the chunk list, with the bytes around untouched.
+  static ::testing::AssertionResult read_lands(const Buffer& b, uint64_t lba) {
+    const auto chunks = b.chunks();
+    uint16_t blocks = kReadBlocks;
+    uint64_t off = 0;
+    if (b.size() <= kPage) {
+      off = 1024;
+      blocks = 4;
+    } else {
+      const uint64_t boundary = chunks.size() > 1 ? chunks[1].iova - b.iova() : b.size() / 2;
+      off = boundary - kPage - 1024;  // ends 7 KiB past the boundary
+    }
+    const uint64_t bytes = uint64_t{blocks} * kLbaSize;
+    const uint64_t lo = off >= kPage ? off - kPage : 0;
+    const uint64_t hi = std::min(b.size(), off + bytes + kPage);
+    for (uint64_t i = lo; i < hi; ++i) {
+      std::byte* p = byte_at(b, i);
+      if (p == nullptr) return ::testing::AssertionFailure() << "offset " << i << " is in no chunk";
+      if (p != b.at(i)) return ::testing::AssertionFailure() << "Buffer::at(" << i << ") disagrees with the chunk list";
+      *reinterpret_cast<volatile uint8_t*>(p) = 0xa5;
+    }
+    auto c = rig->ctrl->read(lba, blocks, b.iova() + off, bytes, page(4));
+    if (!c) return ::testing::AssertionFailure() << c.error().what();
+    if (!c->ok()) return ::testing::AssertionFailure() << fmt::format("read status {:#x}", c->status);
+    for (uint64_t i = lo; i < hi; ++i) {
+      const auto v = *reinterpret_cast<const volatile uint8_t*>(byte_at(b, i));
+      if (i < off || i >= off + bytes) {
+        if (v != 0xa5)
+          return ::testing::AssertionFailure() << fmt::format("byte {} outside the read changed to {:#x}", i, v);
+        continue;
+      }
+      // The disk pattern: LBA n is 64 copies of the u64 n.
+      const uint64_t in = i - off;
+      const uint64_t want = lba + in / kLbaSize;
+      const auto expect = static_cast<uint8_t>(want >> (8 * (in % 8)));
+      if (v != expect)
+        return ::testing::AssertionFailure()
+               << fmt::format("byte {} (read offset {}) is {:#x}, want {:#x} of LBA {}; {}", i, in, v, expect, want,
+                              describe(b));
+    }
+    return ::testing::AssertionSuccess() << fmt::format("read at offset {:#x}", off);
+  }
+
+  static const alloc_buffer::MemorySource* source(std::string_view name) {
+    for (const auto* s : rig->buffers->sources())
+      if (s->name() == name) return s;
+    return nullptr;
+  }
+};
+
+// Hugepages available: chunks of 2 MiB from hugepages on 2 MiB-aligned IOVAs
+// for every buffer of 2 MiB and more, carved hugepage pieces for 1 MiB and
+// 64 KiB, anonymous memory for 4 KiB (the smallest order).
+TEST_F(BufferVfio, HugepageBuffersMapByRunsAndReceiveDeviceData) {
+  EXPECT_EQ(rig->base_mappings, 1u) << "the control buffer is one mapping";
+  EXPECT_EQ(rig->empty_avail - rig->base_avail, 1u);
+  uint64_t lba = 100;
+  for (uint64_t len : kSizes) {
+    SCOPED_TRACE(fmt::format("{} bytes", len));
+    auto counted = ::testing::AssertionSuccess();
+    auto b = alloc_counted(len, counted);
+    ASSERT_TRUE(b) << b.error().what();
+    EXPECT_TRUE(counted);
+    EXPECT_EQ(b->size(), len);
+    EXPECT_GE(b->span(), len);
+    EXPECT_LE(b->mappings(), b->chunks().size());
+    uint64_t off = 0;
+    for (const Chunk& c : b->chunks()) {
+      EXPECT_EQ(c.iova, b->iova() + off) << "chunks must tile the IOVA range in order";
+      off += c.len;
+    }
+    EXPECT_EQ(off, b->span());
+    if (len >= k2M) {
+      EXPECT_EQ(b->chunks().size(), len / k2M) << describe(*b);
+      for (const Chunk& c : b->chunks()) {
+        EXPECT_EQ(c.source, "hugepage-2M") << describe(*b);
+        EXPECT_EQ(c.len, k2M);
+        EXPECT_EQ(c.order, k2M);
+        EXPECT_EQ(c.iova % k2M, 0u) << fmt::format("chunk IOVA {:#x} not 2 MiB aligned", c.iova);
+        EXPECT_EQ(reinterpret_cast<uintptr_t>(c.vaddr) % k2M, 0u);
+      }
+    } else {
+      ASSERT_EQ(b->chunks().size(), 1u) << describe(*b);
+      const std::string_view want = len == (1u << 20) ? "carved-1M" : len == (64u << 10) ? "carved-64K" : "anon-4K";
+      EXPECT_EQ(b->chunks()[0].source, want);
+      EXPECT_EQ(b->iova() % len, 0u) << "a single-chunk buffer sits on an IOVA aligned to its order";
+    }
+    EXPECT_TRUE(read_lands(*b, lba));
+    lba += 1000;
+    rig->held.push_back(std::move(*b));
+  }
+  const auto* huge = source("hugepage-2M");
+  ASSERT_NE(huge, nullptr);
+  EXPECT_GE(huge->stats().live_bytes, (84ull << 20)) << "4 + 16 + 64 MiB of pages plus the carved parents";
+}
+
+// Uses up the hugepages for real: 2 MiB buffers until the hugepage order
+// fails, then 1 MiB and 64 KiB buffers until the carved pieces left in
+// partly used hugepages are gone. Every size then comes from 4 KiB
+// anonymous memory, as one run, and the device's data still lands.
+TEST_F(BufferVfio, AnonymousMemoryAfterHugepagesRunOut) {
+  const auto* huge = source("hugepage-2M");
+  ASSERT_NE(huge, nullptr);
+  const auto exhaust = [](uint64_t len, std::string_view from, size_t cap) -> ::testing::AssertionResult {
+    for (size_t n = 0; n < cap; ++n) {
+      auto counted = ::testing::AssertionSuccess();
+      auto b = alloc_counted(len, counted);
+      if (!b) return ::testing::AssertionFailure() << b.error().what();
+      if (!counted) return counted;
+      const std::string_view got = b->chunks().front().source;
+      rig->held.push_back(std::move(*b));
+      if (got != from) return ::testing::AssertionSuccess() << n << " buffers of " << len << " from " << from;
+    }
+    return ::testing::AssertionFailure() << from << " still serves " << len << "-byte buffers after " << cap;
+  };
+  EXPECT_TRUE(exhaust(k2M, "hugepage-2M", 512));
+  EXPECT_GT(huge->stats().failures, 0u) << "the hugepage source never failed";
+  EXPECT_TRUE(exhaust(1u << 20, "carved-1M", 64));
+  EXPECT_TRUE(exhaust(64u << 10, "carved-64K", 64));
+  const base::HugepageCounts hp = base::read_hugepages();
+  std::cout << fmt::format("hugepages after exhaustion: total {}, free {}; hugepage-2M source holds {} MiB\n",
+                           hp.total, hp.free, huge->stats().live_bytes >> 20);
+  EXPECT_EQ(hp.free, 0u) << "the kernel still has free 2 MiB pages: exhaustion was not real";
+
+  uint64_t lba = 9000;
+  for (uint64_t len : kSizes) {
+    SCOPED_TRACE(fmt::format("{} bytes", len));
+    auto counted = ::testing::AssertionSuccess();
+    auto b = alloc_counted(len, counted);
+    ASSERT_TRUE(b) << b.error().what();
+    EXPECT_TRUE(counted);
+    for (const Chunk& c : b->chunks()) EXPECT_EQ(c.source, "anon-4K") << describe(*b);
+    EXPECT_EQ(b->mappings(), 1u) << "anonymous memory comes as one run: " << describe(*b);
+    EXPECT_TRUE(read_lands(*b, lba));
+    lba += 1000;
+    rig->held.push_back(std::move(*b));
+  }
+}
+
+// Freeing every buffer, trimming the recycling pool and flushing the arena
+// leaves the domain as it was with only the control buffer; then, with the
+// controller stopped and that buffer freed too, with no mapping at all.
+TEST_F(BufferVfio, FreeTrimFlushReturnsToBaseline) {
+  ASSERT_GT(rig->held.size(), 12u) << "the earlier cases did not run";
+  rig->held.clear();
+  rig->buffers->trim(true);
+  auto st = rig->arena->flush();
+  ASSERT_TRUE(st) << st.error().what();
+  EXPECT_EQ(rig->domain->stats().mappings, rig->base_mappings);
+  EXPECT_EQ(rig->domain->dma_avail(), rig->base_avail);
+  auto s = rig->buffers->stats();
+  EXPECT_EQ(s.buffers_live, 1u);
+  EXPECT_EQ(s.recycled_bytes, 0u);
+  EXPECT_EQ(s.pending_flush_bytes, 0u);
+  const auto* huge = source("hugepage-2M");
+  ASSERT_NE(huge, nullptr);
+  EXPECT_EQ(huge->stats().live_bytes, 0u) << "hugepages still taken after trim";
+  EXPECT_EQ(rig->arena->stats().pages_in_use, 5u) << "only the control buffer's pages";
+
+  ASSERT_TRUE(rig->ctrl->disable());
+  rig->ctrl.reset();
+  rig->control = Buffer{};
+  rig->buffers->trim(true);
+  EXPECT_EQ(rig->domain->stats().mappings, 0u);
+  EXPECT_EQ(rig->domain->dma_avail(), rig->empty_avail);
+  EXPECT_EQ(rig->arena->stats().pages_in_use, 0u);
+  EXPECT_EQ(rig->arena->stats().stale_pages, 0u);
+  EXPECT_TRUE(rig->arena->check());
+}
+
+}  // namespace
+}  // namespace dmakit::vmtest
