@@ -17,7 +17,7 @@ struct DmapoolBenchOptions {
   uint32_t rounds = 100;        // alloc-all then free-all, per timed run
   uint32_t repeats = 5;         // timed runs per case; the median is reported
   uint32_t max_blocks = 8192;   // the kernel's clamp upper bound (lower it to run small)
-  uint32_t cache_size = 32;     // dmakit per-thread cache
+  uint32_t cache_size = 256;    // dmakit per-thread cache (pool.cache_size default)
   uint32_t mempool_cache = 256; // rte_mempool per-lcore cache
   bool mempool = true;          // also run rte_mempool (starts the EAL)
   bool two_threads = true;      // also run dmakit with two threads

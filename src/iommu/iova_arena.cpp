@@ -84,10 +84,14 @@ int64_t coarse_now_ns() {
 
 // A stable per-thread number, handed out in order of first use: N threads
 // land on N different pools, where a hash of the thread id could collide.
+// Constant-initialised (0 = not numbered yet), so reading it needs no TLS
+// init guard call on the fast path.
 uint32_t thread_number() {
   static std::atomic<uint32_t> next{0};
-  thread_local const uint32_t mine = next.fetch_add(1, std::memory_order_relaxed);
-  return mine;
+  constinit thread_local uint32_t mine = 0;
+  if (mine == 0) [[unlikely]]
+    mine = next.fetch_add(1, std::memory_order_relaxed) + 1;
+  return mine - 1;
 }
 
 uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) & ~(a - 1); }
@@ -132,6 +136,8 @@ class PooledArena final : public IovaArena {
 
   Result<IovaSpan> alloc(const IovaRequest& req) override;
   Status free(IovaSpan range) override;
+  [[gnu::noinline]] Result<IovaSpan> alloc_general(const IovaRequest& req);
+  [[gnu::noinline]] Status free_general(IovaSpan range);
   Status flush() override;
   void set_flush_listener(FlushListener listener) override {
     std::lock_guard lk(listener_mu_);
@@ -152,6 +158,7 @@ class PooledArena final : public IovaArena {
   }
   [[gnu::always_inline]] uint64_t find(uint64_t from, uint64_t to, const Need& need) const;
   uint64_t take(Pool& p, const Need& need, bool wait, bool borrow);
+  uint64_t take_locked(Pool& p, const Need& need, bool borrow);
   [[gnu::always_inline]] void commit(Pool& p, uint64_t pn, uint64_t n);
   [[gnu::always_inline]] void mark_stale(Pool& p, uint64_t pn, uint64_t n);
   [[gnu::always_inline]] bool flush_due(Pool& p) const;
@@ -173,6 +180,8 @@ class PooledArena final : public IovaArena {
   uint64_t large_first_ = kNone;   // first page of the large pool
   bool has_large_ = false;
   int64_t max_age_ns_ = 0;
+  uint64_t last_iova_ = 0;         // last byte of the space: a dma_limit at or above it limits nothing
+  bool one_page_home_ = false;     // 1-page requests start at the caller's small pool (not the large one)
   PageBits bits_;
   std::unique_ptr<Pool[]> pools_;
   std::vector<std::pair<uint64_t, uint64_t>> holes_;  // [pn, n) reserved between windows
@@ -227,6 +236,7 @@ Status PooledArena::init() {
     hi_ = end;
   }
   base_pn_ = lo_ & ~63ull;
+  last_iova_ = ((hi_ - 1) << shift_) + (page_ - 1);
   auto bits = PageBits::create(lo_, hi_);
   if (!bits) return std::unexpected(bits.error());
   bits_ = std::move(*bits);
@@ -256,6 +266,7 @@ Status PooledArena::init() {
     has_large_ = top < hi_ && hi_ - top >= kMinPoolPages;
     large_first_ = has_large_ ? top : kNone;  // else the last small pool takes the rest
   }
+  one_page_home_ = !(has_large_ && cfg_.large_threshold_pages == 0);
   pools_ = std::make_unique<Pool[]>(pool_count());
   for (uint32_t i = 0; i < pool_count(); ++i) {
     Pool& p = pools_[i];
@@ -365,6 +376,11 @@ uint64_t PooledArena::take(Pool& p, const Need& need, bool wait, bool borrow) {
   } else if (!p.lock.try_lock()) {
     return kBusy;
   }
+  return take_locked(p, need, borrow);
+}
+
+// take() once p.lock is held; releases it.
+uint64_t PooledArena::take_locked(Pool& p, const Need& need, bool borrow) {
   const uint64_t to = std::min(p.end, need.limit_end);
   const uint64_t from = p.hint >= p.first && p.hint < to ? p.hint : p.first;
   uint64_t pn = find(from, to, need);
@@ -389,7 +405,34 @@ uint64_t PooledArena::take(Pool& p, const Need& need, bool wait, bool borrow) {
   return pn;
 }
 
+// One page, page alignment, no DMA limit inside the space: the caller's home
+// pool, a free bit in the hint's word. Anything else (pool busy, word full,
+// a flush due) continues on the general path, which repeats no side effect.
 Result<IovaSpan> PooledArena::alloc(const IovaRequest& req) {
+  if (req.len - 1 < page_ && (req.align & (req.align - 1)) == 0 && req.align <= page_ &&
+      req.dma_limit >= last_iova_ && one_page_home_) [[likely]] {
+    Pool& p = pools_[thread_number() & (nsmall_ - 1)];
+    if (p.lock.try_lock()) [[likely]] {
+      const uint64_t from = p.hint;  // always inside [first, end)
+      const uint64_t free_bits = ~bits_.word(from).used & (~0ull << (from & 63));
+      const uint64_t pn = (from & ~63ull) + static_cast<uint64_t>(std::countr_zero(free_bits));
+      if (free_bits != 0 && pn < p.end) [[likely]] {
+        commit(p, pn, 1);
+        const bool due = flush_due(p);
+        p.lock.unlock();
+        if (due) [[unlikely]]
+          (void)flush_pool(p, true);
+        return IovaSpan{pn << shift_, page_};
+      }
+      const uint64_t got = take_locked(p, Need{1, 1, hi_}, false);
+      if (got != kNone) return IovaSpan{got << shift_, page_};
+      // The home pool is full even after its flush: borrow on the general path.
+    }
+  }
+  return alloc_general(req);
+}
+
+Result<IovaSpan> PooledArena::alloc_general(const IovaRequest& req) {
   if (req.len == 0) return fail(Errc::invalid_argument, "IOVA request of 0 bytes");
   if ((req.align & (req.align - 1)) != 0)
     return fail(Errc::invalid_argument, "IOVA request of {:#x} bytes: alignment {:#x} is not a power of two",
@@ -449,7 +492,35 @@ Result<IovaSpan> PooledArena::alloc(const IovaRequest& req) {
               s.total_pages, s.stale_pages);
 }
 
+// One page, lazy mode: validate (head and tail set) and mark stale under the
+// pool lock. Anything else, and every refusal, takes the general path, which
+// validates again and reports; nothing has changed by then.
 Status PooledArena::free(IovaSpan range) {
+  const uint64_t pn = range.iova >> shift_;
+  if (range.len - 1 < page_ && (range.iova & (page_ - 1)) == 0 && pn >= lo_ && pn < hi_ && !cfg_.strict)
+      [[likely]] {
+    Pool& p = pools_[pool_of(pn)];
+    const uint64_t bit = 1ull << (pn & 63);
+    p.lock.lock();
+    Group& g = bits_.word(pn);
+    if ((g.head & g.tail & bit) != 0) [[likely]] {
+      g.head &= ~bit;
+      g.tail &= ~bit;
+      p.in_use.sub(1);
+      mark_stale(p, pn, 1);
+      ++p.pending_ranges;
+      const bool due = flush_due(p);
+      p.lock.unlock();
+      if (due) [[unlikely]]
+        (void)flush_pool(p, true);
+      return ok();
+    }
+    p.lock.unlock();
+  }
+  return free_general(range);
+}
+
+Status PooledArena::free_general(IovaSpan range) {
   if (range.len == 0 || (range.iova & (page_ - 1)) != 0)
     return fail(Errc::corrupted,
                 "free of IOVA {:#x} len {:#x}: not a range from this arena (zero length or not page aligned)",

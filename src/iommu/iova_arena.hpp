@@ -29,7 +29,10 @@
 // ctz, set used/head/tail in one 32-byte group, move the hint, unlock. free:
 // lock the page's pool (computed with a shift), test head and tail, set stale,
 // unlock. No heap allocation, no system call (every 8th operation reads the
-// coarse clock from the vDSO for the stale-age check).
+// coarse clock from the vDSO for the stale-age check). alloc() and free()
+// run this path inline and hand everything else (other sizes, alignments or
+// limits, a busy pool, a full hint word, strict mode, any refusal) to the
+// general code out of line, which checks again before it changes anything.
 //
 // Lazy flush: free() marks a range stale and leaves its IOMMU mapping in
 // place. A pool flushes - collects its stale runs (adjacent ranges merged),

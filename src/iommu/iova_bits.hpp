@@ -126,9 +126,13 @@ class SpinLock {
 // A counter written only under its pool's lock and read without it.
 class Counter {
  public:
-  void add(uint64_t d) { v_.store(v_.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
-  void sub(uint64_t d) { v_.store(v_.load(std::memory_order_relaxed) - d, std::memory_order_relaxed); }
-  uint64_t get() const { return v_.load(std::memory_order_relaxed); }
+  [[gnu::always_inline]] void add(uint64_t d) {
+    v_.store(v_.load(std::memory_order_relaxed) + d, std::memory_order_relaxed);
+  }
+  [[gnu::always_inline]] void sub(uint64_t d) {
+    v_.store(v_.load(std::memory_order_relaxed) - d, std::memory_order_relaxed);
+  }
+  [[gnu::always_inline]] uint64_t get() const { return v_.load(std::memory_order_relaxed); }
 
  private:
   std::atomic<uint64_t> v_{0};

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
+#include <memory>
+#include <new>
 
 #include "base/log.hpp"
 
@@ -20,6 +22,12 @@ using detail::kZero;
 constexpr uint8_t kPoisonByte = 0xa5;
 constexpr size_t kMinBlock = 8;
 constexpr uint64_t kMaxChunk = uint64_t{1} << 30;
+// Empty magazines a thread keeps for its next frees. A thread that cycles
+// many blocks (allocate many, free many) empties magazines in one phase and
+// fills them in the next; keeping them spares the pool mutex, which would
+// otherwise bounce between threads once per magazine. Bounded, so that a
+// thread that only allocates hands the surplus back to the depot.
+constexpr size_t kMaxSpare = 64;
 
 // q = n / d for n < 2^32 with one multiply; n is a multiple of d iff n * M < M
 // (Lemire, Kaser, Kurz: "Faster remainder by direct computation", 2019).
@@ -30,10 +38,23 @@ bool is_pow2(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 }  // namespace
 
 // ---------------------------------------------------------------------------
+// Line-aligned memory for state bytes and magazine entries.
+
+namespace detail {
+void* alloc_lines(size_t bytes) {
+  return ::operator new((bytes + 63) & ~size_t{63}, std::align_val_t{64});
+}
+void free_lines(void* p) noexcept { ::operator delete(p, std::align_val_t{64}); }
+}  // namespace detail
+
+// ---------------------------------------------------------------------------
 // Per-thread caches. Each pool owns a slot number; a thread keeps an array of
 // Cache pointers indexed by slot. The array pointer and its length are plain
 // initial-exec TLS, so the fast path finds its cache in a few loads without a
-// TLS call. The registry mutex orders thread exit against pool destruction.
+// TLS call. Slots a thread has not attached point at an idle cache (count
+// and cap 0), so the fast path needs no null or owner test: an idle or
+// detached cache sends every call to the slow path, which attaches. The
+// registry mutex orders thread exit against pool destruction.
 
 namespace {
 
@@ -50,6 +71,8 @@ Registry& registry() {
 }
 
 __thread bool tl_exiting __attribute__((tls_model("initial-exec"))) = false;
+
+DmaPool::Cache g_idle_cache;  // never attached: count and cap stay 0
 
 }  // namespace
 
@@ -85,18 +108,31 @@ DmaPool::Cache* DmaPool::attach_cache() {
   ThreadCaches& tc = tl_caches;
   if (tc.caches.size() <= slot_) {
     tc.caches.resize(slot_ + 1);
-    tc.ptrs.resize(slot_ + 1, nullptr);
+    tc.ptrs.resize(slot_ + 1, &g_idle_cache);
   }
   auto& c = tc.caches[slot_];
+  Magazine* m = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    m = take_empty_locked();
+  }
   std::lock_guard lock(registry().mu);
   // A cache left in this slot by a destroyed pool was detached (pool == nullptr): reuse it.
   if (!c) c = std::make_unique<Cache>();
-  if (c->cap != cache_cap_) {
-    c->slots = std::make_unique<Entry[]>(cache_cap_);
-    c->cap = cache_cap_;
-  }
   c->pool = this;
+  c->loaded = m;
+  c->slots = m->slots;
+  c->prev = nullptr;
+  c->prev_count.store(0, std::memory_order_relaxed);
+  c->spare.clear();
+  {
+    std::lock_guard home(c->home_mu);
+    c->home.clear();
+    c->home_blocks.store(0, std::memory_order_relaxed);
+  }
   c->count.store(0, std::memory_order_relaxed);
+  c->cap.store(mag_cap_, std::memory_order_relaxed);
+  c->last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
   c->uid.store(uid_, std::memory_order_relaxed);
   caches_.push_back(c.get());
   tc.ptrs[slot_] = c.get();
@@ -105,38 +141,104 @@ DmaPool::Cache* DmaPool::attach_cache() {
   return c.get();
 }
 
+DmaPool::Cache* DmaPool::own_cache() {
+  if (slot_ < tl_nslots) {
+    Cache* c = tl_slots[slot_];
+    if (c->uid.load(std::memory_order_relaxed) == uid_) return c;
+  }
+  return attach_cache();
+}
+
+// mu_ held. Every magazine of c goes to the depot; c keeps none.
+void DmaPool::return_cache_locked(Cache& c) {
+  auto give = [this](Magazine* m, uint32_t n) {
+    if (m == nullptr) return;
+    m->count = n;
+    depot_blocks_ += n;
+    (n != 0 ? full_ : empty_).push_back(m);
+  };
+  give(c.loaded, c.count.load(std::memory_order_relaxed));
+  give(c.prev, c.prev_count.load(std::memory_order_relaxed));
+  for (Magazine* m : c.spare) give(m, 0);
+  {
+    std::lock_guard home(c.home_mu);
+    for (Magazine* m : c.home) give(m, m->count);
+    c.home.clear();
+    c.home_blocks.store(0, std::memory_order_relaxed);
+  }
+  c.loaded = c.prev = nullptr;
+  c.slots = nullptr;
+  c.spare.clear();
+  c.count.store(0, std::memory_order_relaxed);
+  c.prev_count.store(0, std::memory_order_relaxed);
+}
+
 // Registry mutex held. The thread is exiting: its cached blocks go back.
 void DmaPool::absorb_cache(Cache& c) {
   {
     std::lock_guard lock(mu_);
-    const uint32_t n = c.count.load(std::memory_order_relaxed);
-    stack_.insert(stack_.end(), c.slots.get(), c.slots.get() + n);
+    return_cache_locked(c);
   }
-  c.count.store(0, std::memory_order_relaxed);
+  c.cap.store(0, std::memory_order_relaxed);
+  c.last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
   c.uid.store(0, std::memory_order_relaxed);
   c.pool = nullptr;
   std::erase(caches_, &c);
 }
 
-// Registry mutex held. The pool dies: cached blocks die with it.
+// Registry mutex held. The pool dies: cached blocks die with it (the
+// magazines belong to the pool and are freed with it).
 void DmaPool::detach_all_caches() {
   for (Cache* c : caches_) {
     c->count.store(0, std::memory_order_relaxed);
+    c->cap.store(0, std::memory_order_relaxed);
+    c->last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
+    c->prev_count.store(0, std::memory_order_relaxed);
     c->uid.store(0, std::memory_order_relaxed);
+    c->loaded = c->prev = nullptr;
+    c->slots = nullptr;
+    c->spare.clear();
+    {
+      std::lock_guard home(c->home_mu);
+      c->home.clear();
+      c->home_blocks.store(0, std::memory_order_relaxed);
+    }
     c->pool = nullptr;
   }
   caches_.clear();
 }
 
 void DmaPool::flush_thread_cache() {
-  Cache* c = this_thread_cache();
-  if (c != nullptr) flush(*c, c->count.load(std::memory_order_relaxed));
+  if (slot_ >= tl_nslots) return;
+  Cache* c = tl_slots[slot_];
+  if (c->uid.load(std::memory_order_relaxed) != uid_) return;
+  std::lock_guard lock(mu_);
+  return_cache_locked(*c);
+  // Stay attached with one empty magazine loaded.
+  Magazine* m = take_empty_locked();
+  c->loaded = m;
+  c->slots = m->slots;
 }
 
 // ---------------------------------------------------------------------------
 // Create and destroy.
 
-DmaPool::DmaPool(Key) {}
+DmaPool::Chunk DmaPool::ChunkTable::empty_chunk;
+
+namespace {
+// What table_ points at before the first chunk: one slot whose key (0) no address has.
+DmaPool::ChunkTable* empty_table() {
+  static DmaPool::ChunkTable* t = [] {
+    auto* e = new DmaPool::ChunkTable;  // lives for the process
+    e->mask = 0;
+    e->slots = std::make_unique<DmaPool::ChunkTable::Slot[]>(1);
+    return e;
+  }();
+  return t;
+}
+}  // namespace
+
+DmaPool::DmaPool(Key) : table_(empty_table()) {}
 
 Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backing, std::string name,
                                                  size_t size, size_t align, size_t boundary,
@@ -175,7 +277,9 @@ Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backin
   p->backing_ = std::move(backing);
   p->max_chunks_ = opts.max_chunks;
   p->cache_cap_ = opts.cache_size;
-  p->batch_ = std::max<uint32_t>(1, opts.cache_size / 2);
+  // Two magazines of half the cache each: a thread holds at most cache_size
+  // blocks in hand, and trades with the pool once per half cache.
+  p->mag_cap_ = opts.cache_size == 0 ? 0 : std::max<uint32_t>(1, opts.cache_size / 2);
   p->chunk_shift_ = static_cast<uint32_t>(std::countr_zero(chunk));
   // A block that crosses no multiple of the chunk size crosses no multiple of
   // a larger boundary, so the segment is at most one chunk.
@@ -232,63 +336,170 @@ DmaPool::~DmaPool() {
 // ---------------------------------------------------------------------------
 // Slow paths.
 
-bool DmaPool::take(const Entry& e, DmaBlock& out) {
-  std::atomic<uint8_t>& st = e.chunk->state[e.index];
-  out = DmaBlock{reinterpret_cast<void*>(e.chunk->base + e.off), e.chunk->iova + e.off};
-  if (st.load(std::memory_order_relaxed) != kFree) {
-    // Only two frees of one block racing each other get past the free-time
-    // check; the second copy is found here while the block is in use.
-    validation_failures_.fetch_add(1, std::memory_order_relaxed);
-    base::log().warn("pool '{}': block {} (IOVA {:#x}) was on the free lists twice (racing double free); "
-                     "dropped the duplicate",
-                     name_, out.vaddr, out.iova);
-    return false;
-  }
-  st.store(kAllocated, std::memory_order_relaxed);
-  if (debug_ != 0) debug_on_alloc(out.vaddr, out.iova);
-  return true;
+DmaBlock DmaPool::take(const Entry& e) {
+  e.chunk->state[e.index].store(kAllocated, std::memory_order_relaxed);
+  const DmaBlock b{reinterpret_cast<void*>(e.chunk->base + e.off), e.chunk->iova + e.off};
+  if (debug_ != 0) debug_on_alloc(b.vaddr, b.iova);
+  return b;
 }
 
 Result<DmaBlock> DmaPool::alloc_slow() {
-  Cache* c = this_thread_cache();
-  if (c == nullptr) c = attach_cache();
-  DmaBlock b;
-  if (c == nullptr) {  // no cache (cache_size 0 or thread exiting): straight from the stack
-    for (;;) {
-      Entry e;
-      {
-        std::lock_guard lock(mu_);
-        if (stack_.empty()) DMAKIT_TRY(grow_locked());
-        e = stack_.back();
-        stack_.pop_back();
+  Cache* c = own_cache();
+  if (c == nullptr) {  // no cache (cache_size 0 or thread exiting): straight from the depot
+    Entry e;
+    {
+      std::lock_guard lock(mu_);
+      if (loose_.empty()) {
+        Magazine* m = take_full_locked();
+        if (m == nullptr) {
+          DMAKIT_TRY(grow_locked());
+          m = take_full_locked();
+        }
+        if (m != nullptr) {  // unpacked with its top on top
+          loose_.insert(loose_.end(), m->slots, m->slots + m->count);
+          depot_blocks_ += m->count;
+          m->count = 0;
+          empty_.push_back(m);
+        }
       }
-      if (take(e, b)) return b;
+      e = loose_.back();
+      loose_.pop_back();
+      --depot_blocks_;
+    }
+    return take(e);
+  }
+  uint32_t n = c->count.load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (c->prev != nullptr && c->prev_count.load(std::memory_order_relaxed) != 0) {
+      // Bonwick: the previous magazine is full, swap it in.
+      std::swap(c->loaded, c->prev);
+      c->slots = c->loaded->slots;
+      n = c->prev_count.load(std::memory_order_relaxed);
+      c->prev_count.store(0, std::memory_order_relaxed);
+    } else {
+      DMAKIT_TRY(load_full(*c));
+      n = c->count.load(std::memory_order_relaxed);
     }
   }
-  for (;;) {
-    const uint32_t n = c->count.load(std::memory_order_relaxed);
-    if (n == 0) {
-      DMAKIT_TRY(refill(*c));
-      continue;
+  const Entry e = c->slots[n - 1];
+  c->count.store(n - 1, std::memory_order_relaxed);
+  return take(e);
+}
+
+// Both magazines empty: the loaded one is traded for a full one - this
+// thread's own (its entries and the blocks' state bytes are still in this
+// core's cache), else the depot's, else another thread's, else new blocks.
+Status DmaPool::load_full(Cache& c) {
+  Magazine* m = nullptr;
+  {
+    std::lock_guard home(c.home_mu);
+    if (!c.home.empty()) {
+      m = c.home.back();
+      c.home.pop_back();
+      c.home_blocks.fetch_sub(m->count, std::memory_order_relaxed);
     }
-    const Entry e = c->slots[n - 1];
-    c->count.store(n - 1, std::memory_order_relaxed);
-    if (take(e, b)) return b;
   }
+  if (m == nullptr) {
+    std::lock_guard lock(mu_);
+    m = take_full_locked();
+  }
+  if (m == nullptr) m = steal();
+  if (m == nullptr) {
+    std::lock_guard lock(mu_);
+    m = take_full_locked();  // another thread may have returned blocks meanwhile
+    if (m == nullptr) {
+      DMAKIT_TRY(grow_locked());
+      m = take_full_locked();
+      if (m == nullptr) return fail(Errc::internal, "pool '{}': grew but found no free block", name_);
+    }
+  }
+  // The empty loaded magazine becomes a spare; beyond kMaxSpare it goes back.
+  if (c.spare.size() < kMaxSpare) {
+    c.spare.push_back(c.loaded);
+  } else {
+    std::lock_guard lock(mu_);
+    empty_.push_back(c.loaded);
+  }
+  c.loaded = m;
+  c.slots = m->slots;
+  c.count.store(m->count, std::memory_order_relaxed);
+  return ok();
+}
+
+// mu_ held. A magazine with entries, or null.
+DmaPool::Magazine* DmaPool::take_full_locked() {
+  Magazine* m = nullptr;
+  if (!full_.empty()) {
+    m = full_.back();
+    full_.pop_back();
+  } else if (!loose_.empty() && mag_cap_ != 0) {  // entries freed without a cache
+    m = take_empty_locked();
+    const uint32_t n = static_cast<uint32_t>(std::min<size_t>(mag_cap_, loose_.size()));
+    std::copy(loose_.end() - n, loose_.end(), m->slots);
+    loose_.resize(loose_.size() - n);
+    m->count = n;
+  } else {
+    return nullptr;
+  }
+  depot_blocks_ -= m->count;
+  return m;
+}
+
+// mu_ held.
+DmaPool::Magazine* DmaPool::take_empty_locked() {
+  if (!empty_.empty()) {
+    Magazine* m = empty_.back();
+    empty_.pop_back();
+    return m;
+  }
+  auto m = std::make_unique<Magazine>();
+  m->mem.reset(detail::alloc_lines(sizeof(Entry) * mag_cap_));
+  m->slots = static_cast<Entry*>(m->mem.get());
+  std::uninitialized_default_construct_n(m->slots, mag_cap_);
+  mags_.push_back(std::move(m));
+  return mags_.back().get();
+}
+
+// The oldest full magazine of another thread (the one it will want last).
+DmaPool::Magazine* DmaPool::steal() {
+  std::lock_guard reg(registry().mu);
+  const Cache* self = slot_ < tl_nslots ? tl_slots[slot_] : nullptr;
+  for (Cache* other : caches_) {
+    if (other == self || other->home_blocks.load(std::memory_order_relaxed) == 0) continue;
+    std::lock_guard home(other->home_mu);
+    if (other->home.empty()) continue;
+    Magazine* m = other->home.front();
+    other->home.erase(other->home.begin());
+    other->home_blocks.fetch_sub(m->count, std::memory_order_relaxed);
+    return m;
+  }
+  return nullptr;
+}
+
+Status DmaPool::free_uncached(void* vaddr, uint64_t iova) {
+  const auto v = reinterpret_cast<uintptr_t>(vaddr);
+  Chunk* ch = find_chunk(v);
+  if (ch == nullptr) return refuse_free(vaddr, iova, "not inside any chunk of this pool");
+  uint64_t index;
+  if (const char* why = check_block(ch, v, iova, index); why != nullptr) return refuse_free(vaddr, iova, why);
+  if (ch->state[index].exchange(kFree, std::memory_order_relaxed) != kAllocated)
+    return refuse_free(vaddr, iova, "block is not allocated (double free?)");
+  if (debug_ & kPoison) debug_on_free(vaddr);
+  return free_slow(ch, static_cast<uint32_t>(v - ch->base), static_cast<uint32_t>(index));
 }
 
 Status DmaPool::free_slow(Chunk* ch, uint32_t off, uint32_t index) {
   const Entry e{ch, off, index};
-  Cache* c = this_thread_cache();
-  if (c == nullptr) c = attach_cache();
+  Cache* c = own_cache();
   if (c == nullptr) {
     std::lock_guard lock(mu_);
-    stack_.push_back(e);
+    loose_.push_back(e);
+    ++depot_blocks_;
     return ok();
   }
   uint32_t n = c->count.load(std::memory_order_relaxed);
-  if (n >= c->cap) {
-    flush(*c, batch_);
+  if (n >= mag_cap_) {
+    stash_full(*c);
     n = c->count.load(std::memory_order_relaxed);
   }
   c->slots[n] = e;
@@ -296,33 +507,72 @@ Status DmaPool::free_slow(Chunk* ch, uint32_t off, uint32_t index) {
   return ok();
 }
 
+// The loaded magazine is full. Bonwick: an empty previous one is swapped in;
+// a full previous one goes to this thread's home list (where this thread
+// takes it back first and others may steal it) and the loaded one becomes
+// previous, with an empty magazine loaded.
+void DmaPool::stash_full(Cache& c) {
+  const uint32_t n = c.count.load(std::memory_order_relaxed);
+  if (c.prev != nullptr && c.prev_count.load(std::memory_order_relaxed) == 0) {
+    std::swap(c.loaded, c.prev);
+    c.prev_count.store(n, std::memory_order_relaxed);
+  } else {
+    if (c.prev != nullptr) {
+      c.prev->count = c.prev_count.load(std::memory_order_relaxed);
+      std::lock_guard home(c.home_mu);
+      c.home.push_back(c.prev);
+      c.home_blocks.fetch_add(c.prev->count, std::memory_order_relaxed);
+    }
+    c.prev = c.loaded;
+    c.prev_count.store(n, std::memory_order_relaxed);
+    if (!c.spare.empty()) {
+      c.loaded = c.spare.back();
+      c.spare.pop_back();
+    } else {
+      std::lock_guard lock(mu_);
+      c.loaded = take_empty_locked();
+    }
+  }
+  c.slots = c.loaded->slots;
+  c.count.store(0, std::memory_order_relaxed);
+}
+
 Status DmaPool::refuse_free(const void* vaddr, uint64_t iova, const char* why) {
-  validation_failures_.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t nth = validation_failures_.fetch_add(1, std::memory_order_relaxed) + 1;
   std::string msg = fmt::format("pool '{}': free of {} (IOVA {:#x}) refused: {}", name_, vaddr, iova, why);
   if (Chunk* ch = find_chunk(reinterpret_cast<uintptr_t>(vaddr)); ch != nullptr)
     msg += fmt::format(" [chunk {:#x} IOVA {:#x}, offset {:#x}]", ch->base, ch->iova,
                        reinterpret_cast<uintptr_t>(vaddr) - ch->base);
-  base::log().warn("{}", msg);
+  // A workload that refuses many frees (a stress run double-frees on
+  // purpose) must not flood the log: the first few in full, then one line
+  // per 1024 with the running count. The counter and the returned error
+  // still carry every one.
+  constexpr uint64_t kLogFirst = 8, kLogEvery = 1024;
+  if (nth <= kLogFirst) {
+    base::log().warn("{}", msg);
+    if (nth == kLogFirst)
+      base::log().warn("pool '{}': further refused frees are logged once per {}", name_, kLogEvery);
+  } else if (nth % kLogEvery == 0) {
+    base::log().warn("pool '{}': {} frees refused so far; latest: {}", name_, nth, msg);
+  }
   return fail(Errc::corrupted, std::move(msg));
 }
 
-Status DmaPool::refill(Cache& c) {
-  std::lock_guard lock(mu_);
-  if (stack_.empty()) DMAKIT_TRY(grow_locked());
-  const size_t n = std::min<size_t>(batch_, stack_.size());
-  // The top of the stack becomes the top of the cache: recently freed blocks go out first.
-  std::copy(stack_.end() - static_cast<ptrdiff_t>(n), stack_.end(), c.slots.get());
-  stack_.resize(stack_.size() - n);
-  c.count.store(static_cast<uint32_t>(n), std::memory_order_relaxed);
-  return ok();
-}
-
-void DmaPool::flush(Cache& c, uint32_t n) {
-  const uint32_t count = c.count.load(std::memory_order_relaxed);
-  n = std::min(n, count);
-  std::lock_guard lock(mu_);
-  stack_.insert(stack_.end(), c.slots.get() + (count - n), c.slots.get() + count);
-  c.count.store(count - n, std::memory_order_relaxed);
+DmaPool::Chunk* DmaPool::find_chunk_probe(uintptr_t v) const {
+  const ChunkTable* t = table_.load(std::memory_order_acquire);
+  const uint64_t key = ((uint64_t{v} - t->bias) >> chunk_shift_) + 1;
+  for (uint64_t i = (key - 1) & t->mask;; i = (i + 1) & t->mask) {
+    const ChunkTable::Slot& s = t->slots[i];
+    const uint64_t k = s.key.load(std::memory_order_acquire);
+    if (k == key) {
+      Chunk* a = s.a.load(std::memory_order_relaxed);
+      if (v - a->base < a->len) return a;
+      Chunk* b = s.b.load(std::memory_order_relaxed);
+      if (v - b->base < b->len) return b;
+      return nullptr;
+    }
+    if (k == 0) return nullptr;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -367,13 +617,34 @@ Status DmaPool::grow_locked() {
   uint64_t n = 0;
   while (grid_off(ch->first + n) + size_ <= ch->origin + ch->len) ++n;
   ch->nblocks = static_cast<uint32_t>(n);
-  ch->state = std::make_unique<std::atomic<uint8_t>[]>(n);  // value-initialised: all kFree
+  ch->first_off = grid_off(ch->first) - ch->origin;
+  ch->state_mem.reset(detail::alloc_lines(n));
+  ch->state = static_cast<std::atomic<uint8_t>*>(ch->state_mem.get());
+  std::uninitialized_value_construct_n(ch->state, n);  // all kFree
   if (debug_ & kPoison) std::memset(region->vaddr, kPoisonByte, len);
 
-  stack_.reserve(stack_.size() + n);
-  for (uint64_t i = n; i-- > 0;)  // lowest address on top
-    stack_.push_back(Entry{ch.get(), static_cast<uint32_t>(grid_off(ch->first + i) - ch->origin),
-                           static_cast<uint32_t>(i)});
+  // Entries packed into magazines (or loose without caches), lowest address
+  // on top: blocks come out in address order.
+  auto entry = [&](uint64_t i) {
+    return Entry{ch.get(), static_cast<uint32_t>(grid_off(ch->first + i) - ch->origin), static_cast<uint32_t>(i)};
+  };
+  if (mag_cap_ == 0) {
+    loose_.reserve(loose_.size() + n);
+    for (uint64_t i = n; i-- > 0;) loose_.push_back(entry(i));
+  } else {
+    // Magazine j holds blocks [j * mag_cap_, (j + 1) * mag_cap_): with a
+    // line-multiple magazine size, two threads' magazines share no line of
+    // the state array. The lowest magazine is pushed last (on top).
+    const uint64_t mags = (n + mag_cap_ - 1) / mag_cap_;
+    for (uint64_t j = mags; j-- > 0;) {
+      const uint64_t lo = j * mag_cap_, hi = std::min<uint64_t>(n, lo + mag_cap_);
+      Magazine* m = take_empty_locked();
+      m->count = static_cast<uint32_t>(hi - lo);
+      for (uint64_t i = hi; i-- > lo;) m->slots[hi - 1 - i] = entry(i);
+      full_.push_back(m);
+    }
+  }
+  depot_blocks_ += n;
   publish_chunk(ch.get());
   blocks_ += n;
   chunks_.push_back(std::move(ch));
@@ -382,9 +653,13 @@ Status DmaPool::grow_locked() {
 
 void DmaPool::publish_chunk(Chunk* ch) {
   auto insert = [this](ChunkTable& t, Chunk* c) {
-    for (uint64_t s = c->base >> chunk_shift_; s <= (c->base + c->len - 1) >> chunk_shift_; ++s) {
+    // Ranges counted modulo 2^(64 - chunk_shift), as lookups compute them
+    // (an address below the bias wraps around).
+    const uint64_t wrap = ~uint64_t{0} >> chunk_shift_;
+    const uint64_t last = (c->base + c->len - 1 - t.bias) >> chunk_shift_;
+    for (uint64_t s = (c->base - t.bias) >> chunk_shift_;; s = (s + 1) & wrap) {
       const uint64_t key = s + 1;
-      for (uint64_t i = key & t.mask;; i = (i + 1) & t.mask) {
+      for (uint64_t i = s & t.mask;; i = (i + 1) & t.mask) {
         ChunkTable::Slot& slot = t.slots[i];
         const uint64_t k = slot.key.load(std::memory_order_relaxed);
         if (k == key) {  // a neighbour chunk shares this range: chunks are one range long, so at most two
@@ -392,20 +667,24 @@ void DmaPool::publish_chunk(Chunk* ch) {
           break;
         }
         if (k == 0) {
-          slot.a.store(c, std::memory_order_relaxed);
+          slot.a.store(c, std::memory_order_release);
           slot.key.store(key, std::memory_order_release);
           ++table_used_;
           break;
         }
       }
+      if (s == last) break;
     }
   };
-  ChunkTable* t = table_.load(std::memory_order_relaxed);
-  // Each chunk adds at most two keys; keep the load factor at or below one half.
-  if (t == nullptr || (table_used_ + 2) * 2 > t->mask + 1) {
+  ChunkTable* t = chunks_.empty() ? nullptr : table_.load(std::memory_order_relaxed);
+  // Each chunk adds at most two keys; keep the load factor at or below one
+  // quarter, so that a lookup rarely probes past its first slot.
+  if (t == nullptr || (table_used_ + 2) * 4 > t->mask + 1) {
     auto nt = std::make_unique<ChunkTable>();
-    const uint64_t size = std::max<uint64_t>(16, std::bit_ceil((table_used_ + 2) * 4));
+    const uint64_t size = std::max<uint64_t>(16, std::bit_ceil((table_used_ + 2) * 8));
     nt->mask = size - 1;
+    // Fixed by the first chunk, kept by every later table.
+    nt->bias = t != nullptr ? t->bias : (chunks_.empty() ? ch : chunks_.front().get())->base & (chunk_bytes() - 1);
     nt->slots = std::make_unique<ChunkTable::Slot[]>(size);
     table_used_ = 0;
     for (auto& old : chunks_) insert(*nt, old.get());
@@ -450,11 +729,13 @@ PoolStats DmaPool::stats() const {
   s.chunk_bytes = chunk_bytes();
   uint64_t cached = 0;
   std::lock_guard reg(registry().mu);
-  for (const Cache* c : caches_) cached += c->count.load(std::memory_order_relaxed);
+  for (const Cache* c : caches_)
+    cached += c->count.load(std::memory_order_relaxed) + c->prev_count.load(std::memory_order_relaxed) +
+              c->home_blocks.load(std::memory_order_relaxed);
   std::lock_guard lock(mu_);
   s.blocks = blocks_;
   s.chunks = chunks_.size();
-  const uint64_t free_blocks = stack_.size() + cached;
+  const uint64_t free_blocks = depot_blocks_ + cached;
   s.active = blocks_ > free_blocks ? blocks_ - free_blocks : 0;
   s.validation_failures = validation_failures_.load(std::memory_order_relaxed);
   s.poison_failures = poison_failures_.load(std::memory_order_relaxed);

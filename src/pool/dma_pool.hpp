@@ -5,20 +5,29 @@
 // Data structure (all of it in host memory; nothing lives in DMA memory, so a
 // device may overwrite every byte of every block and the pool stays intact):
 //
-//   chunk table   address >> chunk_shift -> Chunk (open-addressed hash; a
-//                 chunk of 2^chunk_shift bytes touches at most two slots)
+//   chunk table   (address - bias) >> chunk_shift -> Chunk (open-addressed,
+//                 almost always hit at the first slot; a chunk of
+//                 2^chunk_shift bytes touches at most two slots)
 //   Chunk         base vaddr, base IOVA, first-block offset, block count,
 //                 one state byte per block (free / allocated)
-//   free stack    {chunk, offset, index} entries of free blocks, one mutex
-//   thread cache  per thread and pool, up to cache_size entries, no lock
+//   magazine      an array of up to cache_size / 2 free-block entries
+//                 {chunk, offset, index}
+//   thread cache  per thread and pool: a loaded and a previous magazine
+//                 (Bonwick's magazine layer), full magazines this thread
+//                 freed ("home", others may steal them) and spare empty ones
+//   depot         per pool, one mutex: magazines from growth and from
+//                 exited threads, spare empty magazines, loose entries of
+//                 threads without a cache
 //
 // A block's vaddr and IOVA are chunk base + offset. Alloc pops from the
-// thread cache (else refills a batch from the free stack, else grows by one
-// chunk); free validates the block in O(1) - chunk found by address, offset
-// is a block start, IOVA matches, state is allocated - then pushes it on the
-// thread cache (else flushes a batch to the free stack). Every build
-// validates; a bad free returns Errc::corrupted, is counted and changes
-// nothing.
+// loaded magazine; free validates the block in O(1) - chunk found by
+// address, offset is a block start, IOVA matches, state flips allocated ->
+// free by one atomic exchange, so of two racing frees of one block exactly
+// one wins - then pushes it on the loaded magazine. Whole magazines move
+// between a thread and the shared structures, one lock per cache_size / 2
+// operations, and a thread takes back the magazines it filled itself, so two
+// threads share no cache line in the steady state. Every build validates; a
+// bad free returns Errc::corrupted, is counted and changes nothing.
 //
 // Chunks go back to the Backing only when the pool is destroyed (as the
 // kernel's dma_pool does); there is no trim. A pool destroyed with blocks
@@ -58,7 +67,7 @@ struct DmaBlock {
 };
 
 struct PoolOptions {
-  uint32_t cache_size = 32;   // per-thread cache, blocks; 0 = no cache
+  uint32_t cache_size = 256;  // per-thread cache, blocks (two magazines of half); 0 = no cache
   bool poison = false;        // poison on free, check on alloc (reports writes to free blocks)
   bool zero = false;          // zero every block on alloc
   uint64_t chunk_bytes = 0;   // power of two >= 4 KiB; 0 = from the block size (64 KiB..2 MiB)
@@ -72,7 +81,7 @@ struct PoolStats {
   uint64_t blocks = 0;               // carved so far
   uint64_t active = 0;               // allocated now (exact when no alloc/free is in flight)
   uint64_t chunks = 0;               // regions taken from the backing
-  uint64_t validation_failures = 0;  // refused frees + duplicate entries found at alloc
+  uint64_t validation_failures = 0;  // refused frees
   uint64_t poison_failures = 0;      // free blocks found written (poison option)
   uint64_t grow_failures = 0;        // the backing could not give a chunk
 };
@@ -144,13 +153,13 @@ class DmaPool {
 
   // A block, or Errc::no_memory / no_space when the pool cannot grow.
   // Inline fast path (below), so the block is returned without a memory round trip.
-  inline Result<DmaBlock> alloc();
+  [[gnu::always_inline]] inline Result<DmaBlock> alloc();
   // Returns a block. Foreign pointer, not a block start, IOVA mismatch or a
   // block not currently allocated: Errc::corrupted, counted, nothing changes.
-  inline Status free(void* vaddr, uint64_t iova);
-  Status free(const DmaBlock& b) { return free(b.vaddr, b.iova); }
+  [[gnu::always_inline]] inline Status free(void* vaddr, uint64_t iova);
+  [[gnu::always_inline]] Status free(const DmaBlock& b) { return free(b.vaddr, b.iova); }
 
-  // Returns this thread's cached blocks to the shared free stack.
+  // Returns this thread's cached blocks (its magazines) to the pool's depot.
   void flush_thread_cache();
 
   PoolStats stats() const;
@@ -162,6 +171,7 @@ class DmaPool {
 
   struct Chunk;
   struct Entry;
+  struct Magazine;
   struct Cache;
   struct ChunkTable;
 
@@ -173,29 +183,36 @@ class DmaPool {
   explicit DmaPool(Key);
 
  private:
-
-  inline Cache* this_thread_cache() const;
   Cache* attach_cache();
+  Cache* own_cache();            // this thread's cache for this pool, attached on demand; null: none
   Result<DmaBlock> alloc_slow();
   Status free_slow(Chunk* ch, uint32_t off, uint32_t index);
-  Status refuse_free(const void* vaddr, uint64_t iova, const char* why);
-  bool take(const Entry& e, DmaBlock& out);  // false: a stale duplicate, dropped
-  Status refill(Cache& c);       // free stack -> cache, growing when empty
+  [[gnu::cold, gnu::noinline]] Status refuse_free(const void* vaddr, uint64_t iova, const char* why);
+  Status free_uncached(void* vaddr, uint64_t iova);  // this thread has no cache array yet
+  inline const char* check_block(const Chunk* ch, uintptr_t v, uint64_t iova, uint64_t& index) const;
+  Chunk* find_chunk_probe(uintptr_t v) const;  // find_chunk past the first slot
+  Status load_full(Cache& c);    // loaded magazine (empty) -> a full one: home, depot, steal, grow
+  void stash_full(Cache& c);     // both magazines full: previous -> home, an empty one in its place
+  Magazine* take_full_locked();  // depot full list or loose entries; mu_ held; null: none
+  Magazine* take_empty_locked(); // depot spare or a new magazine; mu_ held
+  Magazine* steal();             // a full magazine from another thread's home; null: none
+  DmaBlock take(const Entry& e); // marks the block allocated
   Status grow_locked();          // one chunk from the backing; mu_ held
-  void flush(Cache& c, uint32_t n);  // top n cache entries -> free stack
   void publish_chunk(Chunk* ch); // into the chunk table; mu_ held
   inline Chunk* find_chunk(uintptr_t v) const;
   void debug_on_alloc(void* vaddr, uint64_t iova);
   void debug_on_free(void* vaddr);
+  void return_cache_locked(Cache& c);  // every magazine of c -> depot; mu_ held
   void detach_all_caches();      // at destroy
   friend struct ThreadCaches;
-  void absorb_cache(Cache& c);   // a thread exits: its cache -> free stack
+  void absorb_cache(Cache& c);   // a thread exits: its cache -> depot
 
-  // Fast-path constants (read-only after create).
+  // Fast-path constants (read-only after create); on their own cache lines,
+  // apart from the mutex and counters that the slow paths write.
   uint32_t slot_ = 0;            // index of this pool in every thread's cache array
   uint64_t uid_ = 0;             // never reused; tells a live cache from a stale one
   uint32_t cache_cap_ = 0;
-  uint32_t batch_ = 0;           // entries moved per refill / flush
+  uint32_t mag_cap_ = 0;         // entries per magazine: cache_cap_ / 2 (at least 1)
   uint32_t chunk_shift_ = 0;
   // Block layout on the IOVA grid: grid offset g = chunk offset + chunk
   // origin; segment g >> seg_shift_ (one boundary span), blocks at multiples
@@ -205,22 +222,26 @@ class DmaPool {
   uint64_t per_seg_ = UINT32_MAX;
   uint64_t div_magic_ = 0;       // exact division by size_ (multiply, no divide)
   uint32_t debug_ = 0;           // kPoison | kZero
-  std::atomic<ChunkTable*> table_{nullptr};
+  std::atomic<ChunkTable*> table_;  // never null (see find_chunk)
 
   std::string name_;
   size_t size_ = 0, align_ = 0, boundary_ = 0;
   uint32_t max_chunks_ = 0;
   std::unique_ptr<Backing> backing_;
 
-  mutable std::mutex mu_;        // guards everything below
-  std::vector<Entry> stack_;
+  alignas(64) mutable std::mutex mu_;  // guards the depot and growth, below
+  std::vector<Magazine*> full_;        // magazines with at least one entry
+  std::vector<Magazine*> empty_;       // spare magazines
+  std::vector<Entry> loose_;           // entries of threads without a cache (LIFO)
+  std::vector<std::unique_ptr<Magazine>> mags_;  // every magazine, for destruction
   std::vector<std::unique_ptr<Chunk>> chunks_;
   std::vector<std::unique_ptr<ChunkTable>> tables_;  // old ones kept: lock-free readers
   uint64_t blocks_ = 0;
+  uint64_t depot_blocks_ = 0;          // entries in full_ and loose_
   uint64_t table_used_ = 0;
-  std::vector<Cache*> caches_;   // guarded by the registry mutex, not mu_
+  std::vector<Cache*> caches_;         // guarded by the registry mutex, not mu_
 
-  std::atomic<uint64_t> validation_failures_{0};
+  alignas(64) std::atomic<uint64_t> validation_failures_{0};
   std::atomic<uint64_t> poison_failures_{0};
   std::atomic<uint64_t> grow_failures_{0};
 };
@@ -228,14 +249,27 @@ class DmaPool {
 // ---------------------------------------------------------------------------
 // Internals the inline fast paths need. Not part of the interface.
 
-struct DmaPool::Chunk {
+namespace detail {
+// Memory on its own cache lines: state bytes and magazine entries are written
+// by one thread at a time and must not share a line with anything another
+// thread writes.
+void* alloc_lines(size_t bytes);
+void free_lines(void* p) noexcept;
+struct LineDeleter {
+  void operator()(void* p) const noexcept { free_lines(p); }
+};
+}  // namespace detail
+
+struct alignas(64) DmaPool::Chunk {
   uintptr_t base = 0;      // vaddr of byte 0
   uint64_t iova = 0;       // IOVA of byte 0
   uint64_t len = 0;
   uint64_t origin = 0;     // grid offset of byte 0 (iova modulo the segment or alignment)
   uint64_t first = 0;      // grid index of block 0
+  uint64_t first_off = 0;  // byte offset of block 0 (used when blocks are evenly spaced: no boundary)
+  std::atomic<uint8_t>* state = nullptr;  // free (0) / allocated (1) per block
   uint32_t nblocks = 0;
-  std::unique_ptr<std::atomic<uint8_t>[]> state;  // free (0) / allocated (1) per block
+  std::unique_ptr<void, detail::LineDeleter> state_mem;
   Region region;
 };
 
@@ -246,31 +280,66 @@ struct DmaPool::Entry {
   uint32_t index = 0;
 };
 
-// One thread's cache for one pool. Only the owner thread pushes and pops;
-// count is atomic so stats() and a destroying pool may read or reset it.
-struct DmaPool::Cache {
-  std::atomic<uint64_t> uid{0};  // owning pool's uid; 0 once detached
-  DmaPool* pool = nullptr;       // guarded by the registry mutex
-  std::atomic<uint32_t> count{0};
-  uint32_t cap = 0;
-  std::unique_ptr<Entry[]> slots;
+// On its own cache line: count is written by whichever thread holds the magazine.
+struct alignas(64) DmaPool::Magazine {
+  uint32_t count = 0;      // valid while the magazine sits in a list (not loaded in a cache)
+  Entry* slots = nullptr;  // mag_cap_ entries
+  std::unique_ptr<void, detail::LineDeleter> mem;
 };
 
 // Open-addressed, insert-only table read without locks. A slot holds the
 // (at most two) chunks that overlap one 2^chunk_shift-aligned address range;
-// slot index = range number modulo the table size, then linear probing.
+// slot index = range number modulo the table size, then linear probing. The
+// table is kept at most a quarter full, so the first slot almost always
+// answers.
 struct DmaPool::ChunkTable {
+  static Chunk empty_chunk;  // len 0: contains no address
   struct Slot {
     std::atomic<uint64_t> key{0};  // (address >> chunk_shift) + 1; 0 = empty
-    std::atomic<Chunk*> a{nullptr};
-    std::atomic<Chunk*> b{nullptr};
+    std::atomic<Chunk*> a{&empty_chunk};  // never null: see find_chunk
+    std::atomic<Chunk*> b{&empty_chunk};
+    uint64_t pad = 0;              // 32-byte slots: one slot never spans two lines
   };
   uint64_t mask = 0;  // size - 1
+  // Subtracted from addresses before the shift: the first chunk's offset
+  // from a 2^chunk_shift boundary. A backing that hands out chunks at one
+  // fixed misalignment (a buffer allocator carving pages from a large
+  // aligned run) then gets chunks that each fill exactly one range, so the
+  // home slot's first chunk is always the one.
+  uint64_t bias = 0;
   std::unique_ptr<Slot[]> slots;
 };
 
+// One thread's cache for one pool. Only the owner thread touches the loaded
+// and previous magazines; count, cap and the block tallies are atomic so that
+// stats() and a destroying pool may read or reset them. home is shared with
+// threads that steal, under home_mu.
+struct alignas(64) DmaPool::Cache {
+  // Fast path: one cache line, owner only.
+  std::atomic<uint32_t> count{0};  // entries in the loaded magazine
+  std::atomic<uint32_t> cap{0};    // 0 while not attached: every call takes the slow path
+  Entry* slots = nullptr;          // the loaded magazine's entries
+  // The chunk of this cache's pool that the last free found: consecutive
+  // frees mostly hit one chunk, and then skip the table. The empty chunk
+  // while not attached (reset on detach: a stale one could vouch for a
+  // pointer into a dead pool).
+  std::atomic<Chunk*> last_chunk{&ChunkTable::empty_chunk};
+  Magazine* loaded = nullptr;
+  Magazine* prev = nullptr;        // the previous magazine (full or empty), or null
+  std::atomic<uint32_t> prev_count{0};
+  std::atomic<uint64_t> uid{0};    // owning pool's uid; 0 once detached
+  DmaPool* pool = nullptr;         // guarded by the registry mutex
+  std::vector<Magazine*> spare;    // empty magazines, owner only
+  // Shared with stealing threads.
+  alignas(64) std::mutex home_mu;
+  std::vector<Magazine*> home;     // full magazines this thread freed
+  std::atomic<uint64_t> home_blocks{0};
+};
+
 namespace detail {
-// This thread's cache array, indexed by pool slot (plain TLS: no wrapper call).
+// This thread's cache array, indexed by pool slot (plain TLS: no wrapper
+// call). Never null below tl_nslots: unused slots point at an idle cache
+// whose count and cap are 0.
 extern __thread DmaPool::Cache** tl_slots __attribute__((tls_model("initial-exec")));
 extern __thread uint32_t tl_nslots __attribute__((tls_model("initial-exec")));
 inline constexpr uint8_t kFree = 0;
@@ -295,92 +364,107 @@ inline DmaBlock make_block(uintptr_t v, uint64_t iova) {
 }
 }  // namespace detail
 
-inline DmaPool::Cache* DmaPool::this_thread_cache() const {
-  const uint32_t s = slot_;
-  if (s >= detail::tl_nslots) return nullptr;
-  Cache* c = detail::tl_slots[s];
-  if (c == nullptr || c->uid.load(std::memory_order_relaxed) != uid_) return nullptr;
-  return c;
-}
-
 inline DmaPool::Chunk* DmaPool::find_chunk(uintptr_t v) const {
+  // Never null: an empty pool points at a one-slot table that matches nothing.
   const ChunkTable* t = table_.load(std::memory_order_acquire);
-  if (t == nullptr) [[unlikely]] return nullptr;
-  const uint64_t key = (uint64_t{v} >> chunk_shift_) + 1;
-  for (uint64_t i = key & t->mask;; i = (i + 1) & t->mask) {
-    const ChunkTable::Slot& s = t->slots[i];
-    const uint64_t k = s.key.load(std::memory_order_acquire);
-    if (k == key) {
-      // A block from a newly published chunk reached this thread through the
-      // caller's own synchronisation, so its chunk is visible here.
-      Chunk* a = s.a.load(std::memory_order_relaxed);
-      if (a != nullptr && v - a->base < a->len) return a;
-      Chunk* b = s.b.load(std::memory_order_relaxed);
-      if (b != nullptr && v - b->base < b->len) return b;
-      return nullptr;
-    }
-    if (k == 0) return nullptr;
-  }
+  // The home slot's first chunk answers almost every lookup by its own
+  // range test, without reading the key: empty slots hold a chunk of length
+  // 0, which contains nothing. Anything else (second chunk, probing, not
+  // found) is the probe path. A block from a newly published chunk reached
+  // this thread through the caller's own synchronisation, so its chunk is
+  // visible here.
+  const ChunkTable::Slot& s = t->slots[((uint64_t{v} - t->bias) >> chunk_shift_) & t->mask];
+  Chunk* a = s.a.load(std::memory_order_relaxed);
+  if (v - a->base < a->len) [[likely]] return a;
+  return find_chunk_probe(v);
 }
 
-// Alloc: pop from this thread's cache, else the slow path. About 25
-// instructions: TLS slot lookup, one count test, one state test, one debug test.
+// Alloc fast path, budget about 15 instructions and no atomic RMW: bounds-
+// checked TLS slot load, count test, one 16-byte entry pop, count store, the
+// block's state byte store, one debug test. Everything else (empty magazine,
+// first use in this thread, growth) is alloc_slow().
 inline Result<DmaBlock> DmaPool::alloc() {
-  Cache* c = this_thread_cache();
-  if (c != nullptr) [[likely]] {
+  const uint32_t s = slot_;
+  if (s < detail::tl_nslots) [[likely]] {
+    Cache* c = detail::tl_slots[s];
     const uint32_t n = c->count.load(std::memory_order_relaxed);
     if (n != 0) [[likely]] {
-      const Entry& e = c->slots[n - 1];
-      Chunk* ch = e.chunk;
-      const uint32_t off = e.off;
-      std::atomic<uint8_t>& st = ch->state[e.index];
-      if (st.load(std::memory_order_relaxed) == detail::kFree) [[likely]] {
-        c->count.store(n - 1, std::memory_order_relaxed);
-        st.store(detail::kAllocated, std::memory_order_relaxed);
-        void* v = reinterpret_cast<void*>(ch->base + off);
-        if (debug_ != 0) [[unlikely]] debug_on_alloc(v, ch->iova + off);
-        return detail::make_block(ch->base + off, ch->iova + off);
-      }
+      const Entry e = c->slots[n - 1];
+      c->count.store(n - 1, std::memory_order_relaxed);
+      // Plain store: the block sits in this thread's magazine, so only a
+      // buggy free could touch its state now, and that one is refused
+      // (it reads kFree) or is indistinguishable from a legal free.
+      e.chunk->state[e.index].store(detail::kAllocated, std::memory_order_relaxed);
+      const uintptr_t v = e.chunk->base + e.off;
+      const uint64_t iova = e.chunk->iova + e.off;
+      if (debug_ != 0) [[unlikely]] debug_on_alloc(reinterpret_cast<void*>(v), iova);
+      return detail::make_block(v, iova);
     }
   }
   return alloc_slow();
 }
 
-// Free: validate - chunk by address (table), block start (one multiply),
-// IOVA, state byte - then push on this thread's cache, else the slow path.
-// About 50 instructions; four tests refuse, one takes the slow path.
+// Validation shared by the fast and slow free paths: ch contains v; sets
+// index and returns null when v is a block start with this IOVA, else why not.
+inline const char* DmaPool::check_block(const Chunk* ch, uintptr_t v, uint64_t iova, uint64_t& index) const {
+  const uint64_t off = v - ch->base;
+  if (boundary_ == 0) [[likely]] {
+    // Blocks at first_off + i * size: one subtract, two multiplies. An
+    // offset below first_off wraps to a huge x whose quotient fails the
+    // bound.
+    const uint64_t x = off - ch->first_off;
+    index = detail::mulhi(x, div_magic_);  // x / size
+    if (x * div_magic_ >= div_magic_ || index >= ch->nblocks) [[unlikely]] return "not the start of a block";
+  } else {
+    const uint64_t g = off + ch->origin;
+    const uint64_t in = g & seg_mask_;
+    const uint64_t k = detail::mulhi(in, div_magic_);  // in / size
+    index = (g >> seg_shift_) * per_seg_ + k - ch->first;
+    if (in * div_magic_ >= div_magic_ || k >= per_seg_ || index >= ch->nblocks) [[unlikely]]
+      return "not the start of a block";
+  }
+  if (iova != ch->iova + off) [[unlikely]] return "IOVA does not match the block";
+  return nullptr;
+}
+
+// Free fast path, budget about 35 instructions and one atomic exchange:
+// TLS cache, chunk by address (the chunk this thread freed into last, else
+// one table slot), block start (two multiplies), IOVA compare, state
+// exchange allocated -> free (atomic, so of two racing frees of one block
+// exactly one sees kAllocated), push on the loaded magazine. Four tests
+// refuse; a thread without a cache array or a full magazine takes the slow
+// path.
 inline Status DmaPool::free(void* vaddr, uint64_t iova) {
   const auto v = reinterpret_cast<uintptr_t>(vaddr);
-  Chunk* ch = find_chunk(v);
-  if (ch == nullptr) [[unlikely]]
-    return refuse_free(vaddr, iova, "not inside any chunk of this pool");
-  const uint64_t off = v - ch->base;
-  const uint64_t g = off + ch->origin;
-  const uint64_t in = g & seg_mask_;
-  const uint64_t k = detail::mulhi(in, div_magic_);  // in / size
-  const uint64_t index = (g >> seg_shift_) * per_seg_ + k - ch->first;
-  if (in * div_magic_ >= div_magic_ || k >= per_seg_ || index >= ch->nblocks) [[unlikely]]
-    return refuse_free(vaddr, iova, "not the start of a block");
-  if (iova != ch->iova + off) [[unlikely]] return refuse_free(vaddr, iova, "IOVA does not match the block");
-  std::atomic<uint8_t>& st = ch->state[index];
-  if (st.load(std::memory_order_relaxed) != detail::kAllocated) [[unlikely]]
+  const uint32_t s = slot_;
+  if (s >= detail::tl_nslots) [[unlikely]] return free_uncached(vaddr, iova);
+  Cache* c = detail::tl_slots[s];
+  // An attached cache only ever remembers a chunk of its own (live) pool;
+  // idle and detached caches remember the empty chunk, which contains nothing.
+  Chunk* ch = c->last_chunk.load(std::memory_order_relaxed);
+  if (v - ch->base >= ch->len) [[unlikely]] {
+    ch = find_chunk(v);
+    if (ch == nullptr) [[unlikely]] return refuse_free(vaddr, iova, "not inside any chunk of this pool");
+    if (c->cap.load(std::memory_order_relaxed) != 0) c->last_chunk.store(ch, std::memory_order_relaxed);
+  }
+  uint64_t index;
+  if (const char* why = check_block(ch, v, iova, index); why != nullptr) [[unlikely]]
+    return refuse_free(vaddr, iova, why);
+  if (ch->state[index].exchange(detail::kFree, std::memory_order_relaxed) != detail::kAllocated) [[unlikely]]
     return refuse_free(vaddr, iova, "block is not allocated (double free?)");
-  st.store(detail::kFree, std::memory_order_relaxed);
   if (debug_ & detail::kPoison) [[unlikely]] debug_on_free(vaddr);
 
-  Cache* c = this_thread_cache();
-  if (c != nullptr) [[likely]] {
-    const uint32_t n = c->count.load(std::memory_order_relaxed);
-    if (n < c->cap) [[likely]] {
-      Entry& e = c->slots[n];
-      e.chunk = ch;
-      e.off = static_cast<uint32_t>(off);
-      e.index = static_cast<uint32_t>(index);
-      c->count.store(n + 1, std::memory_order_relaxed);
-      return ok();
-    }
+  const auto off = static_cast<uint32_t>(v - ch->base);
+  const uint32_t n = c->count.load(std::memory_order_relaxed);
+  if (n < c->cap.load(std::memory_order_relaxed)) [[likely]] {
+    Entry& e = c->slots[n];
+    e.chunk = ch;
+    e.off = off;
+    e.index = static_cast<uint32_t>(index);
+    c->count.store(n + 1, std::memory_order_relaxed);
+    return ok();
   }
-  return free_slow(ch, static_cast<uint32_t>(off), static_cast<uint32_t>(index));
+  return free_slow(ch, off, static_cast<uint32_t>(index));
 }
 
 }  // namespace dmakit::pool

@@ -1,6 +1,7 @@
 // DmaPool on host memory with synthetic IOVAs: geometry, validation of every
 // free, a device scribbling over all pool memory, growth and exhaustion,
-// destruction with live blocks, and threads freeing each other's blocks.
+// destruction with live blocks, threads freeing each other's blocks, two
+// threads racing to free the same blocks, and rate-limited refusal logging.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,6 +14,9 @@
 #include <thread>
 #include <vector>
 
+#include <spdlog/sinks/ringbuffer_sink.h>
+
+#include "base/log.hpp"
 #include "pool/dma_pool.hpp"
 
 namespace dmakit::pool {
@@ -438,6 +442,107 @@ TEST(DmaPool, FormatsTheKernelPoolsListing) {
   EXPECT_NE(line.find("validation_failures=1"), std::string::npos) << line;
   EXPECT_NE(line.find("boundary=4096"), std::string::npos) << line;
   ASSERT_TRUE(m.pool->free(*a).has_value());
+}
+
+// Two threads free the same blocks at the same moment: for every block
+// exactly one free succeeds and the other is refused as a double free, and
+// no block ends up on the free lists twice (a duplicate would be handed out
+// twice below, or the pool would report more free blocks than it has).
+TEST(DmaPool, RacingDoubleFreesExactlyOneWins) {
+  for (uint32_t cache : {0u, 16u, 256u}) {
+    SCOPED_TRACE(::testing::Message() << "cache " << cache);
+    PoolOptions o;
+    o.cache_size = cache;
+    auto m = make(64, 64, 0, o);
+    DmaPool& pool = *m.pool;
+    constexpr int kRounds = 300, kBlocks = 64;
+    std::vector<DmaBlock> blocks(kBlocks);
+    std::atomic<int> go{0}, done{0};
+    std::atomic<bool> stop{false};
+    std::vector<std::vector<char>> won(2, std::vector<char>(size_t{kRounds} * kBlocks));
+    std::vector<int> corrupted(2, 0);
+    auto racer = [&](int id) {
+      for (int r = 0; r < kRounds; ++r) {
+        while (go.load(std::memory_order_acquire) <= r) {
+          if (stop.load(std::memory_order_relaxed)) return;
+          std::this_thread::yield();
+        }
+        for (int i = 0; i < kBlocks; ++i) {  // both threads walk the same blocks in the same order
+          auto st = pool.free(blocks[static_cast<size_t>(i)]);
+          won[static_cast<size_t>(id)][static_cast<size_t>(r * kBlocks + i)] = st.has_value();
+          if (!st && st.error().code == Errc::corrupted) ++corrupted[static_cast<size_t>(id)];
+        }
+        done.fetch_add(1, std::memory_order_acq_rel);
+      }
+    };
+    std::thread a(racer, 0), b(racer, 1);
+    for (int r = 0; r < kRounds; ++r) {
+      for (auto& x : blocks) {
+        auto got = pool.alloc();
+        ASSERT_TRUE(got.has_value()) << got.error().what();
+        x = *got;
+      }
+      go.store(r + 1, std::memory_order_release);
+      while (done.load(std::memory_order_acquire) < 2 * (r + 1)) std::this_thread::yield();
+    }
+    stop = true;
+    a.join();
+    b.join();
+    int both = 0, neither = 0;
+    for (size_t i = 0; i < won[0].size(); ++i) {
+      both += won[0][i] && won[1][i];
+      neither += !won[0][i] && !won[1][i];
+    }
+    EXPECT_EQ(both, 0);
+    EXPECT_EQ(neither, 0);
+    EXPECT_EQ(corrupted[0] + corrupted[1], kRounds * kBlocks);
+    auto st = pool.stats();
+    EXPECT_EQ(st.validation_failures, uint64_t{kRounds} * kBlocks);
+    EXPECT_EQ(st.active, 0u);
+    // Every block comes out exactly once, and without growth.
+    std::vector<DmaBlock> all;
+    for (uint64_t i = 0; i < st.blocks; ++i) {
+      auto got = pool.alloc();
+      ASSERT_TRUE(got.has_value()) << got.error().what();
+      all.push_back(*got);
+    }
+    std::sort(all.begin(), all.end(), [](auto& x, auto& y) { return x.vaddr < y.vaddr; });
+    for (size_t i = 1; i < all.size(); ++i) ASSERT_NE(all[i - 1].vaddr, all[i].vaddr);
+    EXPECT_EQ(pool.stats().chunks, st.chunks);
+    for (const auto& x : all) ASSERT_TRUE(pool.free(x).has_value());
+  }
+}
+
+// Refused frees are all counted and returned, but logged only in part: the
+// first 8 in full, then one line per 1024.
+TEST(DmaPool, RefusalWarningsAreRateLimited) {
+  auto sink = std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(10000);
+  base::log().sinks().push_back(sink);
+  auto m = make(64, 64, 0);
+  auto a = m.pool->alloc();
+  ASSERT_TRUE(a.has_value());
+  ASSERT_TRUE(m.pool->free(*a).has_value());
+  constexpr int kBad = 3000;
+  for (int i = 0; i < kBad; ++i) {
+    auto st = m.pool->free(*a);
+    ASSERT_FALSE(st.has_value());
+    EXPECT_EQ(st.error().code, Errc::corrupted);
+  }
+  base::log().sinks().pop_back();
+  EXPECT_EQ(m.pool->stats().validation_failures, uint64_t{kBad});
+  const auto lines = sink->last_formatted();
+  size_t full = 0, summary = 0;
+  for (const auto& l : lines) {
+    if (l.find("frees refused so far") != std::string::npos) {
+      ++summary;
+      EXPECT_TRUE(l.find(" 1024 frees") != std::string::npos || l.find(" 2048 frees") != std::string::npos) << l;
+    } else if (l.find("refused: block is not allocated") != std::string::npos) {
+      ++full;
+    }
+  }
+  EXPECT_EQ(full, 8u);
+  EXPECT_EQ(summary, 2u);  // at 1024 and 2048
+  EXPECT_LE(lines.size(), 12u);
 }
 
 }  // namespace

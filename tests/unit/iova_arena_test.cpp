@@ -551,6 +551,51 @@ TEST(IovaArena, BorrowsWhenTheHomePoolIsFull) {
   EXPECT_EQ(a->stats().borrows, 1u);
 }
 
+// The one-page path (lazy mode, home pool, a free bit in the hint's word)
+// keeps every rule of the general path: lengths round up, bad alignments and
+// bad frees are refused with nothing changed, limits and holes are honoured,
+// and large_threshold_pages 0 still sends one page to the large pool.
+TEST(IovaArena, OnePagePathKeepsTheRules) {
+  auto d = sim();
+  auto a = arena(*d, small_cfg(0x2000000, 256));
+  auto r = a->alloc({K4, 0, ~0ull});
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->len, K4);
+  auto r2 = a->alloc({100, K4, ~0ull});  // shorter than a page, page alignment
+  ASSERT_TRUE(r2);
+  EXPECT_EQ(r2->len, K4);
+  EXPECT_EQ(r2->iova, r->end());
+  EXPECT_EQ(a->alloc({K4, 3, ~0ull}).error().code, Errc::invalid_argument);
+  ASSERT_TRUE(a->free(*r));
+  const ArenaStats before = a->stats();
+  EXPECT_EQ(before.pages_in_use, 1u);
+  EXPECT_EQ(before.stale_pages, 1u);
+  EXPECT_EQ(a->free(*r).error().code, Errc::corrupted);                  // double free
+  EXPECT_EQ(a->free({r->iova + 2 * K4, K4}).error().code, Errc::corrupted);  // never allocated
+  EXPECT_EQ(a->free({r2->iova, 2 * K4}).error().code, Errc::corrupted);  // wrong length
+  EXPECT_EQ(a->stats().pages_in_use, before.pages_in_use);
+  EXPECT_EQ(a->stats().stale_pages, before.stale_pages);
+  ASSERT_TRUE(a->check()) << a->check().error().what();
+  auto low = a->alloc({K4, 0, 0x2000000 + 4 * K4 - 1});  // a limit inside the space
+  ASSERT_TRUE(low) << low.error().what();
+  EXPECT_LE(low->end() - 1, 0x2000000 + 4 * K4 - 1);
+  ASSERT_TRUE(a->free(*low));
+  ASSERT_TRUE(a->free({r2->iova, 100}));
+  EXPECT_EQ(a->stats().pages_in_use, 0u);
+  EXPECT_TRUE(a->check()) << a->check().error().what();
+
+  ArenaConfig cfg;
+  cfg.pools = 2;
+  cfg.large_threshold_pages = 0;
+  auto b = arena(*d, cfg);
+  auto one = b->alloc({K4, 0, ~0ull});
+  ASSERT_TRUE(one);
+  EXPECT_GE(one->iova, b->pool_spans().back().iova);
+  EXPECT_EQ(b->free({kMsiStart, K4}).error().code, Errc::corrupted);  // a page of the hole
+  ASSERT_TRUE(b->free(*one));
+  EXPECT_TRUE(b->check()) << b->check().error().what();
+}
+
 // The benchmark behind `dmakit bench arena`, on the model: it must succeed,
 // report every case, and leave the domain as it found it.
 TEST(ArenaBench, RunsAndChecksItsOwnWork) {

@@ -243,6 +243,7 @@ TEST_F(BufferVfio, HugepageBuffersMapByRunsAndReceiveDeviceData) {
       EXPECT_EQ(b->iova() % len, 0u) << "a single-chunk buffer sits on an IOVA aligned to its order";
     }
     EXPECT_TRUE(read_lands(*b, lba));
+    std::cout << fmt::format("{} KiB: {} chunks, {} mappings\n", len >> 10, b->chunks().size(), b->mappings());
     lba += 1000;
     rig->held.push_back(std::move(*b));
   }
@@ -277,7 +278,9 @@ TEST_F(BufferVfio, AnonymousMemoryAfterHugepagesRunOut) {
   const base::HugepageCounts hp = base::read_hugepages();
   std::cout << fmt::format("hugepages after exhaustion: total {}, free {}; hugepage-2M source holds {} MiB\n",
                            hp.total, hp.free, huge->stats().live_bytes >> 20);
-  EXPECT_EQ(hp.free, 0u) << "the kernel still has free 2 MiB pages: exhaustion was not real";
+  // One page may stay free: a one-page slab costs DPDK two (its element
+  // header sits before the page), so a lone page is of no use to the source.
+  EXPECT_LE(hp.free, 1u) << "the kernel still has free 2 MiB pages: exhaustion was not real";
 
   uint64_t lba = 9000;
   for (uint64_t len : kSizes) {
