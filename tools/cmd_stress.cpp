@@ -29,7 +29,8 @@ int run(Tool& tool) {
     std::cout << fmt::format(
         "stress on {} backend, {} threads, {:.2f} s: {} ops, {} failures\n"
         "  buffers: {} allocated ({:.1f} MiB)   blocks: {} allocated, {} freed by another thread\n"
-        "  device checks through the IOMMU: {}   bad frees refused: {}   allocations refused: {}\n"
+        "  device checks through the IOMMU: {}   deliberate bad frees refused: {} (pool 'stress-misuse')\n"
+        "  allocations refused for lack of memory: {}\n"
         "  mappings left after freeing everything: {}\n",
         r->backend, tool.cfg.stress.threads, r->seconds, r->ops, r->failures, r->buffer_allocs,
         static_cast<double>(r->buffer_bytes) / (1 << 20), r->block_allocs, r->cross_thread_frees,
