@@ -168,7 +168,6 @@ class Allocator final : public BufferAllocator {
   Status map_runs(Impl& b);
   void give_back(Impl& b);
   void retire(Impl* b);
-  void reclaim_overlapping(iommu::IovaSpan span);
   std::vector<Impl*> collect_victims(uint64_t target);
   void zero_loop();
   void psi_loop(int psi_fd);
@@ -189,10 +188,6 @@ class Allocator final : public BufferAllocator {
   std::condition_variable idle_cv_;   // trim/wait_prezeroed: zeroing finished
   std::map<uint64_t, SizeClass> classes_;
   std::map<uint64_t, Impl*> pending_;  // by IOVA: retired, waiting for the flush (disjoint)
-  // Pending buffers released early because the arena handed their IOVA out
-  // again (proof of the unmap) while the flush's report was still on its
-  // way: that report must not release a newer buffer at the same IOVAs.
-  std::multimap<uint64_t, uint64_t> owed_;  // iova -> len
   std::vector<Impl*> lost_;           // IOVA could not be freed: memory kept forever
   uint64_t live_ = 0, live_bytes_ = 0;
   uint64_t recycled_bytes_ = 0, clean_bytes_ = 0, dirty_bytes_ = 0, pending_bytes_ = 0;
@@ -338,7 +333,6 @@ Result<Allocator::Impl*> Allocator::build(const BufferRequest& req, uint64_t spa
                                                     span_len, size_name(align))));
   }
   b->span = *span;
-  reclaim_overlapping(b->span);
   uint64_t off = 0;
   for (Chunk& c : b->chunks) {
     c.iova = b->span.iova + off;
@@ -423,19 +417,15 @@ Status Allocator::map_runs(Impl& b) {
       Error err = with_context(st.error(), fmt::format("map of run {} ({} bytes at IOVA {:#x})", runs, len,
                                                        b.chunks[i].iova));
       bool unmapped = mapped == 0 || static_cast<bool>(domain_.unmap(b.span.iova, mapped));
-      if (auto fr = arena_.free(b.span); !fr)
-        base::log().error("buffer IOVA {:#x}+{:#x}: free after failed map: {}", b.span.iova, b.span.len,
-                          fr.error().what());
       if (unmapped) {
+        if (auto fr = arena_.free(b.span); !fr)
+          base::log().error("buffer IOVA {:#x}+{:#x}: free after failed map: {}", b.span.iova, b.span.len,
+                            fr.error().what());
         give_back(b);
       } else {
         // Still mapped: hold the memory until the arena's flush unmaps it.
         base::log().error("buffer IOVA {:#x}: unmap after failed map failed; memory held until flush", b.span.iova);
-        auto owned = std::make_unique<Impl>(std::move(b));
-        const iommu::IovaSpan span = owned->span;
-        std::lock_guard lock(mu_);
-        pending_bytes_ += span.len;
-        pending_.emplace(span.iova, owned.release());
+        retire(std::make_unique<Impl>(std::move(b)).release());
       }
       return std::unexpected(std::move(err));
     }
@@ -538,30 +528,16 @@ void Allocator::retire(Impl* b) {
   }
 }
 
-// The arena makes flushed IOVAs allocatable before it reports them, so a
-// report can arrive after the same IOVAs were handed out, retired and made
-// pending again. Each report first pays off the early releases it covers
-// (owed_), and buffers inside those are left for their own report.
+// The arena reports a flushed range after its unmap returned and before its
+// IOVAs can be handed out again, so every pending buffer inside the range is
+// unreachable by the device and its memory can go back to the sources.
 void Allocator::on_flushed(std::span<const iommu::IovaSpan> ranges) {
   std::vector<Impl*> done;
   {
     std::lock_guard lock(mu_);
     for (const auto& r : ranges) {
-      std::vector<iommu::IovaSpan> paid;
-      for (auto it = owed_.lower_bound(r.iova); it != owed_.end() && it->first < r.end();) {
-        if (it->first + it->second <= r.end()) {
-          paid.push_back({it->first, it->second});
-          it = owed_.erase(it);
-        } else {
-          ++it;
-        }
-      }
       for (auto it = pending_.lower_bound(r.iova); it != pending_.end() && it->first < r.end();) {
-        const iommu::IovaSpan sp = it->second->span;
-        const bool shadowed = std::any_of(paid.begin(), paid.end(), [&](const iommu::IovaSpan& o) {
-          return sp.iova < o.end() && o.iova < sp.end();
-        });
-        if (sp.end() <= r.end() && !shadowed) {
+        if (it->second->span.end() <= r.end()) {
           pending_bytes_ -= it->second->span.len;
           done.push_back(it->second);
           it = pending_.erase(it);
@@ -574,29 +550,6 @@ void Allocator::on_flushed(std::span<const iommu::IovaSpan> ranges) {
   for (Impl* b : done) {
     give_back(*b);
     delete b;  // owned by pending_ until here
-  }
-}
-
-// The arena just handed out `span`: whatever was pending there has been
-// unmapped (an IOVA is reused only after its unmap returned), so its memory
-// can go back now; the flush's report, still to come, is owed.
-void Allocator::reclaim_overlapping(iommu::IovaSpan span) {
-  std::vector<Impl*> done;
-  {
-    std::lock_guard lock(mu_);
-    auto it = pending_.lower_bound(span.end());
-    while (it != pending_.begin()) {
-      --it;
-      if (it->second->span.end() <= span.iova) break;
-      done.push_back(it->second);
-      pending_bytes_ -= it->second->span.len;
-      owed_.emplace(it->second->span.iova, it->second->span.len);
-      it = pending_.erase(it);
-    }
-  }
-  for (Impl* b : done) {
-    give_back(*b);
-    delete b;
   }
 }
 

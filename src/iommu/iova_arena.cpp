@@ -561,6 +561,10 @@ Status PooledArena::free_general(IovaSpan range) {
 
 Status PooledArena::unmap_strict(Pool& p, uint64_t pn, uint64_t n) {
   auto st = domain_.unmap(pn << shift_, n << shift_);
+  // Report before the pages become allocatable: the owner of the memory
+  // behind them hears of the unmap before anyone can be handed these IOVAs.
+  const IovaSpan done{pn << shift_, n << shift_};
+  if (st) notify({&done, 1});
   p.lock.lock();
   p.unmap_calls.add(1);
   p.unmapping.sub(n);
@@ -580,8 +584,6 @@ Status PooledArena::unmap_strict(Pool& p, uint64_t pn, uint64_t n) {
         st.error(), fmt::format("strict free of IOVA {:#x} len {:#x} (the range stays reserved until a flush "
                                 "unmaps it)",
                                 pn << shift_, n << shift_)));
-  const IovaSpan done{pn << shift_, n << shift_};
-  notify({&done, 1});
   return ok();
 }
 
@@ -626,7 +628,16 @@ Status PooledArena::flush_pool(Pool& p, bool notify_listener) {
       }
     }
 
-    // 3. Under the lock: the unmapped pages become free; failed runs stay stale.
+    // 3. Report the unmapped runs while their pages are still reserved, so
+    //    the owner of the memory behind them hears of it before anyone can
+    //    be handed these IOVAs again.
+    if (notify_listener) {
+      for (const Run& r : p.runs)
+        if (r.ok) done.push_back({r.pn << shift_, r.n << shift_});
+      if (!done.empty()) notify(done);
+    }
+
+    // 4. Under the lock: the unmapped pages become free; failed runs stay stale.
     p.lock.lock();
     uint64_t failed = 0;
     for (const Run& r : p.runs) {
@@ -649,12 +660,8 @@ Status PooledArena::flush_pool(Pool& p, bool notify_listener) {
     }
     rearm(p);
     p.lock.unlock();
-    if (notify_listener)
-      for (const Run& r : p.runs)
-        if (r.ok) done.push_back({r.pn << shift_, r.n << shift_});
   }
   if (!first) base::log().error("IOVA arena: {}", first.error().what());
-  if (!done.empty()) notify(done);
   return first;
 }
 

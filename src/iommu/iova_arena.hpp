@@ -110,9 +110,11 @@ struct ArenaStats {
 
 class IovaArena {
  public:
-  // Called after a flush unmapped these ranges (unmap returned): memory that
-  // stood behind them may now be given to a new owner. Called without locks
-  // held by the arena, from whichever thread flushed.
+  // Called after a flush unmapped these ranges (unmap returned) and before
+  // their IOVAs can be handed out again: memory that stood behind them may
+  // now be given to a new owner. Called from whichever thread flushed, with
+  // no bitmap lock held but inside the pool's flush, so it must not call
+  // back into the arena.
   using FlushListener = std::function<void(std::span<const IovaSpan>)>;
 
   static Result<std::unique_ptr<IovaArena>> create(Domain& domain, const ArenaConfig& cfg);
