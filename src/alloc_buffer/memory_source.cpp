@@ -8,9 +8,9 @@
 #include <bit>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <mutex>
 #include <set>
-#include <unordered_map>
 #include <vector>
 
 #include "base/eal.hpp"
@@ -95,26 +95,102 @@ class AnonSource final : public MemorySource {
 };
 
 // ---------------------------------------------------------------------------
-// HugepageSource. Data structure: slabs keyed by base address; each slab is
-// a page-size-strict memzone of up to 64 pages with a used-page mask. The
-// set `partial_` holds slabs with a free page, lowest address first, so
-// consecutive takes return consecutive pages (one VA run, one mapping).
-// take: lowest free page of the lowest partial slab, else reserve a slab.
+// PieceMap: the bookkeeping both slab-backed sources share. Slabs of equal
+// pieces keyed by base address, each with a bitmap of taken pieces;
+// `partial_` holds slabs with a free piece, lowest address first, so
+// consecutive takes return consecutive pieces (one VA run, one mapping).
+// Not thread-safe: the owning source holds its lock.
+class PieceMap {
+ public:
+  explicit PieceMap(uint64_t piece) : piece_(piece) {}
+
+  // A new slab of `pieces` free pieces at `base`.
+  void add(uintptr_t base, uint32_t pieces) {
+    slabs_.emplace(base, Slab{pieces, 0, std::vector<uint64_t>((pieces + 63) / 64, 0)});
+    partial_.insert(base);
+  }
+
+  bool has_free() const { return !partial_.empty(); }
+
+  // Lowest free piece of the lowest partial slab; has_free() must hold.
+  uintptr_t take() {
+    const uintptr_t base = *partial_.begin();
+    Slab& slab = slabs_.at(base);
+    uint64_t idx = 0;
+    for (size_t w = 0; w < slab.bits.size(); ++w) {
+      if (~slab.bits[w] == 0) continue;
+      idx = w * 64 + static_cast<uint64_t>(std::countr_one(slab.bits[w]));
+      slab.bits[w] |= 1ull << (idx % 64);
+      break;
+    }
+    if (++slab.used == slab.pieces) partial_.erase(partial_.begin());
+    return base + idx * piece_;
+  }
+
+  // Frees a taken piece. Returns the base of its slab, or nullopt (nothing
+  // changed) when `addr` is not a taken piece; `now_empty` tells whether
+  // the slab has no taken piece left (the caller then removes it).
+  std::optional<uintptr_t> give(uintptr_t addr, bool& now_empty) {
+    auto it = slabs_.upper_bound(addr);
+    if (it == slabs_.begin()) return std::nullopt;
+    --it;
+    Slab& slab = it->second;
+    const uint64_t off = addr - it->first;
+    const uint64_t idx = off / piece_;
+    if (off % piece_ != 0 || idx >= slab.pieces || (slab.bits[idx / 64] & (1ull << (idx % 64))) == 0)
+      return std::nullopt;
+    slab.bits[idx / 64] &= ~(1ull << (idx % 64));
+    --slab.used;
+    partial_.insert(it->first);
+    now_empty = slab.used == 0;
+    return it->first;
+  }
+
+  // Forgets a wholly free slab.
+  void remove(uintptr_t base) {
+    partial_.erase(base);
+    slabs_.erase(base);
+  }
+
+  // fn(base, taken pieces) for every slab.
+  template <class Fn>
+  void for_each(Fn&& fn) const {
+    for (const auto& [base, slab] : slabs_) fn(base, slab.used);
+  }
+
+ private:
+  struct Slab {
+    uint32_t pieces = 0;
+    uint32_t used = 0;
+    std::vector<uint64_t> bits;  // bit i: piece i taken
+  };
+
+  const uint64_t piece_;
+  std::map<uintptr_t, Slab> slabs_;
+  std::set<uintptr_t> partial_;
+};
+
+// ---------------------------------------------------------------------------
+// HugepageSource. Data structure: a PieceMap of slabs, each a page-size-
+// strict memzone of up to 64 pages, plus the memzone behind each slab.
+// take: lowest free page of the lowest partial slab, else reserve a slab; a
+// slab goes back to the EAL when all its pages are free.
 class HugepageSource final : public MemorySource {
  public:
   HugepageSource(uint64_t page, uint32_t slab_pages)
-      : page_(page), slab_pages_(slab_pages), name_("hugepage-" + size_name(page)) {}
+      : page_(page), slab_pages_(slab_pages), name_("hugepage-" + size_name(page)), pages_(page) {}
 
   ~HugepageSource() override {
     std::lock_guard lock(mu_);
-    for (auto& [base, slab] : slabs_) {
-      if (slab.used != 0) {
-        base::log().warn("{}: slab {} destroyed with {} pages still taken; leaving it reserved", name_,
-                         slab.mz->name, slab.used);
-        continue;
+    pages_.for_each([&](uintptr_t base, uint32_t used) {
+      const rte_memzone* mz = zones_.at(base);
+      if (used != 0) {
+        base::log().warn("{}: slab {} destroyed with {} pages still taken; leaving it reserved", name_, mz->name,
+                         used);
+        return;
       }
-      rte_memzone_free(slab.mz);
-    }
+      rte_memzone_free(mz);
+    });
   }
 
   std::string_view name() const override { return name_; }
@@ -127,48 +203,33 @@ class HugepageSource final : public MemorySource {
       return fail(Errc::invalid_argument, "{}: take of {} bytes, expected one {} page", name_, len,
                   size_name(page_));
     }
-    if (partial_.empty()) {
+    if (!pages_.has_free()) {
       if (auto st = reserve_slab(); !st) {
         ++failures_;
         return std::unexpected(st.error());
       }
     }
-    Slab& slab = slabs_.at(*partial_.begin());
-    auto idx = static_cast<uint32_t>(std::countr_one(slab.used_mask));
-    slab.used_mask |= 1ull << idx;
-    ++slab.used;
-    if (slab.used == slab.pages) partial_.erase(partial_.begin());
     live_ += page_;
     ++takes_;
-    return static_cast<void*>(slab.base + idx * page_);
+    return reinterpret_cast<void*>(pages_.take());
   }
 
   void give(void* p, uint64_t len) override {
     std::lock_guard lock(mu_);
-    auto addr = reinterpret_cast<uintptr_t>(p);
-    auto it = slabs_.upper_bound(addr);
-    if (len != page_ || it == slabs_.begin()) {
-      base::log().error("{}: give of {} bytes at {} does not match a page it handed out", name_, len, p);
+    bool empty = false;
+    auto base = len == page_ ? pages_.give(reinterpret_cast<uintptr_t>(p), empty) : std::nullopt;
+    if (!base) {
+      base::log().error("{}: give of {} bytes at {}: not a page it handed out", name_, len, p);
       return;
     }
-    --it;
-    Slab& slab = it->second;
-    uint64_t idx = (addr - it->first) / page_;
-    if (idx >= slab.pages || (addr - it->first) % page_ != 0 || (slab.used_mask & (1ull << idx)) == 0) {
-      base::log().error("{}: give of {} bytes at {}: not a taken page", name_, len, p);
-      return;
-    }
-    slab.used_mask &= ~(1ull << idx);
-    --slab.used;
     live_ -= page_;
-    if (slab.used == 0) {
+    if (empty) {
       // Wholly free: back to the EAL (and from there to the kernel).
-      partial_.erase(it->first);
-      reserved_ -= uint64_t{slab.pages} * page_;
-      rte_memzone_free(slab.mz);
-      slabs_.erase(it);
-    } else {
-      partial_.insert(it->first);
+      const rte_memzone* mz = zones_.at(*base);
+      reserved_ -= mz->len;
+      rte_memzone_free(mz);
+      zones_.erase(*base);
+      pages_.remove(*base);
     }
   }
 
@@ -178,14 +239,6 @@ class HugepageSource final : public MemorySource {
   }
 
  private:
-  struct Slab {
-    const rte_memzone* mz = nullptr;
-    char* base = nullptr;
-    uint32_t pages = 0;
-    uint32_t used = 0;
-    uint64_t used_mask = 0;  // bit i: page i taken; bits >= pages stay clear
-  };
-
   // Slow path: a new slab, halving its size until the EAL can give one.
   Status reserve_slab() {
     const base::EalInfo* eal = base::eal_info();
@@ -209,14 +262,10 @@ class HugepageSource final : public MemorySource {
         return fail(Errc::unsupported, "{}: EAL gave memory on {} pages, not {}", name_, size_name(got),
                     size_name(page_));
       }
-      Slab slab;
-      slab.mz = mz;
-      slab.base = static_cast<char*>(mz->addr);
-      slab.pages = n;
-      auto key = reinterpret_cast<uintptr_t>(slab.base);
-      slabs_.emplace(key, slab);
-      partial_.insert(key);
-      reserved_ += uint64_t{n} * page_;
+      auto base = reinterpret_cast<uintptr_t>(mz->addr);
+      zones_.emplace(base, mz);
+      pages_.add(base, n);
+      reserved_ += mz->len;
       return ok();
     }
     return fail_errno(last_err != 0 ? last_err : ENOMEM, "{}: rte_memzone_reserve_aligned of {} down to 1 page",
@@ -227,34 +276,34 @@ class HugepageSource final : public MemorySource {
   const uint32_t slab_pages_;
   const std::string name_;
   mutable std::mutex mu_;
-  std::map<uintptr_t, Slab> slabs_;
-  std::set<uintptr_t> partial_;
+  PieceMap pages_;                                  // slabs of pages, by base
+  std::map<uintptr_t, const rte_memzone*> zones_;  // the memzone behind each slab
   uint64_t live_ = 0, reserved_ = 0, takes_ = 0, failures_ = 0, serial_ = 0;
 };
 
 // ---------------------------------------------------------------------------
-// CarvedSource. Data structure: the parent chunks it holds, keyed by base,
-// each with a bitmap of its pieces; `partial_` holds parents with a free
-// piece, lowest first. take: first free piece of the lowest partial parent,
-// else one more parent chunk. A parent chunk goes back when all pieces are.
+// CarvedSource. Data structure: a PieceMap of the parent chunks it holds.
+// take: first free piece of the lowest partial parent, else one more parent
+// chunk. A parent chunk goes back when all its pieces are.
 class CarvedSource final : public MemorySource {
  public:
   CarvedSource(MemorySource& parent, uint64_t order)
       : parent_(parent),
         order_(order),
-        pieces_(static_cast<uint32_t>(parent.order() / order)),
-        name_(fmt::format("carved-{}", size_name(order))) {}
+        pieces_per_parent_(static_cast<uint32_t>(parent.order() / order)),
+        name_(fmt::format("carved-{}", size_name(order))),
+        pieces_(order) {}
 
   ~CarvedSource() override {
     std::lock_guard lock(mu_);
-    for (auto& [base, blk] : blocks_) {
-      if (blk.used != 0) {
-        base::log().warn("{}: destroyed with {} pieces of {} still taken; leaving its parent chunk", name_,
-                         blk.used, reinterpret_cast<void*>(base));
-        continue;
+    pieces_.for_each([&](uintptr_t base, uint32_t used) {
+      if (used != 0) {
+        base::log().warn("{}: destroyed with {} pieces of {} still taken; leaving its parent chunk", name_, used,
+                         reinterpret_cast<void*>(base));
+        return;
       }
       parent_.give(reinterpret_cast<void*>(base), parent_.order());
-    }
+    });
   }
 
   std::string_view name() const override { return name_; }
@@ -266,52 +315,33 @@ class CarvedSource final : public MemorySource {
       ++failures_;
       return fail(Errc::invalid_argument, "{}: take of {} bytes, expected {}", name_, len, size_name(order_));
     }
-    if (partial_.empty()) {
+    if (!pieces_.has_free()) {
       auto p = parent_.take(parent_.order());
       if (!p) {
         ++failures_;
         return std::unexpected(with_context(std::move(p).error(), fmt::format("{}: parent page", name_)));
       }
-      auto key = reinterpret_cast<uintptr_t>(*p);
-      blocks_.emplace(key, Block{0, std::vector<uint64_t>((pieces_ + 63) / 64, 0)});
-      partial_.insert(key);
+      pieces_.add(reinterpret_cast<uintptr_t>(*p), pieces_per_parent_);
       reserved_ += parent_.order();
     }
-    uintptr_t key = *partial_.begin();
-    Block& blk = blocks_.at(key);
-    uint32_t idx = 0;
-    for (size_t w = 0; w < blk.bits.size(); ++w) {
-      if (~blk.bits[w] == 0) continue;
-      idx = static_cast<uint32_t>(w * 64 + static_cast<size_t>(std::countr_one(blk.bits[w])));
-      blk.bits[w] |= 1ull << (idx % 64);
-      break;
-    }
-    if (++blk.used == pieces_) partial_.erase(partial_.begin());
     live_ += order_;
     ++takes_;
-    return reinterpret_cast<void*>(key + idx * order_);
+    return reinterpret_cast<void*>(pieces_.take());
   }
 
   void give(void* p, uint64_t len) override {
     std::lock_guard lock(mu_);
-    auto addr = reinterpret_cast<uintptr_t>(p);
-    uintptr_t key = addr & ~(parent_.order() - 1);
-    auto it = blocks_.find(key);
-    uint64_t idx = (addr - key) / order_;
-    if (len != order_ || it == blocks_.end() || (addr - key) % order_ != 0 ||
-        (it->second.bits[idx / 64] & (1ull << (idx % 64))) == 0) {
+    bool empty = false;
+    auto base = len == order_ ? pieces_.give(reinterpret_cast<uintptr_t>(p), empty) : std::nullopt;
+    if (!base) {
       base::log().error("{}: give of {} bytes at {}: not a taken piece", name_, len, p);
       return;
     }
-    it->second.bits[idx / 64] &= ~(1ull << (idx % 64));
     live_ -= order_;
-    if (--it->second.used == 0) {
-      partial_.erase(key);
-      blocks_.erase(it);
+    if (empty) {
+      pieces_.remove(*base);
       reserved_ -= parent_.order();
-      parent_.give(reinterpret_cast<void*>(key), parent_.order());
-    } else {
-      partial_.insert(key);
+      parent_.give(reinterpret_cast<void*>(*base), parent_.order());
     }
   }
 
@@ -321,18 +351,12 @@ class CarvedSource final : public MemorySource {
   }
 
  private:
-  struct Block {
-    uint32_t used = 0;
-    std::vector<uint64_t> bits;  // bit i: piece i taken
-  };
-
   MemorySource& parent_;
   const uint64_t order_;
-  const uint32_t pieces_;
+  const uint32_t pieces_per_parent_;
   const std::string name_;
   mutable std::mutex mu_;
-  std::unordered_map<uintptr_t, Block> blocks_;
-  std::set<uintptr_t> partial_;
+  PieceMap pieces_;  // the parent chunks held, by base
   uint64_t live_ = 0, reserved_ = 0, takes_ = 0, failures_ = 0;
 };
 
