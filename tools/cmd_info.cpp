@@ -1,4 +1,5 @@
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "base/eal.hpp"
@@ -117,14 +118,12 @@ int run_info(Tool& tool, bool pools) {
   const bool use_vfio = tool.cfg.iommu.backend == "vfio" ||
                         (tool.cfg.iommu.backend == "auto" && vfio && vfio->present && !tool.cfg.iommu.device.empty());
   j.add("backend", use_vfio ? "vfio" : "sim");
+  std::optional<iommu::DomainInfo> sim_info;  // the simulated IOMMU the sim backend would use
   if (!use_vfio) {
-    // The simulated IOMMU that the default backend would use.
-    auto sim = core::Context::make_domain([&] {
-      base::Config c = tool.cfg;
-      c.iommu.backend = "sim";
-      return c;
-    }());
-    if (sim) j.add("sim_iommu", iommu_json((*sim)->info()));
+    base::Config c = tool.cfg;
+    c.iommu.backend = "sim";
+    if (auto sim = core::Context::make_domain(c)) sim_info = (*sim)->info();
+    if (sim_info) j.add("sim_iommu", iommu_json(*sim_info));
   }
   j.add("hugepages_2m", base::Json::object()
                             .add("total", huge.total).add("free", huge.free)
@@ -157,11 +156,7 @@ int run_info(Tool& tool, bool pools) {
     std::cout << "VFIO:      not available: " << (vfio ? vfio->reason : vfio.error().what()) << "\n";
   }
   std::cout << "backend:   " << (use_vfio ? "vfio" : "sim (simulated VFIO type1 IOMMU)") << "\n";
-  if (!use_vfio) {
-    base::Config c = tool.cfg;
-    c.iommu.backend = "sim";
-    if (auto sim = core::Context::make_domain(c)) print_iommu((*sim)->info(), "           ");
-  }
+  if (sim_info) print_iommu(*sim_info, "           ");
   std::cout << fmt::format("hugepages: 2 MiB total {}, free {}, overcommit {}\n", huge.total, huge.free, huge.overcommit);
   if (plan) std::cout << "EAL:       " << plan->reason << "\n";
   if (pools) std::cout << listing;
