@@ -65,9 +65,6 @@ constexpr uint64_t kNone = ~0ull;
 constexpr uint64_t kBusy = ~0ull - 1;
 // Smallest small pool: below this, splitting costs more locality than it buys.
 constexpr uint64_t kMinPoolPages = 512;
-// The stale-age bound is checked on every this many operations of a pool:
-// even the coarse clock costs as much as the rest of a 1-page alloc.
-constexpr uint32_t kAgeCheckEvery = 8;
 
 constexpr Field kUsed = &Group::used;
 constexpr Field kStale = &Group::stale;
@@ -88,7 +85,9 @@ int64_t coarse_now_ns() {
 // init guard call on the fast path.
 uint32_t thread_number() {
   static std::atomic<uint32_t> next{0};
-  constinit thread_local uint32_t mine = 0;
+  // initial-exec: one %fs-relative load, where -fPIC's default is a
+  // __tls_get_addr call (4 bytes of static TLS are always to be had).
+  [[gnu::tls_model("initial-exec")]] constinit thread_local uint32_t mine = 0;
   if (mine == 0) [[unlikely]]
     mine = next.fetch_add(1, std::memory_order_relaxed) + 1;
   return mine - 1;
@@ -104,19 +103,22 @@ struct Run {
 
 // One pool: pages [first, end). Everything but the counters and `runs` is
 // guarded by `lock`; `runs` by `flush_mu`, which is taken before `lock`.
+// The fast paths touch the first cache line (lock, countdown, hint, extent,
+// stale range, two counters) and the page's bitmap group, nothing else.
 struct alignas(64) Pool {
   SpinLock lock;
+  uint32_t check_in = 1;          // operations until the flush bounds are checked again
+  uint64_t hint = 0;              // next-fit: where the next search starts
   uint64_t first = 0;
   uint64_t end = 0;
-  uint64_t hint = 0;              // next-fit: where the next search starts
   uint64_t stale_lo = kNone;      // extent of the stale bits, so a flush scans only it
   uint64_t stale_hi = 0;
-  uint64_t flush_at = 0;          // flush when stale pages reach this
-  int64_t oldest_ns = 0;          // coarse time when the oldest stale range was freed
+  Counter in_use, stale;
   uint64_t pending_ranges = 0;    // stale ranges not yet flushed
+  uint64_t flush_at = 0;          // flush when stale pages reach this
+  int64_t oldest_ns = 0;          // coarse time when the oldest stale range was freed; 0 = none yet
   uint64_t hole_pages = 0;        // reserved pages inside [first, end)
-  uint32_t age_tick = 0;          // operations since the last stale-age check
-  Counter in_use, stale, unmapping, flushes, unmap_calls, ranges_flushed, borrows, flush_errors;
+  Counter unmapping, flushes, unmap_calls, ranges_flushed, borrows, flush_errors;
   std::mutex flush_mu;            // one flush at a time per pool
   std::vector<Run> runs;          // scratch of the running flush
 };
@@ -151,18 +153,23 @@ class PooledArena final : public IovaArena {
 
  private:
   uint32_t pool_count() const { return nsmall_ + (has_large_ ? 1u : 0u); }
+  // Small pool i covers base_pn_ + [i, i+1) << small_shift_ and the large
+  // pool starts right above the last one, so a shift and a clamp find any
+  // page's pool.
   uint32_t pool_of(uint64_t pn) const {
-    if (pn >= large_first_) return nsmall_;
-    const uint64_t i = (pn - base_pn_) >> small_shift_;
-    return i < nsmall_ ? static_cast<uint32_t>(i) : nsmall_ - 1;
+    return static_cast<uint32_t>(std::min<uint64_t>((pn - base_pn_) >> small_shift_, last_pool_));
   }
   [[gnu::always_inline]] uint64_t find(uint64_t from, uint64_t to, const Need& need) const;
   uint64_t take(Pool& p, const Need& need, bool wait, bool borrow);
   uint64_t take_locked(Pool& p, const Need& need, bool borrow);
   [[gnu::always_inline]] void commit(Pool& p, uint64_t pn, uint64_t n);
   [[gnu::always_inline]] void mark_stale(Pool& p, uint64_t pn, uint64_t n);
-  [[gnu::always_inline]] bool flush_due(Pool& p) const;
+  [[gnu::always_inline]] bool tick(Pool& p);
+  bool check_bounds(Pool& p);
   void rearm(Pool& p);
+  [[gnu::noinline]] Result<IovaSpan> alloc_checked(Pool& p, uint64_t pn);
+  [[gnu::noinline]] Result<IovaSpan> alloc_home_slow(Pool& p, const IovaRequest& req);
+  [[gnu::noinline]] Status free_checked(Pool& p);
   Status flush_pool(Pool& p, bool notify_listener);
   Status unmap_strict(Pool& p, uint64_t pn, uint64_t n);
   void notify(std::span<const IovaSpan> done);
@@ -179,9 +186,11 @@ class PooledArena final : public IovaArena {
   unsigned small_shift_ = 63;      // small pool i covers base_pn_ + [i, i+1) << small_shift_
   uint64_t large_first_ = kNone;   // first page of the large pool
   bool has_large_ = false;
+  uint32_t last_pool_ = 0;         // index of the topmost pool
   int64_t max_age_ns_ = 0;
   uint64_t last_iova_ = 0;         // last byte of the space: a dma_limit at or above it limits nothing
-  bool one_page_home_ = false;     // 1-page requests start at the caller's small pool (not the large one)
+  uint64_t fast_len_ = 0;          // len - 1 below this takes the 1-page fast alloc (0 = never)
+  uint64_t fast_free_len_ = 0;     // the same for the fast free
   PageBits bits_;
   std::unique_ptr<Pool[]> pools_;
   std::vector<std::pair<uint64_t, uint64_t>> holes_;  // [pn, n) reserved between windows
@@ -266,7 +275,11 @@ Status PooledArena::init() {
     has_large_ = top < hi_ && hi_ - top >= kMinPoolPages;
     large_first_ = has_large_ ? top : kNone;  // else the last small pool takes the rest
   }
-  one_page_home_ = !(has_large_ && cfg_.large_threshold_pages == 0);
+  // 1-page requests start at the caller's small pool unless the large pool
+  // takes every size; in strict mode every free goes the general way.
+  fast_len_ = has_large_ && cfg_.large_threshold_pages == 0 ? 0 : page_;
+  fast_free_len_ = cfg_.strict ? 0 : page_;
+  last_pool_ = pool_count() - 1;
   pools_ = std::make_unique<Pool[]>(pool_count());
   for (uint32_t i = 0; i < pool_count(); ++i) {
     Pool& p = pools_[i];
@@ -351,12 +364,38 @@ inline void PooledArena::mark_stale(Pool& p, uint64_t pn, uint64_t n) {
   p.stale_hi = std::max(p.stale_hi, pn + n);
 }
 
-inline bool PooledArena::flush_due(Pool& p) const {
+// The flush bounds, checked when a pool's countdown runs out. Re-arms the
+// countdown to the next operation at which a bound can be reached: the age
+// every kStaleAgeCheckEvery operations, the stale pages when they can reach
+// stale_max_pages (a fast free adds one page, so the countdown never
+// overshoots; the general path compares the count itself). Under the lock.
+bool PooledArena::check_bounds(Pool& p) {
   const uint64_t s = p.stale.get();
-  if (s == 0) return false;
-  if (cfg_.stale_max_pages != 0 && s >= p.flush_at) return true;
-  if (max_age_ns_ == 0 || (++p.age_tick % kAgeCheckEvery) != 0) return false;
-  return coarse_now_ns() - p.oldest_ns >= max_age_ns_;
+  const bool bounded = cfg_.stale_max_pages != 0;
+  bool due = false;
+  if (s != 0) {
+    if (bounded && s >= p.flush_at) {
+      due = true;
+    } else if (max_age_ns_ != 0) {
+      const int64_t now = coarse_now_ns();
+      if (p.oldest_ns == 0) {
+        p.oldest_ns = now;  // the first stale page since the last flush, freed just now
+      } else {
+        due = now - p.oldest_ns >= max_age_ns_;
+      }
+    }
+  }
+  uint64_t next = kStaleAgeCheckEvery;
+  if (bounded && !due) next = std::min(next, p.flush_at - s);
+  p.check_in = static_cast<uint32_t>(next);
+  return due;
+}
+
+// One operation of the general path: counts down like the fast paths, and
+// checks the stale-page bound directly because a free here adds many pages.
+inline bool PooledArena::tick(Pool& p) {
+  if (--p.check_in == 0 || (cfg_.stale_max_pages != 0 && p.stale.get() >= p.flush_at)) return check_bounds(p);
+  return false;
 }
 
 // After a flush: ranges whose unmap failed do not re-trigger a flush on
@@ -364,6 +403,7 @@ inline bool PooledArena::flush_due(Pool& p) const {
 void PooledArena::rearm(Pool& p) {
   p.flush_at = p.stale.get() + cfg_.stale_max_pages;
   p.oldest_ns = p.stale.get() != 0 ? coarse_now_ns() : 0;
+  p.check_in = 1;
 }
 
 // Serves `need` from pool p: search from the hint; on failure flush the
@@ -398,37 +438,59 @@ uint64_t PooledArena::take_locked(Pool& p, const Need& need, bool borrow) {
   if (pn != kNone) {
     commit(p, pn, need.n);
     if (borrow) p.borrows.add(1);
-    due = flush_due(p);
+    due = tick(p);
   }
   p.lock.unlock();
   if (due) (void)flush_pool(p, true);
   return pn;
 }
 
-// One page, page alignment, no DMA limit inside the space: the caller's home
-// pool, a free bit in the hint's word. Anything else (pool busy, word full,
-// a flush due) continues on the general path, which repeats no side effect.
+// Fast path, one page (page alignment, no DMA limit inside the space; about
+// 40 instructions and one try-lock): the caller's home pool, the first free
+// bit of the hint's word, used/head/tail set in that one group, the
+// countdown to the next bounds check. Anything else (pool busy, word full,
+// a bounds check due) continues out of line with no side effect repeated.
 Result<IovaSpan> PooledArena::alloc(const IovaRequest& req) {
-  if (req.len - 1 < page_ && (req.align & (req.align - 1)) == 0 && req.align <= page_ &&
-      req.dma_limit >= last_iova_ && one_page_home_) [[likely]] {
+  if (req.len - 1 < fast_len_ && req.align <= page_ && (req.align & (req.align - 1)) == 0 &&
+      req.dma_limit >= last_iova_) [[likely]] {
     Pool& p = pools_[thread_number() & (nsmall_ - 1)];
     if (p.lock.try_lock()) [[likely]] {
       const uint64_t from = p.hint;  // always inside [first, end)
-      const uint64_t free_bits = ~bits_.word(from).used & (~0ull << (from & 63));
+      Group& g = bits_.word(from);
+      const uint64_t free_bits = ~g.used & (~0ull << (from & 63));
       const uint64_t pn = (from & ~63ull) + static_cast<uint64_t>(std::countr_zero(free_bits));
       if (free_bits != 0 && pn < p.end) [[likely]] {
-        commit(p, pn, 1);
-        const bool due = flush_due(p);
+        const uint64_t bit = free_bits & (0 - free_bits);
+        g.used |= bit;
+        g.head |= bit;
+        g.tail |= bit;
+        p.in_use.add(1);
+        p.hint = pn + 1 < p.end ? pn + 1 : p.first;
+        if (--p.check_in == 0) [[unlikely]]
+          return alloc_checked(p, pn);
         p.lock.unlock();
-        if (due) [[unlikely]]
-          (void)flush_pool(p, true);
         return IovaSpan{pn << shift_, page_};
       }
-      const uint64_t got = take_locked(p, Need{1, 1, hi_}, false);
-      if (got != kNone) return IovaSpan{got << shift_, page_};
-      // The home pool is full even after its flush: borrow on the general path.
+      return alloc_home_slow(p, req);
     }
   }
+  return alloc_general(req);
+}
+
+// The fast alloc's page is taken and the countdown ran out: check the
+// bounds, then flush if one was reached.
+Result<IovaSpan> PooledArena::alloc_checked(Pool& p, uint64_t pn) {
+  const bool due = check_bounds(p);
+  p.lock.unlock();
+  if (due) (void)flush_pool(p, true);
+  return IovaSpan{pn << shift_, page_};
+}
+
+// The home pool is locked but its hint's word is full: search the pool
+// (flushing it if that is what it takes), else borrow on the general path.
+Result<IovaSpan> PooledArena::alloc_home_slow(Pool& p, const IovaRequest& req) {
+  const uint64_t got = take_locked(p, Need{1, 1, hi_}, false);
+  if (got != kNone) return IovaSpan{got << shift_, page_};
   return alloc_general(req);
 }
 
@@ -492,32 +554,45 @@ Result<IovaSpan> PooledArena::alloc_general(const IovaRequest& req) {
               s.total_pages, s.stale_pages);
 }
 
-// One page, lazy mode: validate (head and tail set) and mark stale under the
-// pool lock. Anything else, and every refusal, takes the general path, which
-// validates again and reports; nothing has changed by then.
+// Fast path, one page in lazy mode (about 40 instructions, one try-lock):
+// validate (head and tail set in the page's group), mark stale, count down.
+// Anything else - a busy pool, every refusal - takes the general path, which
+// locks, validates again and reports; nothing has changed by then. No call
+// but tail calls, so the fast path saves no registers.
 Status PooledArena::free(IovaSpan range) {
   const uint64_t pn = range.iova >> shift_;
-  if (range.len - 1 < page_ && (range.iova & (page_ - 1)) == 0 && pn >= lo_ && pn < hi_ && !cfg_.strict)
-      [[likely]] {
+  if (range.len - 1 < fast_free_len_ && (range.iova & (page_ - 1)) == 0 && pn - lo_ < hi_ - lo_) [[likely]] {
     Pool& p = pools_[pool_of(pn)];
-    const uint64_t bit = 1ull << (pn & 63);
-    p.lock.lock();
     Group& g = bits_.word(pn);
-    if ((g.head & g.tail & bit) != 0) [[likely]] {
-      g.head &= ~bit;
-      g.tail &= ~bit;
-      p.in_use.sub(1);
-      mark_stale(p, pn, 1);
-      ++p.pending_ranges;
-      const bool due = flush_due(p);
+    const uint64_t bit = 1ull << (pn & 63);
+    if (p.lock.try_lock()) [[likely]] {
+      if ((g.head & g.tail & bit) != 0) [[likely]] {
+        g.head &= ~bit;
+        g.tail &= ~bit;
+        g.stale |= bit;
+        const uint64_t was_stale = p.stale.get();
+        p.stale.add(1);
+        p.in_use.sub(1);
+        p.stale_lo = std::min(p.stale_lo, pn);
+        p.stale_hi = std::max(p.stale_hi, pn + 1);
+        ++p.pending_ranges;
+        // The first stale page since the last flush starts the age clock now.
+        if ((--p.check_in == 0) | (was_stale == 0)) [[unlikely]]
+          return free_checked(p);
+        p.lock.unlock();
+        return ok();
+      }
       p.lock.unlock();
-      if (due) [[unlikely]]
-        (void)flush_pool(p, true);
-      return ok();
     }
-    p.lock.unlock();
   }
   return free_general(range);
+}
+
+Status PooledArena::free_checked(Pool& p) {
+  const bool due = check_bounds(p);
+  p.lock.unlock();
+  if (due) (void)flush_pool(p, true);
+  return ok();
 }
 
 Status PooledArena::free_general(IovaSpan range) {
@@ -553,7 +628,7 @@ Status PooledArena::free_general(IovaSpan range) {
   }
   mark_stale(p, pn, n);
   ++p.pending_ranges;
-  const bool due = flush_due(p);
+  const bool due = tick(p);
   p.lock.unlock();
   if (due) (void)flush_pool(p, true);
   return ok();

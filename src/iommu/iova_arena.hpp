@@ -25,36 +25,41 @@
 // borrow.
 //
 // Fast path (1 page, lazy mode; budget 20 ns for an alloc+free pair on one
-// thread): lock the home pool, find the first zero bit from the hint with
-// ctz, set used/head/tail in one 32-byte group, move the hint, unlock. free:
-// lock the page's pool (computed with a shift), test head and tail, set stale,
-// unlock. No heap allocation, no system call (every 8th operation reads the
-// coarse clock from the vDSO for the stale-age check). alloc() and free()
-// run this path inline and hand everything else (other sizes, alignments or
-// limits, a busy pool, a full hint word, strict mode, any refusal) to the
-// general code out of line, which checks again before it changes anything.
+// thread, about 70 instructions each way and one try-lock): alloc takes the
+// home pool's lock, the first zero bit of the hint's word (ctz), sets
+// used/head/tail in that one 32-byte group, moves the hint, counts down to
+// the next bounds check, unlocks. free finds the page's pool with a shift,
+// tests head and tail, sets stale, counts down, unlocks. No heap allocation,
+// no call but tail calls, no system call. Everything else (other sizes,
+// alignments or limits, a busy pool, a full hint word, strict mode, any
+// refusal, a bounds check) goes to the general code out of line, which checks
+// again before it changes anything.
 //
 // Lazy flush: free() marks a range stale and leaves its IOMMU mapping in
 // place. A pool flushes - collects its stale runs (adjacent ranges merged),
 // unmaps each run with one Domain::unmap, then clears the pages from the used
 // bitmap and reports the runs to the flush listener - when it cannot serve a
 // request (before anyone borrows from another pool), when its next-fit hint
-// wraps around, when its stale pages reach stale_max_pages (checked on every
-// alloc/free that touches the pool), and when its oldest stale range is older
-// than stale_max_age (checked on every 8th alloc/free of the pool: reading
-// even the coarse clock costs as much as the rest of a 1-page alloc). The pool lock is not held during the
-// unmap calls; the pages stay marked used meanwhile, so an IOVA is never
-// handed out again before its unmap returned. A run whose unmap fails stays
-// stale (never handed out, retried by later flushes) and the error is logged
-// and counted; flush() returns it. Strict mode unmaps inside free().
+// wraps around, when its stale pages reach stale_max_pages, and when its
+// oldest stale range is older than stale_max_age. Each pool counts its
+// operations down to the next point a bound can be reached: the page bound
+// exactly (a fast free adds one stale page; the general path compares the
+// count itself), the age on every kStaleAgeCheckEvery-th operation (even the
+// coarse clock costs a third of a fast alloc+free pair). The pool lock is not
+// held during the unmap calls; the pages stay marked used meanwhile, so an
+// IOVA is never handed out again before its unmap returned. A run whose unmap
+// fails stays stale (never handed out, retried by later flushes) and the
+// error is logged and counted; flush() returns it. Strict mode unmaps inside
+// free().
 //
 // Exposure window: after free() in lazy mode a device can still reach the
 // freed IOVA (and the memory behind it, which therefore must not change
 // owner before the listener reports the flush) until its pool flushes: at
 // most stale_max_pages pages per pool stay reachable, for at most
-// stale_max_age after the free provided the pool sees 8 allocs or frees in
-// that time (a quiet pool keeps its stale ranges until its 8th next operation
-// or an explicit flush()). Allocation pressure shortens the window.
+// stale_max_age after the free provided the pool sees kStaleAgeCheckEvery
+// allocs or frees in that time (a quiet pool keeps its stale ranges until
+// that many more operations or an explicit flush()). Allocation pressure
+// shortens the window.
 //
 // Owns: the bitmaps and the pool state. Does not own the Domain nor the
 // memory behind mappings. The destructor unmaps remaining stale ranges
@@ -73,6 +78,10 @@
 #include "iommu/domain.hpp"
 
 namespace dmakit::iommu {
+
+// A pool checks the age of its oldest stale range on every this many of its
+// allocs and frees (see "Exposure window" above).
+inline constexpr uint32_t kStaleAgeCheckEvery = 32;
 
 struct ArenaConfig {
   uint32_t pools = 0;                   // 0 = from hardware threads; power of two <= 16

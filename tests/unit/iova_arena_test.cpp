@@ -348,6 +348,42 @@ TEST(IovaArena, StalePagesBoundTriggersFlush) {
   EXPECT_EQ(d->stats().mappings, 0u);
 }
 
+// The page bound holds exactly however fast (1-page) and general (larger)
+// frees mix: the fast path counts down to it, the general path compares.
+TEST(IovaArena, StalePagesBoundIsExactAcrossFastAndGeneralFrees) {
+  auto d = sim();
+  ArenaConfig cfg = small_cfg(0x200000, 1024);
+  cfg.stale_max_pages = 16;
+  auto a = arena(*d, cfg);
+  for (const uint64_t big : {6u, 9u}) {  // reaches the bound exactly, then passes it
+    const uint64_t flushes0 = a->stats().flushes;
+    std::vector<IovaSpan> ones;
+    for (int i = 0; i < 10; ++i) ones.push_back(*a->alloc({K4, 0, ~0ull}));
+    auto large = a->alloc({big * K4, 0, ~0ull});
+    ASSERT_TRUE(large);
+    for (auto& o : ones) ASSERT_TRUE(a->free(o));
+    EXPECT_EQ(a->stats().stale_pages, 10u);
+    EXPECT_EQ(a->stats().flushes, flushes0);
+    ASSERT_TRUE(a->free(*large));
+    EXPECT_EQ(a->stats().stale_pages, 0u) << big;
+    EXPECT_EQ(a->stats().flushes, flushes0 + 1) << big;
+  }
+  // Allocs between the frees count down too, and never move the bound.
+  std::vector<IovaSpan> ones;
+  for (int i = 0; i < 8; ++i) ones.push_back(*a->alloc({K4, 0, ~0ull}));
+  const uint64_t flushes0 = a->stats().flushes;
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(a->free(ones[static_cast<size_t>(i)]));
+    auto extra = a->alloc({K4, 0, ~0ull});
+    ASSERT_TRUE(extra);
+    EXPECT_EQ(a->stats().flushes, flushes0) << i;  // 2i + 1 stale pages
+    ASSERT_TRUE(a->free(*extra));
+  }
+  EXPECT_EQ(a->stats().flushes, flushes0 + 1);  // the extra free that made 16
+  EXPECT_EQ(a->stats().stale_pages, 0u);
+  EXPECT_TRUE(a->check()) << a->check().error().what();
+}
+
 TEST(IovaArena, StaleAgeBoundTriggersFlush) {
   auto d = sim();
   ArenaConfig cfg = small_cfg(0x200000, 1024);
@@ -360,14 +396,14 @@ TEST(IovaArena, StaleAgeBoundTriggersFlush) {
   ASSERT_TRUE(a->free(*r));
   EXPECT_EQ(a->stats().stale_pages, 1u);
   EXPECT_TRUE(d->translate(r->iova, K4, kRead));
-  // Operations before the bound do not flush.
+  // Operations before the bound do not flush, however many.
   std::vector<IovaSpan> more;
-  for (int i = 0; i < 8; ++i) more.push_back(*a->alloc({K4, 0, ~0ull}));
+  for (uint32_t i = 0; i < 3 * kStaleAgeCheckEvery; ++i) more.push_back(*a->alloc({K4, 0, ~0ull}));
   EXPECT_EQ(a->stats().flushes, 0u);
   // Well past the bound (the coarse clock ticks every few ms), the pool
-  // notices the age within 8 operations.
+  // notices the age within kStaleAgeCheckEvery operations.
   std::this_thread::sleep_for(std::chrono::milliseconds(400));
-  for (int i = 0; i < 8; ++i) more.push_back(*a->alloc({K4, 0, ~0ull}));
+  for (uint32_t i = 0; i < kStaleAgeCheckEvery; ++i) more.push_back(*a->alloc({K4, 0, ~0ull}));
   EXPECT_EQ(a->stats().stale_pages, 0u);
   EXPECT_EQ(a->stats().flushes, 1u);
   EXPECT_FALSE(d->translate(r->iova, K4, kRead));
