@@ -10,6 +10,11 @@
 // with validation on (it always is); rte_mempool validates nothing and
 // honours neither alignment above its cache line nor boundaries.
 //
+// Two threads run three ways: dmakit sharing one pool, dmakit with a pool
+// per thread (nothing shared: how far two threads scale on this machine at
+// all), and rte_mempool with a cache per thread. Each carries its throughput
+// over the same implementation's one-thread run.
+//
 // Besides wall time, each result carries CPU time (CLOCK_THREAD_CPUTIME_ID
 // summed over the timed threads, per pair): on a shared host, two threads
 // may get less than two cores, and the CPU time per pair then still shows
@@ -30,6 +35,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -90,10 +96,12 @@ uint64_t thread_cpu_ns() {
 
 struct Sample {
   double wall_ns = 0, cpu_ns = 0;  // cpu: summed over the timed threads
+  uint64_t steals = 0;             // dmakit: magazines one thread took from another's cache
 };
 
 struct Timing {
   double median_ns = 0, best_ns = 0, cpu_median_ns = 0;
+  uint64_t steals = 0;  // over all runs
 };
 
 Timing summarize(const std::vector<Sample>& samples) {
@@ -102,7 +110,9 @@ Timing summarize(const std::vector<Sample>& samples) {
     wall.push_back(x.wall_ns);
     cpu.push_back(x.cpu_ns);
   }
-  return {median(wall), *std::min_element(wall.begin(), wall.end()), median(cpu)};
+  uint64_t steals = 0;
+  for (const Sample& x : samples) steals += x.steals;
+  return {median(wall), *std::min_element(wall.begin(), wall.end()), median(cpu), steals};
 }
 
 base::Json result(const Shape& s, uint32_t blocks, uint32_t threads, const char* impl, uint32_t cache,
@@ -147,61 +157,78 @@ bool alloc_free_rounds(pool::DmaPool& pool, std::vector<pool::DmaBlock>& held, u
   return true;
 }
 
-// One dmakit pool, `threads` threads each doing the pattern on `blocks` blocks.
-// With more than one thread the wall time runs from a common start to the last finish.
-Result<Sample> time_dmakit(const Shape& s, uint32_t blocks, uint32_t threads, const DmapoolBenchOptions& o,
-                           const BackingFactory& backing) {
+// Runs body(i) (false: failed) on `threads` pinned workers from a common,
+// spinning start line: a thread parked in a futex (std::barrier) may take
+// milliseconds to wake on a virtual machine whose other vCPU is halted, and
+// the workers would then run one after the other. Wall time from the first
+// start to the last end, CPU time summed. One thread runs on the caller.
+template <class Body>
+Sample run_workers(uint32_t threads, bool& failed, Body&& body) {
+  if (threads == 1) {
+    const uint64_t c0 = thread_cpu_ns();
+    const uint64_t t0 = now_ns();
+    failed = !body(0u);
+    const uint64_t t1 = now_ns();
+    return Sample{static_cast<double>(t1 - t0), static_cast<double>(thread_cpu_ns() - c0)};
+  }
+  std::atomic<uint32_t> arrived{0};
+  std::atomic<bool> bad{false};
+  std::vector<uint64_t> begins(threads), ends(threads), cpus(threads);
+  std::vector<std::thread> ts;
+  for (uint32_t i = 0; i < threads; ++i)
+    ts.emplace_back([&, i] {
+      pin_worker(i);
+      arrived.fetch_add(1, std::memory_order_acq_rel);
+      while (arrived.load(std::memory_order_acquire) < threads) {
+      }
+      // Each worker stamps its own start and end: the main thread may be
+      // descheduled between the start line and a clock read of its own.
+      const uint64_t c0 = thread_cpu_ns();
+      const uint64_t b = now_ns();
+      const bool good = body(i);
+      const uint64_t e = now_ns();
+      const uint64_t c = thread_cpu_ns() - c0;
+      // Written once at the end: the result slots share a cache line.
+      begins[i] = b;
+      ends[i] = e;
+      cpus[i] = c;
+      if (!good) bad = true;
+    });
+  for (auto& t : ts) t.join();
+  failed = bad;
+  uint64_t cpu = 0;
+  for (uint64_t c : cpus) cpu += c;
+  const uint64_t t0 = *std::min_element(begins.begin(), begins.end());
+  const uint64_t t1 = *std::max_element(ends.begin(), ends.end());
+  return Sample{static_cast<double>(t1 - t0), static_cast<double>(cpu)};
+}
+
+// `threads` threads each doing the pattern on `blocks` blocks: of one shared
+// dmakit pool, or (own_pools) each of a pool of its own, which shares
+// nothing and so measures how far two threads scale on this machine at all.
+Result<Sample> time_dmakit(const Shape& s, uint32_t blocks, uint32_t threads, bool own_pools,
+                           const DmapoolBenchOptions& o, const BackingFactory& backing) {
   pool::PoolOptions po;
   po.cache_size = o.cache_size;
-  auto pool = DMAKIT_TRY(pool::DmaPool::create(backing(), "bench", s.size, s.align, s.boundary, po));
-  std::atomic<bool> failed{false};
-  uint64_t t0 = 0, t1 = 0, cpu = 0;
-  if (threads == 1) {
-    std::vector<pool::DmaBlock> held(blocks);
-    const uint64_t c0 = thread_cpu_ns();
-    t0 = now_ns();
-    failed = !alloc_free_rounds(*pool, held, o.rounds);
-    t1 = now_ns();
-    cpu = thread_cpu_ns() - c0;
-  } else {
-    // Each worker stamps its own start and end: the main thread may be
-    // descheduled between the barrier and a clock read of its own.
-    // A spinning start line: a thread parked in a futex (std::barrier) may
-    // take milliseconds to wake on a virtual machine whose other vCPU is
-    // halted, and the workers would then run one after the other.
-    std::atomic<uint32_t> arrived{0};
-    std::vector<uint64_t> begins(threads), ends(threads), cpus(threads);
-    std::vector<std::thread> ts;
-    for (uint32_t i = 0; i < threads; ++i)
-      ts.emplace_back([&, i] {
-        pin_worker(i);
-        std::vector<pool::DmaBlock> held(blocks);
-        arrived.fetch_add(1, std::memory_order_acq_rel);
-        while (arrived.load(std::memory_order_acquire) < threads) {
-        }
-        const uint64_t c0 = thread_cpu_ns();
-        const uint64_t b = now_ns();
-        const bool good = alloc_free_rounds(*pool, held, o.rounds);
-        const uint64_t e = now_ns();
-        const uint64_t c = thread_cpu_ns() - c0;
-        // Written once at the end: the result slots share a cache line.
-        begins[i] = b;
-        ends[i] = e;
-        cpus[i] = c;
-        if (!good) failed = true;
-      });
-    for (auto& t : ts) t.join();
-    t0 = *std::min_element(begins.begin(), begins.end());
-    t1 = *std::max_element(ends.begin(), ends.end());
-    for (uint64_t c : cpus) cpu += c;
+  std::vector<std::unique_ptr<pool::DmaPool>> pools;
+  for (uint32_t i = 0; i < (own_pools ? threads : 1u); ++i)
+    pools.push_back(DMAKIT_TRY(pool::DmaPool::create(backing(), "bench", s.size, s.align, s.boundary, po)));
+  std::vector<std::vector<pool::DmaBlock>> held(threads, std::vector<pool::DmaBlock>(blocks));
+  bool failed = false;
+  const Sample x = run_workers(threads, failed, [&](uint32_t i) {
+    return alloc_free_rounds(*pools[own_pools ? i : 0], held[i], o.rounds);
+  });
+  Sample out = x;
+  for (const auto& pool : pools) {
+    auto st = pool->stats();
+    out.steals += st.steals;
+    if (failed || st.active != 0 || st.validation_failures != 0)
+      return fail(Errc::internal,
+                  "dmapool bench (dmakit {}/{}/{}, {} threads): alloc or free failed, or {} blocks still active, "
+                  "{} validation failures",
+                  s.size, s.align, s.boundary, threads, st.active, st.validation_failures);
   }
-  auto st = pool->stats();
-  if (failed || st.active != 0 || st.validation_failures != 0)
-    return fail(Errc::internal,
-                "dmapool bench (dmakit {}/{}/{}, {} threads): alloc or free failed, or {} blocks still active, "
-                "{} validation failures",
-                s.size, s.align, s.boundary, threads, st.active, st.validation_failures);
-  return Sample{static_cast<double>(t1 - t0), static_cast<double>(cpu)};
+  return out;
 }
 
 // Untimed: every block distinct, aligned, within its boundary; the pool empty afterwards.
@@ -227,40 +254,62 @@ Status verify_dmakit(const Shape& s, uint32_t blocks, const DmapoolBenchOptions&
   return ok();
 }
 
-Result<Sample> time_mempool(const Shape& s, uint32_t blocks, const DmapoolBenchOptions& o, bool verify) {
+// The same pattern on one rte_mempool of threads x blocks objects (plus,
+// with two threads, twice a cache per thread: objects one worker's cache
+// holds back must not starve the other). One
+// thread uses the per-lcore cache (the EAL thread is lcore 0); with two, each
+// worker (not an EAL lcore) gets a cache of its own from
+// rte_mempool_cache_create, as DPDK documents for non-EAL threads.
+Result<Sample> time_mempool(const Shape& s, uint32_t blocks, uint32_t threads, const DmapoolBenchOptions& o,
+                            bool verify) {
   static std::atomic<int> seq{0};
   const std::string name = fmt::format("dmakit-bench-{}", seq++);
-  rte_mempool* mp = rte_mempool_create(name.c_str(), blocks, static_cast<unsigned>(s.size), o.mempool_cache, 0,
+  const uint32_t total = threads == 1 ? blocks : threads * (blocks + 2 * o.mempool_cache);
+  rte_mempool* mp = rte_mempool_create(name.c_str(), total, static_cast<unsigned>(s.size), o.mempool_cache, 0,
                                        nullptr, nullptr, nullptr, nullptr, SOCKET_ID_ANY, 0);
   if (mp == nullptr)
-    return fail_errno(rte_errno, "rte_mempool_create({}, n={}, size={}, cache={})", name, blocks, s.size,
+    return fail_errno(rte_errno, "rte_mempool_create({}, n={}, size={}, cache={})", name, total, s.size,
                       o.mempool_cache);
-  std::vector<void*> held(blocks);
-  bool failed = false;
-  const uint32_t rounds = verify ? 1 : o.rounds;
-  const uint64_t c0 = thread_cpu_ns();
-  const uint64_t t0 = now_ns();
-  for (uint32_t r = 0; r < rounds && !failed; ++r) {
-    for (auto& p : held)
-      if (rte_mempool_get(mp, &p) != 0) [[unlikely]] failed = true;
-    if (verify) {
-      std::vector<uintptr_t> addrs;
-      for (void* p : held) addrs.push_back(reinterpret_cast<uintptr_t>(p));
-      if (auto st = check_blocks("rte_mempool", s, s.size, addrs); !st) {
-        rte_mempool_free(mp);
-        return std::unexpected(st.error());
-      }
+  std::vector<rte_mempool_cache*> caches(threads, nullptr);
+  for (uint32_t i = 0; i < threads && threads > 1; ++i) {
+    caches[i] = rte_mempool_cache_create(o.mempool_cache, SOCKET_ID_ANY);
+    if (caches[i] == nullptr) {
+      for (rte_mempool_cache* c : caches) rte_mempool_cache_free(c);
+      rte_mempool_free(mp);
+      return fail_errno(rte_errno, "rte_mempool_cache_create({})", o.mempool_cache);
     }
-    for (void* p : held) rte_mempool_put(mp, p);
   }
-  const uint64_t t1 = now_ns();
-  const uint64_t cpu = thread_cpu_ns() - c0;
+  std::vector<std::vector<void*>> held(threads, std::vector<void*>(blocks));
+  const uint32_t rounds = verify ? 1 : o.rounds;
+  std::string bad_blocks;
+  bool failed = false;
+  const Sample x = run_workers(threads, failed, [&](uint32_t i) {
+    rte_mempool_cache* cache = threads > 1 ? caches[i] : rte_mempool_default_cache(mp, rte_lcore_id());
+    std::vector<void*>& mine = held[i];
+    for (uint32_t r = 0; r < rounds; ++r) {
+      for (auto& p : mine)
+        if (rte_mempool_generic_get(mp, &p, 1, cache) != 0) [[unlikely]] return false;
+      if (verify && i == 0) {
+        std::vector<uintptr_t> addrs;
+        for (void* p : mine) addrs.push_back(reinterpret_cast<uintptr_t>(p));
+        if (auto st = check_blocks("rte_mempool", s, s.size, addrs); !st) {
+          bad_blocks = st.error().message;
+          return false;
+        }
+      }
+      for (void* p : mine) rte_mempool_generic_put(mp, &p, 1, cache);
+    }
+    if (cache != nullptr) rte_mempool_cache_flush(cache, mp);
+    return true;
+  });
   const unsigned avail = rte_mempool_avail_count(mp);
+  for (rte_mempool_cache* c : caches) rte_mempool_cache_free(c);
   rte_mempool_free(mp);
-  if (failed || avail != blocks)
-    return fail(Errc::internal, "dmapool bench (rte_mempool {}/{}/{}): get failed or {} of {} objects back", s.size,
-                s.align, s.boundary, avail, blocks);
-  return Sample{static_cast<double>(t1 - t0), static_cast<double>(cpu)};
+  if (!bad_blocks.empty()) return fail(Errc::internal, "{}", bad_blocks);
+  if (failed || avail != total)
+    return fail(Errc::internal, "dmapool bench (rte_mempool {}/{}/{}, {} threads): get failed or {} of {} objects back",
+                s.size, s.align, s.boundary, threads, avail, total);
+  return x;
 }
 
 }  // namespace
@@ -276,21 +325,39 @@ Result<base::Json> run_dmapool(const base::Config& cfg, const DmapoolBenchOption
     lcore_cache = rte_lcore_id() != LCORE_ID_ANY;
   }
   auto results = base::Json::array();
+  auto timed = [&](auto&& once) -> Result<Timing> {
+    std::vector<Sample> samples;
+    for (uint32_t i = 0; i < o.repeats; ++i) samples.push_back(DMAKIT_TRY(once()));
+    return summarize(samples);
+  };
+  // Two-thread results carry the in-run throughput ratio to the same
+  // implementation on one thread (its ns_per_pair over theirs).
+  auto push = [&](const Shape& s, uint32_t blocks, uint32_t threads, const char* impl, uint32_t cache,
+                  const Timing& t, const Timing* one) {
+    base::Json j = result(s, blocks, threads, impl, cache, o.rounds, t);
+    if (one != nullptr) j.add("throughput_vs_one_thread", one->median_ns / (t.median_ns / threads));
+    if (threads > 1 && std::string_view(impl).starts_with("dmakit")) j.add("steals", t.steals);
+    results.push(std::move(j));
+  };
   for (const Shape& s : kShapes) {
     const uint32_t blocks = blocks_for(s, o.max_blocks);
     DMAKIT_TRY(verify_dmakit(s, blocks, o, backing));
-    for (uint32_t threads : {1u, 2u}) {
-      if (threads == 2 && !o.two_threads) continue;
-      std::vector<Sample> samples;
-      for (uint32_t i = 0; i < o.repeats; ++i) samples.push_back(DMAKIT_TRY(time_dmakit(s, blocks, threads, o, backing)));
-      results.push(result(s, blocks, threads, "dmakit", o.cache_size, o.rounds, summarize(samples)));
+    const Timing one = DMAKIT_TRY(timed([&] { return time_dmakit(s, blocks, 1, false, o, backing); }));
+    push(s, blocks, 1, "dmakit", o.cache_size, one, nullptr);
+    if (o.two_threads) {
+      const Timing two = DMAKIT_TRY(timed([&] { return time_dmakit(s, blocks, 2, false, o, backing); }));
+      push(s, blocks, 2, "dmakit", o.cache_size, two, &one);
+      const Timing own = DMAKIT_TRY(timed([&] { return time_dmakit(s, blocks, 2, true, o, backing); }));
+      push(s, blocks, 2, "dmakit-own-pools", o.cache_size, own, &one);
     }
     if (o.mempool) {
-      DMAKIT_TRY(time_mempool(s, blocks, o, true));
-      std::vector<Sample> samples;
-      for (uint32_t i = 0; i < o.repeats; ++i) samples.push_back(DMAKIT_TRY(time_mempool(s, blocks, o, false)));
-      results.push(result(s, blocks, 1, "rte_mempool", lcore_cache ? o.mempool_cache : 0, o.rounds,
-                          summarize(samples)));
+      DMAKIT_TRY(time_mempool(s, blocks, 1, o, true));
+      const Timing mp1 = DMAKIT_TRY(timed([&] { return time_mempool(s, blocks, 1, o, false); }));
+      push(s, blocks, 1, "rte_mempool", lcore_cache ? o.mempool_cache : 0, mp1, nullptr);
+      if (o.two_threads) {
+        const Timing mp2 = DMAKIT_TRY(timed([&] { return time_mempool(s, blocks, 2, o, false); }));
+        push(s, blocks, 2, "rte_mempool", o.mempool_cache, mp2, &mp1);
+      }
     }
   }
   return base::Json::object().add("bench", "dmapool").add("results", results);

@@ -85,7 +85,8 @@ Result<std::string> pools_listing(Tool& tool, base::Json& json) {
     arr.push(base::Json::object()
                  .add("name", s.name).add("size", s.size).add("align", s.align).add("boundary", s.boundary)
                  .add("blocks", s.blocks).add("active", s.active).add("chunks", s.chunks)
-                 .add("validation_failures", s.validation_failures));
+                 .add("validation_failures", s.validation_failures)
+                 .add("steals", s.steals));
   json.add("pools", arr);
   return pool::format_pools(stats);
 }

@@ -14,7 +14,8 @@
 //                 {chunk, offset, index}
 //   thread cache  per thread and pool: a loaded and a previous magazine
 //                 (Bonwick's magazine layer), full magazines this thread
-//                 freed ("home", others may steal them) and spare empty ones
+//                 freed ("home", up to 16 MiB of blocks; others steal from
+//                 it only when the pool cannot grow) and spare empty ones
 //   depot         per pool, one mutex: magazines from growth and from
 //                 exited threads, spare empty magazines, loose entries of
 //                 threads without a cache
@@ -26,8 +27,12 @@
 // one wins - then pushes it on the loaded magazine. Whole magazines move
 // between a thread and the shared structures, one lock per cache_size / 2
 // operations, and a thread takes back the magazines it filled itself, so two
-// threads share no cache line in the steady state. Every build validates; a
-// bad free returns Errc::corrupted, is counted and changes nothing.
+// threads share no cache line in the steady state. A thread out of blocks
+// takes the depot's, else grows the pool, and takes another thread's home
+// magazines only when the pool cannot grow: stealing while growth is
+// possible turns into two threads stealing from each other every round.
+// Every build validates; a bad free returns Errc::corrupted, is counted and
+// changes nothing.
 //
 // Chunks go back to the Backing only when the pool is destroyed (as the
 // kernel's dma_pool does); there is no trim. A pool destroyed with blocks
@@ -84,6 +89,7 @@ struct PoolStats {
   uint64_t validation_failures = 0;  // refused frees
   uint64_t poison_failures = 0;      // free blocks found written (poison option)
   uint64_t grow_failures = 0;        // the backing could not give a chunk
+  uint64_t steals = 0;               // full magazines taken from another thread's cache
 };
 
 // The kernel's dma pools listing ("poolinfo - 0.1", then one line per pool:
@@ -191,11 +197,11 @@ class DmaPool {
   Status free_uncached(void* vaddr, uint64_t iova);  // this thread has no cache array yet
   inline const char* check_block(const Chunk* ch, uintptr_t v, uint64_t iova, uint64_t& index) const;
   Chunk* find_chunk_probe(uintptr_t v) const;  // find_chunk past the first slot
-  Status load_full(Cache& c);    // loaded magazine (empty) -> a full one: home, depot, steal, grow
+  Status load_full(Cache& c);    // loaded magazine (empty) -> a full one: home, depot, grow, steal
   void stash_full(Cache& c);     // both magazines full: previous -> home, an empty one in its place
   Magazine* take_full_locked();  // depot full list or loose entries; mu_ held; null: none
   Magazine* take_empty_locked(); // depot spare or a new magazine; mu_ held
-  Magazine* steal();             // a full magazine from another thread's home; null: none
+  Magazine* steal();             // a full magazine from another thread's home (growth failed); null: none
   DmaBlock take(const Entry& e); // marks the block allocated
   Status grow_locked();          // one chunk from the backing; mu_ held
   void publish_chunk(Chunk* ch); // into the chunk table; mu_ held
@@ -213,6 +219,7 @@ class DmaPool {
   uint64_t uid_ = 0;             // never reused; tells a live cache from a stale one
   uint32_t cache_cap_ = 0;
   uint32_t mag_cap_ = 0;         // entries per magazine: cache_cap_ / 2 (at least 1)
+  uint32_t home_cap_ = 0;        // full magazines a thread keeps at home; more go to the depot
   uint32_t chunk_shift_ = 0;
   // Block layout on the IOVA grid: grid offset g = chunk offset + chunk
   // origin; segment g >> seg_shift_ (one boundary span), blocks at multiples
@@ -244,6 +251,7 @@ class DmaPool {
   alignas(64) std::atomic<uint64_t> validation_failures_{0};
   std::atomic<uint64_t> poison_failures_{0};
   std::atomic<uint64_t> grow_failures_{0};
+  std::atomic<uint64_t> steals_{0};
 };
 
 // ---------------------------------------------------------------------------
@@ -334,6 +342,7 @@ struct alignas(64) DmaPool::Cache {
   alignas(64) std::mutex home_mu;
   std::vector<Magazine*> home;     // full magazines this thread freed
   std::atomic<uint64_t> home_blocks{0};
+
 };
 
 namespace detail {

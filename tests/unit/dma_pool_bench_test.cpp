@@ -28,12 +28,16 @@ TEST(DmapoolBench, ProducesEveryCaseWithItsFields) {
   ASSERT_TRUE(j.has_value()) << j.error().what();
   const std::string s = j->str();
   EXPECT_EQ(s.rfind("{\"bench\":\"dmapool\",\"results\":[", 0), 0u) << s;
+  // Per shape: dmakit on 1 and 2 threads, dmakit with a pool per thread,
+  // rte_mempool on 1 and 2 threads; every 2-thread case with its ratio.
   EXPECT_EQ(count(s, "\"impl\":\"dmakit\""), 12u) << s;
-  EXPECT_EQ(count(s, "\"impl\":\"rte_mempool\""), 6u) << s;
-  EXPECT_EQ(count(s, "\"threads\":2"), 6u) << s;
-  EXPECT_EQ(count(s, "\"size\":68,\"align\":32,\"boundary\":4096,\"blocks\":1024"), 3u) << s;
-  EXPECT_EQ(count(s, "\"ns_per_pair\":"), 18u) << s;
-  EXPECT_EQ(count(s, "\"total_us\":"), 18u) << s;
+  EXPECT_EQ(count(s, "\"impl\":\"dmakit-own-pools\",\"cache\":256"), 6u) << s;
+  EXPECT_EQ(count(s, "\"impl\":\"rte_mempool\""), 12u) << s;
+  EXPECT_EQ(count(s, "\"threads\":2"), 18u) << s;
+  EXPECT_EQ(count(s, "\"throughput_vs_one_thread\":"), 18u) << s;
+  EXPECT_EQ(count(s, "\"size\":68,\"align\":32,\"boundary\":4096,\"blocks\":1024"), 5u) << s;
+  EXPECT_EQ(count(s, "\"ns_per_pair\":"), 30u) << s;
+  EXPECT_EQ(count(s, "\"total_us\":"), 30u) << s;
   EXPECT_EQ(count(s, "null"), 0u) << s;
 }
 

@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -393,6 +394,143 @@ TEST(DmaPool, CrossThreadFree) {
 
 // A pool destroyed while a thread still caches its blocks, and a new pool
 // taking over its cache slot in that thread.
+// A thread that runs what it is given, one call at a time, and stays alive
+// in between: its pool caches (home magazines included) stay its own, where
+// an exiting thread would hand them to the depot.
+class Worker {
+ public:
+  Worker() : t_([this] { loop(); }) {}
+  ~Worker() {
+    {
+      std::lock_guard lk(mu_);
+      quit_ = true;
+    }
+    cv_.notify_all();
+    t_.join();
+  }
+  void run(std::function<void()> fn) {
+    std::unique_lock lk(mu_);
+    job_ = std::move(fn);
+    cv_.notify_all();
+    cv_.wait(lk, [&] { return !job_; });
+  }
+
+ private:
+  void loop() {
+    std::unique_lock lk(mu_);
+    for (;;) {
+      cv_.wait(lk, [&] { return quit_ || job_; });
+      if (quit_) return;
+      job_();
+      job_ = nullptr;
+      cv_.notify_all();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::function<void()> job_;
+  bool quit_ = false;
+  std::thread t_;
+};
+
+// Blocks another live thread keeps at home are not taken while the pool can
+// grow: a steal moves the magazine's lines between cores and, with two
+// threads out of phase, turns into stealing back and forth every round.
+TEST(DmaPool, GrowsRatherThanStealWhileItCan) {
+  PoolOptions o;
+  o.cache_size = 16;
+  o.chunk_bytes = 64 << 10;
+  auto m = make(1024, 1024, 0, o);
+  Worker a, b;
+  std::vector<DmaBlock> held(256);
+  a.run([&] {
+    for (auto& x : held) x = *m.pool->alloc();
+    for (auto& x : held) ASSERT_TRUE(m.pool->free(x).has_value());
+  });
+  const uint64_t chunks = m.pool->stats().chunks;
+  EXPECT_EQ(chunks, 4u);
+  b.run([&] {
+    for (auto& x : held) x = *m.pool->alloc();
+  });
+  auto st = m.pool->stats();
+  EXPECT_EQ(st.steals, 0u);
+  EXPECT_EQ(st.chunks, 2 * chunks);  // b grew; a's home kept its magazines
+  b.run([&] {
+    for (auto& x : held) ASSERT_TRUE(m.pool->free(x).has_value());
+  });
+  EXPECT_EQ(m.pool->stats().active, 0u);
+}
+
+// When the pool cannot grow, the blocks at another thread's home are taken
+// rather than failing the alloc; only what that thread holds in hand (its
+// two magazines, at most cache_size blocks) stays out of reach.
+TEST(DmaPool, StealsWhenThePoolCannotGrow) {
+  PoolOptions o;
+  o.cache_size = 16;
+  o.chunk_bytes = 64 << 10;
+  o.max_chunks = 4;
+  auto m = make(1024, 1024, 0, o);
+  Worker a, b;
+  std::vector<DmaBlock> held(256);
+  a.run([&] {
+    for (auto& x : held) x = *m.pool->alloc();
+    for (auto& x : held) ASSERT_TRUE(m.pool->free(x).has_value());
+  });
+  held.clear();
+  b.run([&] {
+    for (;;) {
+      auto got = m.pool->alloc();
+      if (!got) {
+        EXPECT_EQ(got.error().code, Errc::no_space) << got.error().what();
+        break;
+      }
+      held.push_back(*got);
+    }
+  });
+  auto st = m.pool->stats();
+  EXPECT_EQ(held.size(), 256u - 16u);
+  EXPECT_GT(st.steals, 0u);
+  EXPECT_EQ(st.chunks, 4u);
+  b.run([&] {
+    for (auto& x : held) ASSERT_TRUE(m.pool->free(x).has_value());
+  });
+}
+
+// What a thread keeps at home is bounded (16 MiB of blocks, here 16 blocks
+// of 1 MiB): a thread that only frees blocks another allocates passes the
+// rest to the depot, where the allocating thread finds them.
+TEST(DmaPool, HomeIsBoundedSoAFreeingThreadFeedsTheDepot) {
+  PoolOptions o;
+  o.cache_size = 2;  // magazines of one block
+  auto m = make(1 << 20, 4096, 0, o);
+  Worker producer, consumer;
+  std::vector<DmaBlock> held(40);
+  auto produce = [&] {
+    for (auto& x : held) {
+      auto got = m.pool->alloc();
+      ASSERT_TRUE(got.has_value()) << got.error().what();
+      x = *got;
+    }
+  };
+  producer.run(produce);
+  const uint64_t first = m.pool->stats().blocks;
+  EXPECT_GE(first, 40u);
+  consumer.run([&] {
+    for (auto& x : held) ASSERT_TRUE(m.pool->free(x).has_value());
+  });
+  producer.run(produce);
+  auto st = m.pool->stats();
+  EXPECT_EQ(st.steals, 0u);
+  // The consumer kept at most 16 at home plus its two magazines; the other
+  // 22 came back through the depot, so the pool grew by at most 18 blocks.
+  EXPECT_LE(st.blocks, first + 18) << st.blocks;
+  EXPECT_GE(st.blocks, first + 16) << st.blocks;
+  consumer.run([&] {
+    for (auto& x : held) ASSERT_TRUE(m.pool->free(x).has_value());
+  });
+  EXPECT_EQ(m.pool->stats().active, 0u);
+}
+
 TEST(DmaPool, PoolDestroyedBeforeThreadExits) {
   auto first = make(128, 128, 0);
   std::mutex mu;
