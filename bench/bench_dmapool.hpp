@@ -15,7 +15,7 @@ namespace dmakit::bench {
 
 struct DmapoolBenchOptions {
   uint32_t rounds = 100;        // alloc-all then free-all, per timed run
-  uint32_t repeats = 5;         // timed runs per case; the median is reported
+  uint32_t repeats = 11;        // timed runs per case (each a few ms, so a host hiccup hits one); the median is reported
   uint32_t max_blocks = 8192;   // the kernel's clamp upper bound (lower it to run small)
   uint32_t cache_size = 256;    // dmakit per-thread cache (pool.cache_size default)
   uint32_t mempool_cache = 256; // rte_mempool per-lcore cache
