@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 
 #include "base/log.hpp"
@@ -172,26 +173,32 @@ Result<BarMapping> Device::map_bar(uint32_t bar, uint64_t offset, uint64_t len) 
   return BarMapping(p, len, bar, offset);
 }
 
-Status Device::read_config(uint64_t off, std::span<std::byte> out) const {
-  if (off > config_size_ || out.size() > config_size_ - off)
-    return fail(Errc::invalid_argument, "{}: config read {:#x}+{} is outside the {:#x}-byte config space", bdf_,
-                off, out.size(), config_size_);
-  const ssize_t n = ::pread(fd_.get(), out.data(), out.size(), static_cast<off_t>(config_offset_ + off));
-  if (n < 0) return fail_errno(errno, "read config space {:#x}+{} of {}", off, out.size(), bdf_);
-  if (static_cast<size_t>(n) != out.size())
-    return fail(Errc::io, "short read of config space {:#x}+{} of {} ({} bytes)", off, out.size(), bdf_, n);
+namespace {
+
+// One config space access of exactly buf.size() bytes at off, through the
+// region VFIO exposes at `base` (io is pread or pwrite): refused outside the
+// config space, and a short transfer is an error rather than partial data.
+template <class Span, class Io>
+Status config_access(const char* verb, const std::string& bdf, int fd, uint64_t base, uint64_t size,
+                     uint64_t off, Span buf, Io io) {
+  if (off > size || buf.size() > size - off)
+    return fail(Errc::invalid_argument, "{}: config {} {:#x}+{} is outside the {:#x}-byte config space", bdf,
+                verb, off, buf.size(), size);
+  const ssize_t n = io(fd, buf.data(), buf.size(), static_cast<off_t>(base + off));
+  if (n < 0) return fail_errno(errno, "{} config space {:#x}+{} of {}", verb, off, buf.size(), bdf);
+  if (static_cast<size_t>(n) != buf.size())
+    return fail(Errc::io, "short {} of config space {:#x}+{} of {} ({} bytes)", verb, off, buf.size(), bdf, n);
   return ok();
 }
 
+}  // namespace
+
+Status Device::read_config(uint64_t off, std::span<std::byte> out) const {
+  return config_access("read", bdf_, fd_.get(), config_offset_, config_size_, off, out, ::pread);
+}
+
 Status Device::write_config(uint64_t off, std::span<const std::byte> in) const {
-  if (off > config_size_ || in.size() > config_size_ - off)
-    return fail(Errc::invalid_argument, "{}: config write {:#x}+{} is outside the {:#x}-byte config space", bdf_,
-                off, in.size(), config_size_);
-  const ssize_t n = ::pwrite(fd_.get(), in.data(), in.size(), static_cast<off_t>(config_offset_ + off));
-  if (n < 0) return fail_errno(errno, "write config space {:#x}+{} of {}", off, in.size(), bdf_);
-  if (static_cast<size_t>(n) != in.size())
-    return fail(Errc::io, "short write of config space {:#x}+{} of {} ({} bytes)", off, in.size(), bdf_, n);
-  return ok();
+  return config_access("write", bdf_, fd_.get(), config_offset_, config_size_, off, in, ::pwrite);
 }
 
 // PCI config space is little-endian, like every host dmakit runs on (x86-64, arm64 LE).

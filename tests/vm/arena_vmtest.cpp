@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.hpp"
 #include "guest.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/vfio.hpp"
@@ -109,18 +110,10 @@ class ArenaVfio : public ::testing::Test {
   // NVMe Read of `blocks` LBAs from `lba` to `iova`. QEMU completes with
   // success even when the IOMMU blocked the transfer, so callers check memory.
   ::testing::AssertionResult read(uint64_t lba, uint16_t blocks, uint64_t iova) {
-    auto c = ctrl_->read(lba, blocks, iova, size_t{blocks} * kLbaSize, prp_list());
-    if (!c) return ::testing::AssertionFailure() << c.error().what();
-    if (!c->ok()) return ::testing::AssertionFailure() << fmt::format("read status {:#x}", c->status);
-    return ::testing::AssertionSuccess();
+    return completed(ctrl_->read(lba, blocks, iova, size_t{blocks} * kLbaSize, prp_list()));
   }
 
-  ::testing::AssertionResult dmar_fault_at(uint64_t iova) {
-    if (auto line = kmsg_->wait_dmar_fault(iova)) return ::testing::AssertionSuccess() << *line;
-    auto failure = ::testing::AssertionFailure() << fmt::format("no DMAR fault at {:#x}; kernel log since start:", iova);
-    for (const auto& l : kmsg_->seen()) failure << "\n  " << l;
-    return failure;
-  }
+  ::testing::AssertionResult dmar_fault_at(uint64_t iova) { return vmtest::dmar_fault_at(*kmsg_, iova); }
 
   // Mapping entries the kernel has handed out beyond the queues' one.
   uint64_t kernel_entries() const { return base_avail_ - domain_->dma_avail(); }

@@ -21,6 +21,7 @@
 
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
+#include "checks.hpp"
 #include "guest.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/vfio.hpp"
@@ -176,9 +177,7 @@ class BufferVfio : public ::testing::Test {
       if (p != b.at(i)) return ::testing::AssertionFailure() << "Buffer::at(" << i << ") disagrees with the chunk list";
       *reinterpret_cast<volatile uint8_t*>(p) = 0xa5;
     }
-    auto c = rig->ctrl->read(lba, blocks, b.iova() + off, bytes, page(4));
-    if (!c) return ::testing::AssertionFailure() << c.error().what();
-    if (!c->ok()) return ::testing::AssertionFailure() << fmt::format("read status {:#x}", c->status);
+    if (auto done = completed(rig->ctrl->read(lba, blocks, b.iova() + off, bytes, page(4))); !done) return done;
     for (uint64_t i = lo; i < hi; ++i) {
       const auto v = *reinterpret_cast<const volatile uint8_t*>(byte_at(b, i));
       if (i < off || i >= off + bytes) {

@@ -14,6 +14,7 @@
 
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
+#include "checks.hpp"
 #include "guest.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/vfio.hpp"
@@ -142,9 +143,7 @@ TEST_F(PoolVfio, ReadsThroughPoolPrpListsLandInAllocatorBuffers) {
     EXPECT_EQ(list->iova % kPage, 0u);
     fill(list->vaddr, kPage, 0xee);
     lists.push_back(*list);
-    auto c = ctrl_->read(k.lba, k.blocks, data->iova() + k.offset, bytes, ref(*list));
-    ASSERT_TRUE(c) << c.error().what();
-    ASSERT_TRUE(c->ok()) << fmt::format("status {:#x}", c->status);
+    ASSERT_TRUE(completed(ctrl_->read(k.lba, k.blocks, data->iova() + k.offset, bytes, ref(*list))));
     // The list holds the IOVA of every page after the first.
     const uint64_t first_page = (data->iova() + k.offset) & ~uint64_t{kPage - 1};
     const uint64_t last_page = (data->iova() + k.offset + bytes - 1) & ~uint64_t{kPage - 1};
@@ -217,9 +216,7 @@ TEST_F(PoolVfio, OddBlocksReceiveExactlyTheDeviceWrite) {
     cmd.nsid = 0xffffffff;    // controller-wide
     cmd.prp1 = blocks[i].iova;
     cmd.cdw10 = 0x02 | (15u << 16);  // LID 2: SMART / Health; NUMDL: 16 dwords, 0-based
-    auto c = ctrl_->submit_admin(cmd);
-    ASSERT_TRUE(c) << c.error().what();
-    ASSERT_TRUE(c->ok()) << fmt::format("status {:#x}", c->status);
+    ASSERT_TRUE(completed(ctrl_->submit_admin(cmd)));
     const auto* p = static_cast<const uint8_t*>(blocks[i].vaddr);
     // Composite temperature, bytes 2:1, in kelvin: a plausible value arrived.
     const unsigned kelvin = p[1] | (unsigned{p[2]} << 8);

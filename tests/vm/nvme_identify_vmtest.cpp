@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "checks.hpp"
 #include "guest.hpp"
 #include "iommu/vfio.hpp"
 #include "nvme.hpp"
@@ -100,12 +101,7 @@ class NvmeVfio : public ::testing::Test {
   }
 
   // A DMAR fault line for `iova`'s page appeared; else the kernel log seen.
-  ::testing::AssertionResult dmar_fault_at(uint64_t iova) {
-    if (auto line = kmsg_->wait_dmar_fault(iova)) return ::testing::AssertionSuccess() << *line;
-    auto failure = ::testing::AssertionFailure() << fmt::format("no DMAR fault at {:#x}; kernel log since start:", iova);
-    for (const auto& l : kmsg_->seen()) failure << "\n  " << l;
-    return failure;
-  }
+  ::testing::AssertionResult dmar_fault_at(uint64_t iova) { return vmtest::dmar_fault_at(*kmsg_, iova); }
 
   DmaMemory queues_, identify_, data_;
   std::optional<KmsgWatch> kmsg_;
@@ -117,9 +113,7 @@ TEST_F(NvmeVfio, IdentifyControllerLandsAtItsIova) {
   // VS: major in 31:16; QEMU 7.2 reports 1.4.
   EXPECT_GE(ctrl_->version() >> 16, 1u) << ctrl_->regs().str();
   identify_.fill(0xee);
-  auto c = ctrl_->identify_controller(kIdentifyIova);
-  ASSERT_TRUE(c) << c.error().what();
-  EXPECT_TRUE(c->ok()) << fmt::format("status {:#x}", c->status);
+  ASSERT_TRUE(completed(ctrl_->identify_controller(kIdentifyIova)));
 
   uint16_t vid = 0;
   std::memcpy(&vid, identify_.data() + kIdVid, sizeof vid);
@@ -136,9 +130,7 @@ TEST_F(NvmeVfio, IdentifyNamespaceMatchesTheDisk) {
   cmd.nsid = NvmeController::kNsid;
   cmd.prp1 = kIdentifyIova;
   cmd.cdw10 = 0;  // CNS 0: namespace data structure
-  auto c = ctrl_->submit_admin(cmd);
-  ASSERT_TRUE(c) << c.error().what();
-  ASSERT_TRUE(c->ok()) << fmt::format("status {:#x}", c->status);
+  ASSERT_TRUE(completed(ctrl_->submit_admin(cmd)));
   uint64_t nsze = 0;
   std::memcpy(&nsze, identify_.data(), sizeof nsze);  // NSZE: bytes 7:0
   EXPECT_EQ(nsze, kDiskLbas);
@@ -171,9 +163,7 @@ TEST_F(NvmeVfio, ReadsPlaceLbasExactlyWhereAsked) {
     data_.fill(0xa5);
     const size_t bytes = size_t{k.blocks} * kLbaSize;
     ASSERT_LE(k.offset + bytes, data_.size());
-    auto c = ctrl_->read(k.lba, k.blocks, kDataIova + k.offset, bytes, prp_list);
-    ASSERT_TRUE(c) << c.error().what();
-    EXPECT_TRUE(c->ok()) << fmt::format("status {:#x}", c->status);
+    EXPECT_TRUE(completed(ctrl_->read(k.lba, k.blocks, kDataIova + k.offset, bytes, prp_list)));
     const std::span<const std::byte> all = data_.bytes();
     EXPECT_EQ(check_disk_pattern(all.subspan(k.offset, bytes), k.lba), "");
     // Not one byte outside the requested range.
