@@ -436,17 +436,30 @@ class Worker {
 // Blocks another live thread keeps at home are not taken while the pool can
 // grow: a steal moves the magazine's lines between cores and, with two
 // threads out of phase, turns into stealing back and forth every round.
-TEST(DmaPool, GrowsRatherThanStealWhileItCan) {
-  PoolOptions o;
-  o.cache_size = 16;
-  o.chunk_bytes = 64 << 10;
-  auto m = make(1024, 1024, 0, o);
+// 1 KiB blocks, 64 per chunk, magazines of 8; thread a has allocated and
+// freed 256 of them, which now sit in its cache (mostly at home).
+struct HomeFilled {
+  explicit HomeFilled(uint32_t max_chunks) {
+    PoolOptions o;
+    o.cache_size = 16;
+    o.chunk_bytes = 64 << 10;
+    o.max_chunks = max_chunks;
+    m = make(1024, 1024, 0, o);
+    std::vector<DmaBlock> held(256);
+    a.run([&] {
+      for (auto& x : held) x = *m.pool->alloc();
+      for (auto& x : held) ASSERT_TRUE(m.pool->free(x).has_value());
+    });
+  }
+  Made m;
   Worker a, b;
+};
+
+TEST(DmaPool, GrowsRatherThanStealWhileItCan) {
+  HomeFilled h(0);
+  auto& m = h.m;
+  auto& b = h.b;
   std::vector<DmaBlock> held(256);
-  a.run([&] {
-    for (auto& x : held) x = *m.pool->alloc();
-    for (auto& x : held) ASSERT_TRUE(m.pool->free(x).has_value());
-  });
   const uint64_t chunks = m.pool->stats().chunks;
   EXPECT_EQ(chunks, 4u);
   b.run([&] {
@@ -465,18 +478,10 @@ TEST(DmaPool, GrowsRatherThanStealWhileItCan) {
 // rather than failing the alloc; only what that thread holds in hand (its
 // two magazines, at most cache_size blocks) stays out of reach.
 TEST(DmaPool, StealsWhenThePoolCannotGrow) {
-  PoolOptions o;
-  o.cache_size = 16;
-  o.chunk_bytes = 64 << 10;
-  o.max_chunks = 4;
-  auto m = make(1024, 1024, 0, o);
-  Worker a, b;
-  std::vector<DmaBlock> held(256);
-  a.run([&] {
-    for (auto& x : held) x = *m.pool->alloc();
-    for (auto& x : held) ASSERT_TRUE(m.pool->free(x).has_value());
-  });
-  held.clear();
+  HomeFilled h(4);
+  auto& m = h.m;
+  auto& b = h.b;
+  std::vector<DmaBlock> held;
   b.run([&] {
     for (;;) {
       auto got = m.pool->alloc();
