@@ -59,12 +59,15 @@ struct Buffer::Impl {
 // Buffer accessors: the chunk list is in IOVA order, so a byte offset finds
 // its chunk by binary search on the IOVA.
 
-Buffer::Buffer(Buffer&& o) noexcept : impl_(std::exchange(o.impl_, nullptr)) {}
+// Out of line, where Impl is complete, as unique_ptr<Impl> requires.
+Buffer::Buffer() noexcept = default;
+Buffer::Buffer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Buffer::Buffer(Buffer&& o) noexcept = default;
 
 Buffer& Buffer::operator=(Buffer&& o) noexcept {
   if (this != &o) {
-    Buffer old(std::move(*this));
-    impl_ = std::exchange(o.impl_, nullptr);
+    Buffer old(std::move(*this));  // returns the previous buffer to its allocator
+    impl_ = std::move(o.impl_);
   }
   return *this;
 }
@@ -151,24 +154,25 @@ class Allocator final : public BufferAllocator {
   }
   bool wait_prezeroed(std::chrono::milliseconds timeout) override;
 
-  // From Buffer's destructor.
-  void release(Buffer::Impl* b);
+  // From Buffer's destructor, which hands over its record.
+  void release(std::unique_ptr<Buffer::Impl> b);
   // From the arena, through the listener hub.
   void on_flushed(std::span<const iommu::IovaSpan> ranges);
 
  private:
   using Impl = Buffer::Impl;
+  using ImplPtr = std::unique_ptr<Impl>;
   struct SizeClass {
-    std::vector<Impl*> clean, dirty;  // LIFO: the most recently freed is warmest
+    std::vector<ImplPtr> clean, dirty;  // LIFO: the most recently freed is warmest
   };
 
-  Impl* pop_recycled(uint64_t span_len, const BufferRequest& req);
-  Result<Impl*> build(const BufferRequest& req, uint64_t span_len);
+  ImplPtr pop_recycled(uint64_t span_len, const BufferRequest& req);
+  Result<ImplPtr> build(const BufferRequest& req, uint64_t span_len);
   Status gather(Impl& b, uint64_t need);
-  Status map_runs(Impl& b);
+  Status map_runs(ImplPtr& owned);
   void give_back(Impl& b);
-  void retire(Impl* b);
-  std::vector<Impl*> collect_victims(uint64_t target);
+  void retire(ImplPtr b);
+  std::vector<ImplPtr> collect_victims(uint64_t target);
   void zero_loop();
   void psi_loop(int psi_fd);
   static void zero_memory(Impl& b);
@@ -182,16 +186,19 @@ class Allocator final : public BufferAllocator {
   const bool prezero_;
   std::shared_ptr<Anchor> anchor_;
 
-  // Guarded by mu_.
+  // Guarded by mu_. Every Impl not handed out as a Buffer is owned by exactly
+  // one of classes_, pending_, lost_ or zeroing_, or by a local moving it
+  // between them outside the lock. Records left in pending_ or lost_ when
+  // the allocator dies are freed with it; their memory stays in place.
   mutable std::mutex mu_;
   std::condition_variable work_cv_;   // zeroing thread: dirty work or stop
   std::condition_variable idle_cv_;   // trim/wait_prezeroed: zeroing finished
   std::map<uint64_t, SizeClass> classes_;
-  std::map<uint64_t, Impl*> pending_;  // by IOVA: retired, waiting for the flush (disjoint)
-  std::vector<Impl*> lost_;           // IOVA could not be freed: memory kept forever
+  std::map<uint64_t, ImplPtr> pending_;  // by IOVA: retired, waiting for the flush (disjoint)
+  std::vector<ImplPtr> lost_;           // IOVA could not be freed: memory kept forever
   uint64_t live_ = 0, live_bytes_ = 0;
   uint64_t recycled_bytes_ = 0, clean_bytes_ = 0, dirty_bytes_ = 0, pending_bytes_ = 0;
-  Impl* zeroing_ = nullptr;
+  ImplPtr zeroing_;  // the buffer the zeroing thread is clearing, outside the lock
   uint32_t hold_zeroing_ = 0;
   bool stopping_ = false;
 
@@ -256,8 +263,9 @@ Buffer::~Buffer() {
   std::shared_ptr<Anchor> anchor = impl_->anchor;
   std::shared_lock lock(anchor->mu);
   // Without an owner the allocator is gone: the memory stays where it is,
-  // because a device may still use it (the destructor reported it).
-  if (anchor->owner != nullptr) anchor->owner->release(impl_);
+  // because a device may still use it (the destructor reported it). Only
+  // the record dies, with impl_; it frees no memory and unmaps nothing.
+  if (anchor->owner != nullptr) anchor->owner->release(std::move(impl_));
 }
 
 // ---------------------------------------------------------------------------
@@ -273,27 +281,26 @@ Result<Buffer> Allocator::alloc(const BufferRequest& req) {
                 req.prot);
   const uint64_t span_len = (req.len + unit - 1) & ~(unit - 1);
 
-  if (Impl* b = pop_recycled(span_len, req)) {
+  if (ImplPtr b = pop_recycled(span_len, req)) {
     if (req.zeroed && !b->zero) {
       memsets_.fetch_add(1, std::memory_order_relaxed);
       zero_memory(*b);
     }
     hits_.fetch_add(1, std::memory_order_relaxed);
-    return Buffer(b);
+    return Buffer(std::move(b));
   }
-  Impl* b = DMAKIT_TRY(build(req, span_len));
-  return Buffer(b);
+  return Buffer(DMAKIT_TRY(build(req, span_len)));
 }
 
-Allocator::Impl* Allocator::pop_recycled(uint64_t span_len, const BufferRequest& req) {
+Allocator::ImplPtr Allocator::pop_recycled(uint64_t span_len, const BufferRequest& req) {
   std::lock_guard lock(mu_);
   auto it = classes_.find(span_len);
   if (it == classes_.end()) return nullptr;
-  auto fits = [&](const Impl* b) { return b->prot == req.prot && b->span.end() - 1 <= req.dma_limit; };
-  auto take = [&](std::vector<Impl*>& list, uint64_t& bytes) -> Impl* {
+  auto fits = [&](const Impl& b) { return b.prot == req.prot && b.span.end() - 1 <= req.dma_limit; };
+  auto take = [&](std::vector<ImplPtr>& list, uint64_t& bytes) -> ImplPtr {
     for (size_t i = list.size(); i-- > 0;) {
-      if (!fits(list[i])) continue;
-      Impl* b = list[i];
+      if (!fits(*list[i])) continue;
+      ImplPtr b = std::move(list[i]);
       list.erase(list.begin() + static_cast<ptrdiff_t>(i));
       bytes -= b->span.len;
       return b;
@@ -301,7 +308,7 @@ Allocator::Impl* Allocator::pop_recycled(uint64_t span_len, const BufferRequest&
     return nullptr;
   };
   // Zeroed requests want clean buffers; others leave those for them.
-  Impl* b = req.zeroed ? take(it->second.clean, clean_bytes_) : take(it->second.dirty, dirty_bytes_);
+  ImplPtr b = req.zeroed ? take(it->second.clean, clean_bytes_) : take(it->second.dirty, dirty_bytes_);
   if (b == nullptr) b = req.zeroed ? take(it->second.dirty, dirty_bytes_) : take(it->second.clean, clean_bytes_);
   if (b == nullptr) return nullptr;
   if (it->second.clean.empty() && it->second.dirty.empty()) classes_.erase(it);
@@ -316,7 +323,7 @@ Allocator::Impl* Allocator::pop_recycled(uint64_t span_len, const BufferRequest&
 
 // Slow path: chunks by order fallback, one IOVA range, one map per run.
 // Whatever fails, everything taken so far is given back.
-Result<Allocator::Impl*> Allocator::build(const BufferRequest& req, uint64_t span_len) {
+Result<Allocator::ImplPtr> Allocator::build(const BufferRequest& req, uint64_t span_len) {
   auto b = std::make_unique<Impl>();
   b->anchor = anchor_;
   b->size = req.len;
@@ -338,7 +345,7 @@ Result<Allocator::Impl*> Allocator::build(const BufferRequest& req, uint64_t spa
     c.iova = b->span.iova + off;
     off += c.len;
   }
-  if (auto st = map_runs(*b); !st) {
+  if (auto st = map_runs(b); !st) {
     return std::unexpected(with_context(st.error(), fmt::format("buffer of {} bytes", req.len)));
   }
 
@@ -351,7 +358,7 @@ Result<Allocator::Impl*> Allocator::build(const BufferRequest& req, uint64_t spa
   std::lock_guard lock(mu_);
   ++live_;
   live_bytes_ += span_len;
-  return b.release();
+  return b;
 }
 
 // Order fallback (see the header). On failure nothing stays taken.
@@ -402,8 +409,10 @@ Status Allocator::gather(Impl& b, uint64_t need) {
 }
 
 // One Domain::map per virtually contiguous run. On failure the runs mapped
-// so far are unmapped and the memory and the IOVA range are given back.
-Status Allocator::map_runs(Impl& b) {
+// so far are unmapped and the memory and the IOVA range are given back; if
+// that unmap fails, the buffer is retired instead and `owned` left empty.
+Status Allocator::map_runs(ImplPtr& owned) {
+  Impl& b = *owned;
   uint64_t mapped = 0;  // bytes from span.iova that are mapped
   size_t i = 0;
   uint32_t runs = 0;
@@ -425,7 +434,7 @@ Status Allocator::map_runs(Impl& b) {
       } else {
         // Still mapped: hold the memory until the arena's flush unmaps it.
         base::log().error("buffer IOVA {:#x}: unmap after failed map failed; memory held until flush", b.span.iova);
-        retire(std::make_unique<Impl>(std::move(b)).release());
+        retire(std::move(owned));
       }
       return std::unexpected(std::move(err));
     }
@@ -460,44 +469,45 @@ void Allocator::zero_memory(Impl& b) {
 // Free: into the recycling pool (mapping kept), or retired when the pool is
 // off or the buffer alone exceeds the watermark.
 
-void Allocator::release(Impl* b) {
-  std::vector<Impl*> victims;
+void Allocator::release(ImplPtr b) {
+  std::vector<ImplPtr> victims;
   bool keep = false;
   {
     std::lock_guard lock(mu_);
+    const uint64_t len = b->span.len;
     --live_;
-    live_bytes_ -= b->span.len;
-    keep = !stopping_ && b->span.len <= high_;
+    live_bytes_ -= len;
+    keep = !stopping_ && len <= high_;
     if (keep) {
       b->zero = false;  // the owner may have written it
-      classes_[b->span.len].dirty.push_back(b);
-      recycled_bytes_ += b->span.len;
-      dirty_bytes_ += b->span.len;
+      classes_[len].dirty.push_back(std::move(b));
+      recycled_bytes_ += len;
+      dirty_bytes_ += len;
       if (recycled_bytes_ > high_) victims = collect_victims(high_);
     }
   }
   if (!keep) {
-    retire(b);
+    retire(std::move(b));
     return;
   }
   if (prezero_) work_cv_.notify_one();
-  for (Impl* v : victims) retire(v);
+  for (ImplPtr& v : victims) retire(std::move(v));
 }
 
 // Under mu_: takes recycled buffers out until recycled_bytes_ <= target,
 // largest sizes first (fewest retirements), dirty before clean.
-std::vector<Allocator::Impl*> Allocator::collect_victims(uint64_t target) {
-  std::vector<Impl*> out;
+std::vector<Allocator::ImplPtr> Allocator::collect_victims(uint64_t target) {
+  std::vector<ImplPtr> out;
   for (auto it = classes_.rbegin(); it != classes_.rend() && recycled_bytes_ > target;) {
     SizeClass& sc = it->second;
     while (recycled_bytes_ > target && (!sc.dirty.empty() || !sc.clean.empty())) {
       bool dirty = !sc.dirty.empty();
       auto& list = dirty ? sc.dirty : sc.clean;
-      Impl* b = list.back();
+      ImplPtr b = std::move(list.back());
       list.pop_back();
       (dirty ? dirty_bytes_ : clean_bytes_) -= b->span.len;
       recycled_bytes_ -= b->span.len;
-      out.push_back(b);
+      out.push_back(std::move(b));
     }
     if (sc.dirty.empty() && sc.clean.empty())
       it = std::make_reverse_iterator(classes_.erase(std::next(it).base()));
@@ -510,20 +520,23 @@ std::vector<Allocator::Impl*> Allocator::collect_victims(uint64_t target) {
 
 // Frees the IOVA range (stale in the arena, still mapped); the memory waits
 // in pending_ until on_flushed. Registered before the free, because a strict
-// arena flushes (and calls the listener) inside free().
-void Allocator::retire(Impl* b) {
+// arena flushes (and calls the listener) inside free(). The span is copied
+// first: once in pending_, on_flushed may free the record at any time.
+void Allocator::retire(ImplPtr b) {
+  const iommu::IovaSpan span = b->span;
   {
     std::lock_guard lock(mu_);
-    pending_.emplace(b->span.iova, b);
-    pending_bytes_ += b->span.len;
+    pending_.emplace(span.iova, std::move(b));
+    pending_bytes_ += span.len;
   }
-  if (auto st = arena_.free(b->span); !st) {
-    base::log().error("buffer IOVA {:#x}+{:#x}: arena refused the free ({}); its memory is kept", b->span.iova,
-                      b->span.len, st.error().what());
+  if (auto st = arena_.free(span); !st) {
+    base::log().error("buffer IOVA {:#x}+{:#x}: arena refused the free ({}); its memory is kept", span.iova,
+                      span.len, st.error().what());
     std::lock_guard lock(mu_);
-    if (pending_.erase(b->span.iova) != 0) {
-      pending_bytes_ -= b->span.len;
-      lost_.push_back(b);
+    if (auto it = pending_.find(span.iova); it != pending_.end()) {
+      pending_bytes_ -= span.len;
+      lost_.push_back(std::move(it->second));
+      pending_.erase(it);
     }
   }
 }
@@ -532,14 +545,14 @@ void Allocator::retire(Impl* b) {
 // IOVAs can be handed out again, so every pending buffer inside the range is
 // unreachable by the device and its memory can go back to the sources.
 void Allocator::on_flushed(std::span<const iommu::IovaSpan> ranges) {
-  std::vector<Impl*> done;
+  std::vector<ImplPtr> done;
   {
     std::lock_guard lock(mu_);
     for (const auto& r : ranges) {
       for (auto it = pending_.lower_bound(r.iova); it != pending_.end() && it->first < r.end();) {
         if (it->second->span.end() <= r.end()) {
           pending_bytes_ -= it->second->span.len;
-          done.push_back(it->second);
+          done.push_back(std::move(it->second));
           it = pending_.erase(it);
         } else {
           ++it;
@@ -547,14 +560,14 @@ void Allocator::on_flushed(std::span<const iommu::IovaSpan> ranges) {
       }
     }
   }
-  for (Impl* b : done) {
+  for (ImplPtr& b : done) {
     give_back(*b);
-    delete b;  // owned by pending_ until here
+    b.reset();  // owned by pending_ until the flush, then by done
   }
 }
 
 void Allocator::trim(bool all) {
-  std::vector<Impl*> victims;
+  std::vector<ImplPtr> victims;
   {
     std::unique_lock lock(mu_);
     // Let a buffer being zeroed come back so it can be counted and taken.
@@ -564,7 +577,7 @@ void Allocator::trim(bool all) {
     --hold_zeroing_;
   }
   work_cv_.notify_one();
-  for (Impl* v : victims) retire(v);
+  for (ImplPtr& v : victims) retire(std::move(v));
   if (auto st = arena_.flush(); !st) base::log().warn("buffer trim: arena flush: {}", st.error().what());
 }
 
@@ -576,21 +589,21 @@ void Allocator::zero_loop() {
   for (;;) {
     work_cv_.wait(lock, [&] { return stopping_ || (hold_zeroing_ == 0 && dirty_bytes_ != 0); });
     if (stopping_) return;
-    Impl* b = nullptr;
     for (auto& [len, sc] : classes_) {
       if (sc.dirty.empty()) continue;
-      b = sc.dirty.back();
+      zeroing_ = std::move(sc.dirty.back());
       sc.dirty.pop_back();
       break;
     }
-    dirty_bytes_ -= b->span.len;
-    zeroing_ = b;
+    // zeroing_ owns it while the lock is dropped; only this thread touches
+    // the record, and others only test zeroing_ for null under the lock.
+    Impl& b = *zeroing_;
+    dirty_bytes_ -= b.span.len;
     lock.unlock();
-    zero_memory(*b);
+    zero_memory(b);
     lock.lock();
-    zeroing_ = nullptr;
-    classes_[b->span.len].clean.push_back(b);
-    clean_bytes_ += b->span.len;
+    classes_[b.span.len].clean.push_back(std::move(zeroing_));  // leaves zeroing_ null
+    clean_bytes_ += b.span.len;
     idle_cv_.notify_all();
   }
 }

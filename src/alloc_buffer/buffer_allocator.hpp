@@ -79,9 +79,13 @@ class BufferAllocator;
 // IOVA range is contiguous; the host memory is the chunk list, contiguous
 // only where virtually_contiguous() says so. If the allocator is destroyed
 // first, the buffer's memory and mapping are left in place.
+//
+// Owns: its record (Impl) while it is handed out; the allocator owns the
+// record at every other time. Not the memory or the mapping the record
+// describes: those go back only through the allocator.
 class Buffer {
  public:
-  Buffer() = default;
+  Buffer() noexcept;
   Buffer(Buffer&&) noexcept;
   Buffer& operator=(Buffer&&) noexcept;
   ~Buffer();
@@ -102,10 +106,12 @@ class Buffer {
   Result<uint64_t> iova_of(const void* p) const;
 
   struct Impl;
-  explicit Buffer(Impl* impl) : impl_(impl) {}
+  explicit Buffer(std::unique_ptr<Impl> impl);
 
  private:
-  Impl* impl_ = nullptr;  // owned by the allocator; returned on destruction
+  // Handed back to the allocator on destruction. If the allocator is gone,
+  // only the record is freed here; its memory and mapping stay in place.
+  std::unique_ptr<Impl> impl_;
 };
 
 struct BufferStats {
