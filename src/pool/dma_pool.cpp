@@ -422,7 +422,9 @@ Status DmaPool::load_full(Cache& c) {
   if (m == nullptr) {
     std::lock_guard lock(mu_);
     m = take_full_locked();
-    if (m == nullptr && grow_locked()) m = take_full_locked();
+    // At max_chunks this is no failure yet (a steal may serve), so not tried.
+    const bool may_grow = max_chunks_ == 0 || chunks_.size() < max_chunks_;
+    if (m == nullptr && may_grow && grow_locked()) m = take_full_locked();
   }
   if (m == nullptr) m = steal();
   if (m == nullptr) {
