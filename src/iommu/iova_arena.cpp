@@ -173,6 +173,7 @@ class PooledArena final : public IovaArena {
   Status flush_pool(Pool& p, bool notify_listener);
   Status unmap_strict(Pool& p, uint64_t pn, uint64_t n);
   void notify(std::span<const IovaSpan> done);
+  void unlock_then_flush_if(Pool& p, bool due);
   Status check_pool(const Pool& p) const;
 
   Domain& domain_;
@@ -440,8 +441,7 @@ uint64_t PooledArena::take_locked(Pool& p, const Need& need, bool borrow) {
     if (borrow) p.borrows.add(1);
     due = tick(p);
   }
-  p.lock.unlock();
-  if (due) (void)flush_pool(p, true);
+  unlock_then_flush_if(p, due);
   return pn;
 }
 
@@ -480,9 +480,7 @@ Result<IovaSpan> PooledArena::alloc(const IovaRequest& req) {
 // The fast alloc's page is taken and the countdown ran out: check the
 // bounds, then flush if one was reached.
 Result<IovaSpan> PooledArena::alloc_checked(Pool& p, uint64_t pn) {
-  const bool due = check_bounds(p);
-  p.lock.unlock();
-  if (due) (void)flush_pool(p, true);
+  unlock_then_flush_if(p, check_bounds(p));
   return IovaSpan{pn << shift_, page_};
 }
 
@@ -589,9 +587,7 @@ Status PooledArena::free(IovaSpan range) {
 }
 
 Status PooledArena::free_checked(Pool& p) {
-  const bool due = check_bounds(p);
-  p.lock.unlock();
-  if (due) (void)flush_pool(p, true);
+  unlock_then_flush_if(p, check_bounds(p));
   return ok();
 }
 
@@ -628,9 +624,7 @@ Status PooledArena::free_general(IovaSpan range) {
   }
   mark_stale(p, pn, n);
   ++p.pending_ranges;
-  const bool due = tick(p);
-  p.lock.unlock();
-  if (due) (void)flush_pool(p, true);
+  unlock_then_flush_if(p, tick(p));
   return ok();
 }
 
@@ -738,6 +732,14 @@ Status PooledArena::flush_pool(Pool& p, bool notify_listener) {
   }
   if (!first) base::log().error("IOVA arena: {}", first.error().what());
   return first;
+}
+
+// Releases p.lock, then flushes p when a bound was reached (its unmap calls
+// run without the lock; an error is logged and counted, the pages stay
+// reserved).
+void PooledArena::unlock_then_flush_if(Pool& p, bool due) {
+  p.lock.unlock();
+  if (due) (void)flush_pool(p, true);
 }
 
 void PooledArena::notify(std::span<const IovaSpan> done) {
