@@ -151,20 +151,22 @@ DmaPool::Cache* DmaPool::own_cache() {
   return attach_cache();
 }
 
+// mu_ held. A magazine holding n entries goes to the depot: full list or spares.
+void DmaPool::deposit_locked(Magazine* m, uint32_t n) {
+  if (m == nullptr) return;
+  m->count = n;
+  depot_blocks_ += n;
+  (n != 0 ? full_ : empty_).push_back(m);
+}
+
 // mu_ held. Every magazine of c goes to the depot; c keeps none.
 void DmaPool::return_cache_locked(Cache& c) {
-  auto give = [this](Magazine* m, uint32_t n) {
-    if (m == nullptr) return;
-    m->count = n;
-    depot_blocks_ += n;
-    (n != 0 ? full_ : empty_).push_back(m);
-  };
-  give(c.loaded, c.count.load(std::memory_order_relaxed));
-  give(c.prev, c.prev_count.load(std::memory_order_relaxed));
-  for (Magazine* m : c.spare) give(m, 0);
+  deposit_locked(c.loaded, c.count.load(std::memory_order_relaxed));
+  deposit_locked(c.prev, c.prev_count.load(std::memory_order_relaxed));
+  for (Magazine* m : c.spare) deposit_locked(m, 0);
   {
     std::lock_guard home(c.home_mu);
-    for (Magazine* m : c.home) give(m, m->count);
+    for (Magazine* m : c.home) deposit_locked(m, m->count);
     c.home.clear();
     c.home_blocks.store(0, std::memory_order_relaxed);
   }
@@ -423,8 +425,7 @@ Status DmaPool::load_full(Cache& c) {
     std::lock_guard lock(mu_);
     m = take_full_locked();
     // At max_chunks this is no failure yet (a steal may serve), so not tried.
-    const bool may_grow = max_chunks_ == 0 || chunks_.size() < max_chunks_;
-    if (m == nullptr && may_grow && grow_locked()) m = take_full_locked();
+    if (m == nullptr && !at_max_chunks_locked() && grow_locked()) m = take_full_locked();
   }
   if (m == nullptr) m = steal();
   if (m == nullptr) {
@@ -554,8 +555,7 @@ void DmaPool::stash_full(Cache& c) {
       }
       if (!kept) {
         std::lock_guard lock(mu_);
-        full_.push_back(c.prev);
-        depot_blocks_ += c.prev->count;
+        deposit_locked(c.prev, c.prev->count);
       }
     }
     c.prev = c.loaded;
@@ -616,7 +616,7 @@ DmaPool::Chunk* DmaPool::find_chunk_probe(uintptr_t v) const {
 
 Status DmaPool::grow_locked() {
   const uint64_t len = chunk_bytes();
-  if (max_chunks_ != 0 && chunks_.size() >= max_chunks_) {
+  if (at_max_chunks_locked()) {
     grow_failures_.fetch_add(1, std::memory_order_relaxed);
     return fail(Errc::no_space, "pool '{}': all {} blocks in use and the pool is at max_chunks {}", name_,
                 blocks_, max_chunks_);

@@ -204,11 +204,13 @@ class DmaPool {
   Magazine* steal();             // a full magazine from another thread's home (growth failed); null: none
   DmaBlock take(const Entry& e); // marks the block allocated
   Status grow_locked();          // one chunk from the backing; mu_ held
+  bool at_max_chunks_locked() const { return max_chunks_ != 0 && chunks_.size() >= max_chunks_; }
   void publish_chunk(Chunk* ch); // into the chunk table; mu_ held
   inline Chunk* find_chunk(uintptr_t v) const;
   void debug_on_alloc(void* vaddr, uint64_t iova);
   void debug_on_free(void* vaddr);
   void return_cache_locked(Cache& c);  // every magazine of c -> depot; mu_ held
+  void deposit_locked(Magazine* m, uint32_t n);  // one magazine of n entries -> depot; mu_ held
   void detach_all_caches();      // at destroy
   friend struct ThreadCaches;
   void absorb_cache(Cache& c);   // a thread exits: its cache -> depot
