@@ -123,7 +123,7 @@ const std::vector<Setting>& settings() {
       DMAKIT_SETTING(buffer, prezero, "zero recycled memory in a background thread"),
       DMAKIT_SETTING(buffer, psi, "shrink the recycle pool on memory pressure (PSI)"),
       DMAKIT_SETTING(pool, cache_size, "blocks held in each per-thread cache"),
-      DMAKIT_SETTING(pool, poison, "poison blocks on free and check on alloc"),
+      DMAKIT_SETTING(pool, poison, "poison blocks on free and check on alloc (no per-thread caches)"),
       DMAKIT_SETTING(pool, presets, "pools `info --pools` shows: name:size:align:boundary,..."),
       DMAKIT_SETTING(stress, seconds, "stress run length in seconds"),
       DMAKIT_SETTING(stress, threads, "stress threads"),

@@ -56,7 +56,7 @@ struct BufferSettings {
 
 struct PoolSettings {
   uint32_t cache_size = 256;           // blocks per per-thread cache (two magazines of half)
-  bool poison = false;                 // poison on free, check on alloc
+  bool poison = false;                 // poison on free, check on alloc; pools have no per-thread caches
   // Pools `dmakit info --pools` creates to show their geometry: name:size:align:boundary,...
   std::string presets = "nvme-sqe:64:64:0,nvme-cqe:16:16:0,prp-list:4096:4096:0,sgl-odd:68:32:4096";
 };

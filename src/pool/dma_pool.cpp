@@ -4,10 +4,12 @@
 #include "pool/dma_pool.hpp"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 
 #include "base/log.hpp"
 
@@ -49,21 +51,36 @@ void* alloc_lines(size_t bytes) {
 void free_lines(void* p) noexcept { ::operator delete(p, std::align_val_t{64}); }
 }  // namespace detail
 
+std::unique_ptr<DmaPool::Chunk, DmaPool::ChunkDeleter> DmaPool::Chunk::make(const Chunk& layout) {
+  static_assert(std::is_trivially_destructible_v<std::atomic<uint8_t>>);
+  void* mem = detail::alloc_lines(sizeof(Chunk) + layout.nblocks);
+  std::unique_ptr<Chunk, ChunkDeleter> ch(::new (mem) Chunk(layout));
+  std::uninitialized_value_construct_n(ch->state(), layout.nblocks);  // all kFree
+  return ch;
+}
+
+void DmaPool::ChunkDeleter::operator()(Chunk* ch) const noexcept {
+  ch->~Chunk();
+  detail::free_lines(ch);
+}
+
 // ---------------------------------------------------------------------------
-// Per-thread caches. Each pool owns a slot number; a thread keeps an array of
-// Cache pointers indexed by slot. The array pointer and its length are plain
-// initial-exec TLS, so the fast path finds its cache in a few loads without a
-// TLS call. Slots a thread has not attached point at an idle cache (count
-// and cap 0), so the fast path needs no null or owner test: an idle or
-// detached cache sends every call to the slow path, which attaches. The
-// registry mutex orders thread exit against pool destruction.
+// Per-thread caches. Each pool with caches owns a slot number in
+// 1..kCacheSlots-1; a thread keeps an array of kCacheSlots Cache pointers
+// indexed by slot. The array pointer is plain initial-exec TLS, so the fast
+// path finds its cache in two loads, without a TLS call or a bounds test.
+// Slots a thread has not attached (and slot 0, pools without caches) point
+// at an idle cache whose magazine bounds are null, so the fast path needs no
+// null or owner test: an idle or detached cache sends every call to the
+// slow path, which attaches. The registry mutex orders thread exit against
+// pool destruction.
 
 namespace {
 
 struct Registry {
   std::mutex mu;
   std::vector<uint32_t> free_slots;
-  uint32_t next_slot = 0;
+  uint32_t next_slot = 1;  // 0: no caches
   uint64_t next_uid = 1;
 };
 
@@ -74,27 +91,33 @@ Registry& registry() {
 
 __thread bool tl_exiting __attribute__((tls_model("initial-exec"))) = false;
 
-DmaPool::Cache g_idle_cache;  // never attached: count and cap stay 0
+DmaPool::Cache g_idle_cache;  // never attached, never written
+
+// What tl_slots points at in a thread that has attached no cache.
+constexpr std::array<DmaPool::Cache*, detail::kCacheSlots> idle_slots() {
+  std::array<DmaPool::Cache*, detail::kCacheSlots> a{};
+  a.fill(&g_idle_cache);
+  return a;
+}
+constinit const std::array<DmaPool::Cache*, detail::kCacheSlots> g_idle_slots = idle_slots();
 
 }  // namespace
 
 namespace detail {
-__thread DmaPool::Cache** tl_slots __attribute__((tls_model("initial-exec"))) = nullptr;
-__thread uint32_t tl_nslots __attribute__((tls_model("initial-exec"))) = 0;
+__thread DmaPool::Cache* const* tl_slots __attribute__((tls_model("initial-exec"))) = g_idle_slots.data();
 }  // namespace detail
 
-using detail::tl_nslots;
+using detail::kCacheSlots;
 using detail::tl_slots;
 
 // Owns a thread's caches; its destructor (thread exit) gives every cache
 // still attached to a live pool back to that pool.
 struct ThreadCaches {
   std::vector<std::unique_ptr<DmaPool::Cache>> caches;  // by slot
-  std::vector<DmaPool::Cache*> ptrs;                    // what tl_slots points at
+  std::vector<DmaPool::Cache*> ptrs;                    // what tl_slots points at, once sized
   ~ThreadCaches() {
     tl_exiting = true;
-    tl_slots = nullptr;
-    tl_nslots = 0;
+    tl_slots = g_idle_slots.data();
     std::lock_guard lock(registry().mu);
     for (auto& c : caches)
       if (c && c->pool != nullptr) c->pool->absorb_cache(*c);
@@ -106,12 +129,10 @@ thread_local ThreadCaches tl_caches;
 }
 
 DmaPool::Cache* DmaPool::attach_cache() {
-  if (cache_cap_ == 0 || tl_exiting) return nullptr;
+  if (slot_ == 0 || tl_exiting) return nullptr;
   ThreadCaches& tc = tl_caches;
-  if (tc.caches.size() <= slot_) {
-    tc.caches.resize(slot_ + 1);
-    tc.ptrs.resize(slot_ + 1, &g_idle_cache);
-  }
+  if (tc.caches.size() <= slot_) tc.caches.resize(slot_ + 1);
+  if (tc.ptrs.empty()) tc.ptrs.assign(kCacheSlots, &g_idle_cache);
   auto& c = tc.caches[slot_];
   Magazine* m = nullptr;
   {
@@ -122,8 +143,6 @@ DmaPool::Cache* DmaPool::attach_cache() {
   // A cache left in this slot by a destroyed pool was detached (pool == nullptr): reuse it.
   if (!c) c = std::make_unique<Cache>();
   c->pool = this;
-  c->loaded = m;
-  c->slots = m->slots;
   c->prev = nullptr;
   c->prev_count.store(0, std::memory_order_relaxed);
   c->spare.clear();
@@ -132,22 +151,18 @@ DmaPool::Cache* DmaPool::attach_cache() {
     c->home.clear();
     c->home_blocks.store(0, std::memory_order_relaxed);
   }
-  c->count.store(0, std::memory_order_relaxed);
-  c->cap.store(mag_cap_, std::memory_order_relaxed);
+  c->load(m, 0, mag_cap_);
   c->last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
   c->uid.store(uid_, std::memory_order_relaxed);
   caches_.push_back(c.get());
   tc.ptrs[slot_] = c.get();
   tl_slots = tc.ptrs.data();
-  tl_nslots = static_cast<uint32_t>(tc.ptrs.size());
   return c.get();
 }
 
 DmaPool::Cache* DmaPool::own_cache() {
-  if (slot_ < tl_nslots) {
-    Cache* c = tl_slots[slot_];
-    if (c->uid.load(std::memory_order_relaxed) == uid_) return c;
-  }
+  Cache* c = tl_slots[slot_];
+  if (c->uid.load(std::memory_order_relaxed) == uid_) return c;
   return attach_cache();
 }
 
@@ -161,7 +176,7 @@ void DmaPool::deposit_locked(Magazine* m, uint32_t n) {
 
 // mu_ held. Every magazine of c goes to the depot; c keeps none.
 void DmaPool::return_cache_locked(Cache& c) {
-  deposit_locked(c.loaded, c.count.load(std::memory_order_relaxed));
+  deposit_locked(c.loaded, c.count(mag_cap_));
   deposit_locked(c.prev, c.prev_count.load(std::memory_order_relaxed));
   for (Magazine* m : c.spare) deposit_locked(m, 0);
   {
@@ -170,10 +185,9 @@ void DmaPool::return_cache_locked(Cache& c) {
     c.home.clear();
     c.home_blocks.store(0, std::memory_order_relaxed);
   }
-  c.loaded = c.prev = nullptr;
-  c.slots = nullptr;
+  c.load(nullptr, 0, 0);
+  c.prev = nullptr;
   c.spare.clear();
-  c.count.store(0, std::memory_order_relaxed);
   c.prev_count.store(0, std::memory_order_relaxed);
 }
 
@@ -183,7 +197,6 @@ void DmaPool::absorb_cache(Cache& c) {
     std::lock_guard lock(mu_);
     return_cache_locked(c);
   }
-  c.cap.store(0, std::memory_order_relaxed);
   c.last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
   c.uid.store(0, std::memory_order_relaxed);
   c.pool = nullptr;
@@ -194,13 +207,11 @@ void DmaPool::absorb_cache(Cache& c) {
 // magazines belong to the pool and are freed with it).
 void DmaPool::detach_all_caches() {
   for (Cache* c : caches_) {
-    c->count.store(0, std::memory_order_relaxed);
-    c->cap.store(0, std::memory_order_relaxed);
+    c->load(nullptr, 0, 0);
     c->last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
     c->prev_count.store(0, std::memory_order_relaxed);
     c->uid.store(0, std::memory_order_relaxed);
-    c->loaded = c->prev = nullptr;
-    c->slots = nullptr;
+    c->prev = nullptr;
     c->spare.clear();
     {
       std::lock_guard home(c->home_mu);
@@ -213,15 +224,11 @@ void DmaPool::detach_all_caches() {
 }
 
 void DmaPool::flush_thread_cache() {
-  if (slot_ >= tl_nslots) return;
   Cache* c = tl_slots[slot_];
   if (c->uid.load(std::memory_order_relaxed) != uid_) return;
   std::lock_guard lock(mu_);
   return_cache_locked(*c);
-  // Stay attached with one empty magazine loaded.
-  Magazine* m = take_empty_locked();
-  c->loaded = m;
-  c->slots = m->slots;
+  c->load(take_empty_locked(), 0, mag_cap_);  // stays attached, with an empty magazine
 }
 
 // ---------------------------------------------------------------------------
@@ -280,10 +287,11 @@ Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backin
   p->boundary_ = boundary;
   p->backing_ = std::move(backing);
   p->max_chunks_ = opts.max_chunks;
-  p->cache_cap_ = opts.cache_size;
+  p->debug_ = (opts.poison ? kPoison : 0) | (opts.zero ? kZero : 0);
   // Two magazines of half the cache each: a thread holds at most cache_size
-  // blocks in hand, and trades with the pool once per half cache.
-  p->mag_cap_ = opts.cache_size == 0 ? 0 : std::max<uint32_t>(1, opts.cache_size / 2);
+  // blocks in hand, and trades with the pool once per half cache. Debug
+  // pools have none (see PoolOptions).
+  p->mag_cap_ = opts.cache_size == 0 || p->debug_ != 0 ? 0 : std::max<uint32_t>(1, opts.cache_size / 2);
   // A thread keeps up to kHomeBytes of freed blocks at home (at least a few
   // magazines): enough for a thread's working set to stay on its core, and a
   // bound on what one thread can hold back from the others.
@@ -300,17 +308,26 @@ Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backin
     p->per_seg_ = seg / rsize;
   }
   p->div_magic_ = div_magic(rsize);
-  p->debug_ = (opts.poison ? kPoison : 0) | (opts.zero ? kZero : 0);
+  bool out_of_slots = false;
   {
     Registry& r = registry();
     std::lock_guard lock(r.mu);
     p->uid_ = r.next_uid++;
-    if (!r.free_slots.empty()) {
+    if (p->mag_cap_ == 0) {
+      p->slot_ = 0;
+    } else if (!r.free_slots.empty()) {
       p->slot_ = r.free_slots.back();
       r.free_slots.pop_back();
-    } else {
+    } else if (r.next_slot < kCacheSlots) {
       p->slot_ = r.next_slot++;
+    } else {
+      out_of_slots = true;
     }
+  }
+  if (out_of_slots) {
+    p->mag_cap_ = 0;
+    base::log().warn("pool '{}': {} pools with per-thread caches exist already; this one works without",
+                     p->name_, kCacheSlots - 1);
   }
   return p;
 }
@@ -320,7 +337,7 @@ DmaPool::~DmaPool() {
     Registry& r = registry();
     std::lock_guard lock(r.mu);
     detach_all_caches();
-    r.free_slots.push_back(slot_);
+    if (slot_ != 0) r.free_slots.push_back(slot_);
   }
   // The state bytes are the truth: a chunk holding an allocated block may
   // still be written by a device, so it is abandoned rather than released.
@@ -328,7 +345,7 @@ DmaPool::~DmaPool() {
   for (auto& ch : chunks_) {
     uint64_t in_chunk = 0;
     for (uint32_t i = 0; i < ch->nblocks; ++i)
-      in_chunk += ch->state[i].load(std::memory_order_relaxed) == kAllocated;
+      in_chunk += ch->state()[i].load(std::memory_order_relaxed) == kAllocated;
     live += in_chunk;
     if (in_chunk != 0) {
       ++kept;
@@ -347,7 +364,7 @@ DmaPool::~DmaPool() {
 // Slow paths.
 
 DmaBlock DmaPool::take(const Entry& e) {
-  e.chunk->state[e.index].store(kAllocated, std::memory_order_relaxed);
+  e.chunk->state()[e.index].store(kAllocated, std::memory_order_relaxed);
   const DmaBlock b{reinterpret_cast<void*>(e.chunk->base + e.off), e.chunk->iova + e.off};
   if (debug_ != 0) debug_on_alloc(b.vaddr, b.iova);
   return b;
@@ -378,22 +395,20 @@ Result<DmaBlock> DmaPool::alloc_slow() {
     }
     return take(e);
   }
-  uint32_t n = c->count.load(std::memory_order_relaxed);
-  if (n == 0) {
+  if (c->count(mag_cap_) == 0) {
     if (c->prev != nullptr && c->prev_count.load(std::memory_order_relaxed) != 0) {
       // Bonwick: the previous magazine is full, swap it in.
-      std::swap(c->loaded, c->prev);
-      c->slots = c->loaded->slots;
-      n = c->prev_count.load(std::memory_order_relaxed);
+      Magazine* full = c->prev;
+      c->prev = c->loaded;
+      c->load(full, c->prev_count.load(std::memory_order_relaxed), mag_cap_);
       c->prev_count.store(0, std::memory_order_relaxed);
     } else {
       DMAKIT_TRY(load_full(*c));
-      n = c->count.load(std::memory_order_relaxed);
     }
   }
-  const Entry e = c->slots[n - 1];
-  c->count.store(n - 1, std::memory_order_relaxed);
-  return take(e);
+  Entry* t = c->top.load(std::memory_order_relaxed) - 1;
+  c->top.store(t, std::memory_order_relaxed);
+  return take(*t);
 }
 
 // Both magazines empty: the loaded one is traded for a full one - this
@@ -444,9 +459,7 @@ Status DmaPool::load_full(Cache& c) {
     std::lock_guard lock(mu_);
     empty_.push_back(c.loaded);
   }
-  c.loaded = m;
-  c.slots = m->slots;
-  c.count.store(m->count, std::memory_order_relaxed);
+  c.load(m, m->count, mag_cap_);
   return ok();
 }
 
@@ -487,7 +500,7 @@ DmaPool::Magazine* DmaPool::take_empty_locked() {
 // The oldest full magazine of another thread (the one it will want last).
 DmaPool::Magazine* DmaPool::steal() {
   std::lock_guard reg(registry().mu);
-  const Cache* self = slot_ < tl_nslots ? tl_slots[slot_] : nullptr;
+  const Cache* self = tl_slots[slot_];
   for (Cache* other : caches_) {
     if (other == self || other->home_blocks.load(std::memory_order_relaxed) == 0) continue;
     std::lock_guard home(other->home_mu);
@@ -501,34 +514,21 @@ DmaPool::Magazine* DmaPool::steal() {
   return nullptr;
 }
 
-Status DmaPool::free_uncached(void* vaddr, uint64_t iova) {
-  const auto v = reinterpret_cast<uintptr_t>(vaddr);
-  Chunk* ch = find_chunk(v);
-  if (ch == nullptr) return refuse_free(vaddr, iova, "not inside any chunk of this pool");
-  uint64_t index;
-  if (const char* why = check_block(ch, v, iova, index); why != nullptr) return refuse_free(vaddr, iova, why);
-  if (ch->state[index].exchange(kFree, std::memory_order_relaxed) != kAllocated)
-    return refuse_free(vaddr, iova, "block is not allocated (double free?)");
-  if (debug_ & kPoison) debug_on_free(vaddr);
-  return free_slow(ch, static_cast<uint32_t>(v - ch->base), static_cast<uint32_t>(index));
-}
-
+// The block is validated and marked free already.
 Status DmaPool::free_slow(Chunk* ch, uint32_t off, uint32_t index) {
   const Entry e{ch, off, index};
   Cache* c = own_cache();
-  if (c == nullptr) {
+  if (c == nullptr) {  // no caches (cache_size 0, debug options) or the thread is exiting
+    if (debug_ & kPoison) debug_on_free(reinterpret_cast<void*>(ch->base + off));
     std::lock_guard lock(mu_);
     loose_.push_back(e);
     ++depot_blocks_;
     return ok();
   }
-  uint32_t n = c->count.load(std::memory_order_relaxed);
-  if (n >= mag_cap_) {
-    stash_full(*c);
-    n = c->count.load(std::memory_order_relaxed);
-  }
-  c->slots[n] = e;
-  c->count.store(n + 1, std::memory_order_relaxed);
+  if (c->top.load(std::memory_order_relaxed) == c->limit.load(std::memory_order_relaxed)) stash_full(*c);
+  Entry* t = c->top.load(std::memory_order_relaxed);
+  *t = e;
+  c->top.store(t + 1, std::memory_order_relaxed);
   return ok();
 }
 
@@ -537,9 +537,11 @@ Status DmaPool::free_slow(Chunk* ch, uint32_t off, uint32_t index) {
 // takes it back first and others may steal it) and the loaded one becomes
 // previous, with an empty magazine loaded.
 void DmaPool::stash_full(Cache& c) {
-  const uint32_t n = c.count.load(std::memory_order_relaxed);
+  const uint32_t n = c.count(mag_cap_);
+  Magazine* next = nullptr;
   if (c.prev != nullptr && c.prev_count.load(std::memory_order_relaxed) == 0) {
-    std::swap(c.loaded, c.prev);
+    next = c.prev;
+    c.prev = c.loaded;
     c.prev_count.store(n, std::memory_order_relaxed);
   } else {
     if (c.prev != nullptr) {
@@ -561,15 +563,14 @@ void DmaPool::stash_full(Cache& c) {
     c.prev = c.loaded;
     c.prev_count.store(n, std::memory_order_relaxed);
     if (!c.spare.empty()) {
-      c.loaded = c.spare.back();
+      next = c.spare.back();
       c.spare.pop_back();
     } else {
       std::lock_guard lock(mu_);
-      c.loaded = take_empty_locked();
+      next = take_empty_locked();
     }
   }
-  c.slots = c.loaded->slots;
-  c.count.store(0, std::memory_order_relaxed);
+  c.load(next, 0, mag_cap_);
 }
 
 Status DmaPool::refuse_free(const void* vaddr, uint64_t iova, const char* why) {
@@ -628,7 +629,8 @@ Status DmaPool::grow_locked() {
         std::move(region).error(),
         fmt::format("pool '{}': cannot grow by {} bytes from {}", name_, len, backing_->describe())));
   }
-  auto ch = std::make_unique<Chunk>();
+  Chunk layout;  // the record, before its state bytes are allocated with it
+  Chunk* ch = &layout;
   ch->region = *region;
   ch->base = reinterpret_cast<uintptr_t>(region->vaddr);
   ch->iova = region->iova;
@@ -653,15 +655,14 @@ Status DmaPool::grow_locked() {
   while (grid_off(ch->first + n) + size_ <= ch->origin + ch->len) ++n;
   ch->nblocks = static_cast<uint32_t>(n);
   ch->first_off = grid_off(ch->first) - ch->origin;
-  ch->state_mem.reset(detail::alloc_lines(n));
-  ch->state = static_cast<std::atomic<uint8_t>*>(ch->state_mem.get());
-  std::uninitialized_value_construct_n(ch->state, n);  // all kFree
+  std::unique_ptr<Chunk, ChunkDeleter> owned = Chunk::make(layout);  // all blocks kFree
+  ch = owned.get();
   if (debug_ & kPoison) std::memset(region->vaddr, kPoisonByte, len);
 
   // Entries packed into magazines (or loose without caches), lowest address
   // on top: blocks come out in address order.
   auto entry = [&](uint64_t i) {
-    return Entry{ch.get(), static_cast<uint32_t>(grid_off(ch->first + i) - ch->origin), static_cast<uint32_t>(i)};
+    return Entry{ch, static_cast<uint32_t>(grid_off(ch->first + i) - ch->origin), static_cast<uint32_t>(i)};
   };
   if (mag_cap_ == 0) {
     loose_.reserve(loose_.size() + n);
@@ -680,9 +681,9 @@ Status DmaPool::grow_locked() {
     }
   }
   depot_blocks_ += n;
-  publish_chunk(ch.get());
+  publish_chunk(ch);
   blocks_ += n;
-  chunks_.push_back(std::move(ch));
+  chunks_.push_back(std::move(owned));
   return ok();
 }
 
@@ -732,7 +733,8 @@ void DmaPool::publish_chunk(Chunk* ch) {
 }
 
 // ---------------------------------------------------------------------------
-// Debug options, fenced off the fast path by one test of debug_.
+// Debug options, off the fast paths: debug pools have no caches, so every
+// alloc takes take() and every free free_slow().
 
 void DmaPool::debug_on_free(void* vaddr) { std::memset(vaddr, kPoisonByte, size_); }
 
@@ -765,7 +767,7 @@ PoolStats DmaPool::stats() const {
   uint64_t cached = 0;
   std::lock_guard reg(registry().mu);
   for (const Cache* c : caches_)
-    cached += c->count.load(std::memory_order_relaxed) + c->prev_count.load(std::memory_order_relaxed) +
+    cached += c->count(mag_cap_) + c->prev_count.load(std::memory_order_relaxed) +
               c->home_blocks.load(std::memory_order_relaxed);
   std::lock_guard lock(mu_);
   s.blocks = blocks_;

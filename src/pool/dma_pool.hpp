@@ -47,6 +47,7 @@
 // while another thread still uses it is the caller's bug.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -71,10 +72,13 @@ struct DmaBlock {
   uint64_t iova = 0;
 };
 
+// A pool with poison or zero, or with cache_size 0, has no per-thread
+// caches: every alloc and free takes the pool lock. Debug options are for
+// finding bugs, and keeping them off the fast path keeps its budget.
 struct PoolOptions {
   uint32_t cache_size = 256;  // per-thread cache, blocks (two magazines of half); 0 = no cache
-  bool poison = false;        // poison on free, check on alloc (reports writes to free blocks)
-  bool zero = false;          // zero every block on alloc
+  bool poison = false;        // poison on free, check on alloc (reports writes to free blocks); no cache
+  bool zero = false;          // zero every block on alloc; no cache
   uint64_t chunk_bytes = 0;   // power of two >= 4 KiB; 0 = from the block size (64 KiB..2 MiB)
   uint32_t max_chunks = 0;    // grow at most this many times; 0 = until the backing says no
 };
@@ -169,6 +173,9 @@ class DmaPool {
   void flush_thread_cache();
 
   PoolStats stats() const;
+  // False for pools without per-thread caches: cache_size 0, debug options,
+  // or created while detail::kCacheSlots - 1 pools with caches existed.
+  bool thread_caches() const { return slot_ != 0; }
   const std::string& name() const { return name_; }
   size_t block_size() const { return size_; }
   size_t align() const { return align_; }
@@ -176,6 +183,9 @@ class DmaPool {
   uint64_t chunk_bytes() const { return uint64_t{1} << chunk_shift_; }
 
   struct Chunk;
+  struct ChunkDeleter {  // a chunk record and its state bytes are one allocation
+    void operator()(Chunk* ch) const noexcept;
+  };
   struct Entry;
   struct Magazine;
   struct Cache;
@@ -194,7 +204,6 @@ class DmaPool {
   Result<DmaBlock> alloc_slow();
   Status free_slow(Chunk* ch, uint32_t off, uint32_t index);
   [[gnu::cold, gnu::noinline]] Status refuse_free(const void* vaddr, uint64_t iova, const char* why);
-  Status free_uncached(void* vaddr, uint64_t iova);  // this thread has no cache array yet
   inline const char* check_block(const Chunk* ch, uintptr_t v, uint64_t iova, uint64_t& index) const;
   Chunk* find_chunk_probe(uintptr_t v) const;  // find_chunk past the first slot
   Status load_full(Cache& c);    // loaded magazine (empty) -> a full one: home, depot, grow, steal
@@ -217,10 +226,9 @@ class DmaPool {
 
   // Fast-path constants (read-only after create); on their own cache lines,
   // apart from the mutex and counters that the slow paths write.
-  uint32_t slot_ = 0;            // index of this pool in every thread's cache array
+  uint32_t slot_ = 0;            // index of this pool in every thread's cache array; 0: no caches
   uint64_t uid_ = 0;             // never reused; tells a live cache from a stale one
-  uint32_t cache_cap_ = 0;
-  uint32_t mag_cap_ = 0;         // entries per magazine: cache_cap_ / 2 (at least 1)
+  uint32_t mag_cap_ = 0;         // entries per magazine: cache_size / 2 (at least 1); 0: no caches
   uint32_t home_cap_ = 0;        // full magazines a thread keeps at home; more go to the depot
   uint32_t chunk_shift_ = 0;
   // Block layout on the IOVA grid: grid offset g = chunk offset + chunk
@@ -243,7 +251,7 @@ class DmaPool {
   std::vector<Magazine*> empty_;       // spare magazines
   std::vector<Entry> loose_;           // entries of threads without a cache (LIFO)
   std::vector<std::unique_ptr<Magazine>> mags_;  // every magazine, for destruction
-  std::vector<std::unique_ptr<Chunk>> chunks_;
+  std::vector<std::unique_ptr<Chunk, ChunkDeleter>> chunks_;
   std::vector<std::unique_ptr<ChunkTable>> tables_;  // old ones kept: lock-free readers
   uint64_t blocks_ = 0;
   uint64_t depot_blocks_ = 0;          // entries in full_ and loose_
@@ -270,6 +278,9 @@ struct LineDeleter {
 };
 }  // namespace detail
 
+// A chunk record owns its state bytes, one per block (free 0, allocated 1),
+// which follow it in the same allocation: the fast paths reach a block's
+// state at a fixed offset from the chunk, without loading a pointer first.
 struct alignas(64) DmaPool::Chunk {
   uintptr_t base = 0;      // vaddr of byte 0
   uint64_t iova = 0;       // IOVA of byte 0
@@ -277,10 +288,13 @@ struct alignas(64) DmaPool::Chunk {
   uint64_t origin = 0;     // grid offset of byte 0 (iova modulo the segment or alignment)
   uint64_t first = 0;      // grid index of block 0
   uint64_t first_off = 0;  // byte offset of block 0 (used when blocks are evenly spaced: no boundary)
-  std::atomic<uint8_t>* state = nullptr;  // free (0) / allocated (1) per block
   uint32_t nblocks = 0;
-  std::unique_ptr<void, detail::LineDeleter> state_mem;
   Region region;
+
+  // Only for a chunk built by make(); the empty chunk has none.
+  std::atomic<uint8_t>* state() { return reinterpret_cast<std::atomic<uint8_t>*>(this + 1); }
+  // A copy of layout followed by nblocks state bytes, all free.
+  static std::unique_ptr<Chunk, ChunkDeleter> make(const Chunk& layout);
 };
 
 // A free block: chunk, byte offset in it, block index in it.
@@ -321,14 +335,17 @@ struct DmaPool::ChunkTable {
 };
 
 // One thread's cache for one pool. Only the owner thread touches the loaded
-// and previous magazines; count, cap and the block tallies are atomic so that
-// stats() and a destroying pool may read or reset them. home is shared with
-// threads that steal, under home_mu.
+// and previous magazines; the magazine bounds and the block tallies are
+// atomic so that stats() and a destroying pool may read or reset them. home
+// is shared with threads that steal, under home_mu.
 struct alignas(64) DmaPool::Cache {
-  // Fast path: one cache line, owner only.
-  std::atomic<uint32_t> count{0};  // entries in the loaded magazine
-  std::atomic<uint32_t> cap{0};    // 0 while not attached: every call takes the slow path
-  Entry* slots = nullptr;          // the loaded magazine's entries
+  // Fast path: one cache line, owner only. The loaded magazine's free
+  // entries are [bottom, top); alloc pops while top != bottom, free pushes
+  // while top != limit. All three are null while not attached, so both
+  // tests send every call to the slow path.
+  std::atomic<Entry*> top{nullptr};
+  std::atomic<Entry*> bottom{nullptr};
+  std::atomic<Entry*> limit{nullptr};
   // The chunk of this cache's pool that the last free found: consecutive
   // frees mostly hit one chunk, and then skip the table. The empty chunk
   // while not attached (reset on detach: a stale one could vouch for a
@@ -345,14 +362,33 @@ struct alignas(64) DmaPool::Cache {
   std::vector<Magazine*> home;     // full magazines this thread freed
   std::atomic<uint64_t> home_blocks{0};
 
+  bool attached() const { return limit.load(std::memory_order_relaxed) != nullptr; }
+  // Entries in the loaded magazine; a reader on another thread may see the
+  // bounds of two magazines mid-swap and gets a clamped, approximate count.
+  uint32_t count(uint32_t mag_cap) const {
+    const auto n = top.load(std::memory_order_relaxed) - bottom.load(std::memory_order_relaxed);
+    return n < 0 ? 0 : static_cast<uint32_t>(std::min<decltype(n)>(n, mag_cap));
+  }
+  // m (n entries) becomes the loaded magazine; null m: none (not attached).
+  void load(Magazine* m, uint32_t n, uint32_t mag_cap) {
+    loaded = m;
+    Entry* b = m != nullptr ? m->slots : nullptr;
+    bottom.store(b, std::memory_order_relaxed);
+    top.store(m != nullptr ? b + n : nullptr, std::memory_order_relaxed);
+    limit.store(m != nullptr ? b + mag_cap : nullptr, std::memory_order_relaxed);
+  }
 };
 
 namespace detail {
-// This thread's cache array, indexed by pool slot (plain TLS: no wrapper
-// call). Never null below tl_nslots: unused slots point at an idle cache
-// whose count and cap are 0.
-extern __thread DmaPool::Cache** tl_slots __attribute__((tls_model("initial-exec")));
-extern __thread uint32_t tl_nslots __attribute__((tls_model("initial-exec")));
+// Pools that can have per-thread caches at once; slot 0 means none. A pool
+// created while all are taken works without caches.
+inline constexpr uint32_t kCacheSlots = 1024;
+// This thread's cache array, kCacheSlots long and indexed by pool slot
+// (plain TLS: no wrapper call, no bounds test). Never null: a thread that
+// has attached no cache points at a shared array of idle caches, and unused
+// slots of its own array hold the idle cache too; an idle cache is never
+// attached, so both fast paths leave it for the slow path.
+extern __thread DmaPool::Cache* const* tl_slots __attribute__((tls_model("initial-exec")));
 inline constexpr uint8_t kFree = 0;
 inline constexpr uint8_t kAllocated = 1;
 inline constexpr uint32_t kPoison = 1;
@@ -390,29 +426,22 @@ inline DmaPool::Chunk* DmaPool::find_chunk(uintptr_t v) const {
   return find_chunk_probe(v);
 }
 
-// Alloc fast path, budget about 15 instructions and no atomic RMW: bounds-
-// checked TLS slot load, count test, one 16-byte entry pop, count store, the
-// block's state byte store, one debug test. Everything else (empty magazine,
-// first use in this thread, growth) is alloc_slow().
+// Alloc fast path, budget about 15 instructions, one test and no atomic
+// RMW: TLS cache, pop one 16-byte entry if top != bottom, the block's state
+// byte store, vaddr and IOVA from its chunk. Everything else (empty
+// magazine, first use in this thread, no caches, debug options, growth) is
+// alloc_slow().
 inline Result<DmaBlock> DmaPool::alloc() {
-  const uint32_t s = slot_;
-  if (s < detail::tl_nslots) [[likely]] {
-    Cache* c = detail::tl_slots[s];
-    const uint32_t n = c->count.load(std::memory_order_relaxed);
-    if (n != 0) [[likely]] {
-      const Entry e = c->slots[n - 1];
-      c->count.store(n - 1, std::memory_order_relaxed);
-      // Plain store: the block sits in this thread's magazine, so only a
-      // buggy free could touch its state now, and that one is refused
-      // (it reads kFree) or is indistinguishable from a legal free.
-      e.chunk->state[e.index].store(detail::kAllocated, std::memory_order_relaxed);
-      const uintptr_t v = e.chunk->base + e.off;
-      const uint64_t iova = e.chunk->iova + e.off;
-      if (debug_ != 0) [[unlikely]] debug_on_alloc(reinterpret_cast<void*>(v), iova);
-      return detail::make_block(v, iova);
-    }
-  }
-  return alloc_slow();
+  Cache* c = detail::tl_slots[slot_];
+  Entry* t = c->top.load(std::memory_order_relaxed);
+  if (t == c->bottom.load(std::memory_order_relaxed)) [[unlikely]] return alloc_slow();
+  const Entry e = *--t;
+  c->top.store(t, std::memory_order_relaxed);
+  // Plain store: the block sits in this thread's magazine, so only a buggy
+  // free could touch its state now, and that one is refused (it reads
+  // kFree) or is indistinguishable from a legal free.
+  e.chunk->state()[e.index].store(detail::kAllocated, std::memory_order_relaxed);
+  return detail::make_block(e.chunk->base + e.off, e.chunk->iova + e.off);
 }
 
 // Validation shared by the fast and slow free paths: ch contains v; sets
@@ -442,40 +471,33 @@ inline const char* DmaPool::check_block(const Chunk* ch, uintptr_t v, uint64_t i
 // TLS cache, chunk by address (the chunk this thread freed into last, else
 // one table slot), block start (two multiplies), IOVA compare, state
 // exchange allocated -> free (atomic, so of two racing frees of one block
-// exactly one sees kAllocated), push on the loaded magazine. Four tests
-// refuse; a thread without a cache array or a full magazine takes the slow
-// path.
+// exactly one sees kAllocated), push if top != limit. Four tests refuse; a
+// full magazine, no cache yet, no caches or debug options take free_slow()
+// after the block is validated and marked free.
 inline Status DmaPool::free(void* vaddr, uint64_t iova) {
   const auto v = reinterpret_cast<uintptr_t>(vaddr);
-  const uint32_t s = slot_;
-  if (s >= detail::tl_nslots) [[unlikely]] return free_uncached(vaddr, iova);
-  Cache* c = detail::tl_slots[s];
+  Cache* c = detail::tl_slots[slot_];
   // An attached cache only ever remembers a chunk of its own (live) pool;
   // idle and detached caches remember the empty chunk, which contains nothing.
   Chunk* ch = c->last_chunk.load(std::memory_order_relaxed);
   if (v - ch->base >= ch->len) [[unlikely]] {
     ch = find_chunk(v);
     if (ch == nullptr) [[unlikely]] return refuse_free(vaddr, iova, "not inside any chunk of this pool");
-    if (c->cap.load(std::memory_order_relaxed) != 0) c->last_chunk.store(ch, std::memory_order_relaxed);
+    if (c->attached()) c->last_chunk.store(ch, std::memory_order_relaxed);  // never the shared idle cache
   }
   uint64_t index;
   if (const char* why = check_block(ch, v, iova, index); why != nullptr) [[unlikely]]
     return refuse_free(vaddr, iova, why);
-  if (ch->state[index].exchange(detail::kFree, std::memory_order_relaxed) != detail::kAllocated) [[unlikely]]
+  if (ch->state()[index].exchange(detail::kFree, std::memory_order_relaxed) != detail::kAllocated) [[unlikely]]
     return refuse_free(vaddr, iova, "block is not allocated (double free?)");
-  if (debug_ & detail::kPoison) [[unlikely]] debug_on_free(vaddr);
 
   const auto off = static_cast<uint32_t>(v - ch->base);
-  const uint32_t n = c->count.load(std::memory_order_relaxed);
-  if (n < c->cap.load(std::memory_order_relaxed)) [[likely]] {
-    Entry& e = c->slots[n];
-    e.chunk = ch;
-    e.off = off;
-    e.index = static_cast<uint32_t>(index);
-    c->count.store(n + 1, std::memory_order_relaxed);
-    return ok();
-  }
-  return free_slow(ch, off, static_cast<uint32_t>(index));
+  Entry* t = c->top.load(std::memory_order_relaxed);
+  if (t == c->limit.load(std::memory_order_relaxed)) [[unlikely]]
+    return free_slow(ch, off, static_cast<uint32_t>(index));
+  *t = Entry{ch, off, static_cast<uint32_t>(index)};
+  c->top.store(t + 1, std::memory_order_relaxed);
+  return ok();
 }
 
 }  // namespace dmakit::pool

@@ -258,10 +258,12 @@ TEST(DmaPool, SurvivesDeviceScribblingAllBlockMemory) {
 
 TEST(DmaPool, PoisonReportsWritesToFreeBlocksAndZeroClears) {
   PoolOptions o;
-  o.cache_size = 0;  // one LIFO stack: the block freed last comes back first
   o.poison = true;
   o.zero = true;
   auto m = make(256, 64, 0, o);
+  // Debug pools have no caches whatever cache_size says: one LIFO stack, so
+  // the block freed last comes back first.
+  EXPECT_FALSE(m.pool->thread_caches());
   auto a = m.pool->alloc();
   ASSERT_TRUE(a.has_value());
   EXPECT_EQ(m.pool->stats().poison_failures, 0u);  // fresh memory is poisoned at growth
@@ -568,6 +570,33 @@ TEST(DmaPool, PoolDestroyedBeforeThreadExits) {
   }
   t.join();
   EXPECT_EQ(errors.load(), 0);
+}
+
+// Cache slots are finite (detail::kCacheSlots): a pool created when all are
+// taken works without caches, and a destroyed pool's slot is reused.
+TEST(DmaPool, PoolsBeyondTheCacheSlotsWorkWithoutCaches) {
+  std::vector<Made> pools;
+  while (pools.size() <= detail::kCacheSlots) {
+    pools.push_back(make(64, 64, 0));
+    if (!pools.back().pool->thread_caches()) break;
+  }
+  ASSERT_FALSE(pools.back().pool->thread_caches());
+  EXPECT_EQ(pools.size(), detail::kCacheSlots);  // slot 0 means none: 1023 pools got one
+  for (DmaPool* p : {pools.front().pool.get(), pools.back().pool.get()}) {
+    std::vector<DmaBlock> held;
+    for (int i = 0; i < 300; ++i) {
+      auto b = p->alloc();
+      ASSERT_TRUE(b.has_value()) << b.error().message;
+      held.push_back(*b);
+    }
+    for (const DmaBlock& b : held) ASSERT_TRUE(p->free(b).has_value());
+    EXPECT_EQ(p->free(held.front()).error().code, Errc::corrupted);  // still validated
+    const PoolStats s = p->stats();
+    EXPECT_EQ(s.active, 0u);
+    EXPECT_EQ(s.validation_failures, 1u);
+  }
+  pools.front().pool.reset();
+  EXPECT_TRUE(make(64, 64, 0).pool->thread_caches());
 }
 
 TEST(DmaPool, FormatsTheKernelPoolsListing) {
