@@ -308,6 +308,7 @@ Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backin
     p->per_seg_ = seg / rsize;
   }
   p->div_magic_ = div_magic(rsize);
+  p->gaps_ = boundary != 0 && p->per_seg_ * rsize != p->seg_mask_ + 1;
   bool out_of_slots = false;
   {
     Registry& r = registry();
@@ -365,7 +366,7 @@ DmaPool::~DmaPool() {
 
 DmaBlock DmaPool::take(const Entry& e) {
   e.chunk->state()[e.index].store(kAllocated, std::memory_order_relaxed);
-  const DmaBlock b{reinterpret_cast<void*>(e.chunk->base + e.off), e.chunk->iova + e.off};
+  const DmaBlock b{reinterpret_cast<void*>(e.chunk->lo + e.off), e.chunk->iova_lo + e.off};
   if (debug_ != 0) debug_on_alloc(b.vaddr, b.iova);
   return b;
 }
@@ -519,7 +520,7 @@ Status DmaPool::free_slow(Chunk* ch, uint32_t off, uint32_t index) {
   const Entry e{ch, off, index};
   Cache* c = own_cache();
   if (c == nullptr) {  // no caches (cache_size 0, debug options) or the thread is exiting
-    if (debug_ & kPoison) debug_on_free(reinterpret_cast<void*>(ch->base + off));
+    if (debug_ & kPoison) debug_on_free(reinterpret_cast<void*>(ch->lo + off));
     std::lock_guard lock(mu_);
     loose_.push_back(e);
     ++depot_blocks_;
@@ -575,9 +576,11 @@ void DmaPool::stash_full(Cache& c) {
 
 Status DmaPool::refuse_free(const void* vaddr, uint64_t iova, const char* why) {
   const uint64_t nth = validation_failures_.fetch_add(1, std::memory_order_relaxed) + 1;
+  const Chunk* ch = chunk_around(reinterpret_cast<uintptr_t>(vaddr));
+  if (why == nullptr) why = ch != nullptr ? "not the start of a block" : "not inside any chunk of this pool";
   std::string msg = fmt::format("pool '{}': free of {} (IOVA {:#x}) refused: {}", name_, vaddr, iova, why);
-  if (Chunk* ch = find_chunk(reinterpret_cast<uintptr_t>(vaddr)); ch != nullptr)
-    msg += fmt::format(" [chunk {:#x} IOVA {:#x}, offset {:#x}]", ch->base, ch->iova,
+  if (ch != nullptr)
+    msg += fmt::format(" [chunk {:#x} IOVA {:#x}, offset {:#x}]", ch->base, ch->region.iova,
                        reinterpret_cast<uintptr_t>(vaddr) - ch->base);
   // A workload that refuses many frees (a stress run double-frees on
   // purpose) must not flood the log: the first few in full, then one line
@@ -594,21 +597,34 @@ Status DmaPool::refuse_free(const void* vaddr, uint64_t iova, const char* why) {
   return fail(Errc::corrupted, std::move(msg));
 }
 
-DmaPool::Chunk* DmaPool::find_chunk_probe(uintptr_t v) const {
-  const ChunkTable* t = table_.load(std::memory_order_acquire);
-  const uint64_t key = ((uint64_t{v} - t->bias) >> chunk_shift_) + 1;
+namespace {
+// The chunk of table t that `holds` v, from the slot of v's range; null: none.
+template <class Holds>
+DmaPool::Chunk* probe(const DmaPool::ChunkTable* t, uint32_t chunk_shift, uintptr_t v, Holds holds) {
+  const uint64_t key = ((uint64_t{v} - t->bias) >> chunk_shift) + 1;
   for (uint64_t i = (key - 1) & t->mask;; i = (i + 1) & t->mask) {
-    const ChunkTable::Slot& s = t->slots[i];
+    const DmaPool::ChunkTable::Slot& s = t->slots[i];
     const uint64_t k = s.key.load(std::memory_order_acquire);
     if (k == key) {
-      Chunk* a = s.a.load(std::memory_order_relaxed);
-      if (v - a->base < a->len) return a;
-      Chunk* b = s.b.load(std::memory_order_relaxed);
-      if (v - b->base < b->len) return b;
+      DmaPool::Chunk* a = s.a.load(std::memory_order_relaxed);
+      if (holds(a)) return a;
+      DmaPool::Chunk* b = s.b.load(std::memory_order_relaxed);
+      if (holds(b)) return b;
       return nullptr;
     }
     if (k == 0) return nullptr;
   }
+}
+}  // namespace
+
+DmaPool::Chunk* DmaPool::find_chunk_probe(uintptr_t v) const {
+  return probe(table_.load(std::memory_order_acquire), chunk_shift_, v,
+               [v](const Chunk* c) { return v - c->lo < c->span; });
+}
+
+const DmaPool::Chunk* DmaPool::chunk_around(uintptr_t v) const {
+  return probe(table_.load(std::memory_order_acquire), chunk_shift_, v,
+               [v](const Chunk* c) { return v - c->base < c->len; });
 }
 
 // ---------------------------------------------------------------------------
@@ -633,28 +649,30 @@ Status DmaPool::grow_locked() {
   Chunk* ch = &layout;
   ch->region = *region;
   ch->base = reinterpret_cast<uintptr_t>(region->vaddr);
-  ch->iova = region->iova;
   ch->len = region->len;
-  if (ch->len != len || (ch->base & 4095) != 0 || (ch->iova & 4095) != 0 ||
-      ((ch->base ^ ch->iova) & (align_ - 1)) != 0) {
+  const uint64_t iova = region->iova;
+  if (ch->len != len || (ch->base & 4095) != 0 || (iova & 4095) != 0 || ((ch->base ^ iova) & (align_ - 1)) != 0) {
     backing_->release(*region);
     grow_failures_.fetch_add(1, std::memory_order_relaxed);
     return fail(Errc::internal,
                 "pool '{}': {} gave a region vaddr {:#x} IOVA {:#x} len {} that cannot hold blocks of align {} "
                 "(need len {}, page-aligned, vaddr and IOVA equal modulo the alignment)",
-                name_, backing_->describe(), ch->base, ch->iova, ch->len, align_, len);
+                name_, backing_->describe(), ch->base, iova, ch->len, align_, len);
   }
   const uint64_t grid = boundary_ != 0 ? seg_mask_ + 1 : align_;
-  ch->origin = ch->iova & (grid - 1);
+  const uint64_t origin = iova & (grid - 1);  // grid offset of byte 0
   // First block at or after the origin on the grid; then every block that ends inside the chunk.
   auto grid_off = [this](uint64_t j) { return (j / per_seg_ << seg_shift_) + j % per_seg_ * size_; };
-  const uint64_t seg0 = ch->origin >> seg_shift_;
-  const uint64_t k0 = ((ch->origin & seg_mask_) + size_ - 1) / size_;
+  const uint64_t seg0 = origin >> seg_shift_;
+  const uint64_t k0 = ((origin & seg_mask_) + size_ - 1) / size_;
   ch->first = k0 < per_seg_ ? seg0 * per_seg_ + k0 : (seg0 + 1) * per_seg_;
   uint64_t n = 0;
-  while (grid_off(ch->first + n) + size_ <= ch->origin + ch->len) ++n;
+  while (grid_off(ch->first + n) + size_ <= origin + ch->len) ++n;
   ch->nblocks = static_cast<uint32_t>(n);
-  ch->first_off = grid_off(ch->first) - ch->origin;
+  ch->grid_lo = grid_off(ch->first);
+  ch->lo = ch->base + (ch->grid_lo - origin);
+  ch->iova_lo = iova + (ch->grid_lo - origin);
+  ch->span = n == 0 ? 0 : grid_off(ch->first + n - 1) + size_ - ch->grid_lo;
   std::unique_ptr<Chunk, ChunkDeleter> owned = Chunk::make(layout);  // all blocks kFree
   ch = owned.get();
   if (debug_ & kPoison) std::memset(region->vaddr, kPoisonByte, len);
@@ -662,7 +680,7 @@ Status DmaPool::grow_locked() {
   // Entries packed into magazines (or loose without caches), lowest address
   // on top: blocks come out in address order.
   auto entry = [&](uint64_t i) {
-    return Entry{ch, static_cast<uint32_t>(grid_off(ch->first + i) - ch->origin), static_cast<uint32_t>(i)};
+    return Entry{ch, static_cast<uint32_t>(grid_off(ch->first + i) - ch->grid_lo), static_cast<uint32_t>(i)};
   };
   if (mag_cap_ == 0) {
     loose_.reserve(loose_.size() + n);

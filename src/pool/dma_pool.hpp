@@ -203,9 +203,11 @@ class DmaPool {
   Cache* own_cache();            // this thread's cache for this pool, attached on demand; null: none
   Result<DmaBlock> alloc_slow();
   Status free_slow(Chunk* ch, uint32_t off, uint32_t index);
+  // why null: the address is in no chunk's blocks; the message says whether it is in a chunk at all.
   [[gnu::cold, gnu::noinline]] Status refuse_free(const void* vaddr, uint64_t iova, const char* why);
-  inline const char* check_block(const Chunk* ch, uintptr_t v, uint64_t iova, uint64_t& index) const;
+  inline const char* check_block(const Chunk* ch, uint64_t off, uint64_t iova, uint64_t& index) const;
   Chunk* find_chunk_probe(uintptr_t v) const;  // find_chunk past the first slot
+  const Chunk* chunk_around(uintptr_t v) const;  // the chunk whose region holds v, blocks or not; cold
   Status load_full(Cache& c);    // loaded magazine (empty) -> a full one: home, depot, grow, steal
   void stash_full(Cache& c);     // both magazines full: previous -> home, an empty one in its place
   Magazine* take_full_locked();  // depot full list or loose entries; mu_ held; null: none
@@ -238,6 +240,7 @@ class DmaPool {
   uint64_t seg_mask_ = 0xffffffff;
   uint64_t per_seg_ = UINT32_MAX;
   uint64_t div_magic_ = 0;       // exact division by size_ (multiply, no divide)
+  bool gaps_ = false;            // a boundary leaves gaps: blocks are not evenly spaced
   uint32_t debug_ = 0;           // kPoison | kZero
   std::atomic<ChunkTable*> table_;  // never null (see find_chunk)
 
@@ -282,13 +285,16 @@ struct LineDeleter {
 // which follow it in the same allocation: the fast paths reach a block's
 // state at a fixed offset from the chunk, without loading a pointer first.
 struct alignas(64) DmaPool::Chunk {
-  uintptr_t base = 0;      // vaddr of byte 0
-  uint64_t iova = 0;       // IOVA of byte 0
-  uint64_t len = 0;
-  uint64_t origin = 0;     // grid offset of byte 0 (iova modulo the segment or alignment)
+  // Block addresses: v - lo < span. Offsets ("off") count from block 0.
+  // lo and iova_lo adjacent: alloc adds an offset to both in one step.
+  uintptr_t lo = 0;        // vaddr of block 0
+  uint64_t iova_lo = 0;    // IOVA of block 0
+  uint64_t span = 0;       // block 0's start to the last block's end
+  uint64_t grid_lo = 0;    // grid offset of block 0 (iova modulo the segment or alignment)
   uint64_t first = 0;      // grid index of block 0
-  uint64_t first_off = 0;  // byte offset of block 0 (used when blocks are evenly spaced: no boundary)
   uint32_t nblocks = 0;
+  uintptr_t base = 0;      // vaddr of byte 0 of the region
+  uint64_t len = 0;        // of the region
   Region region;
 
   // Only for a chunk built by make(); the empty chunk has none.
@@ -297,7 +303,7 @@ struct alignas(64) DmaPool::Chunk {
   static std::unique_ptr<Chunk, ChunkDeleter> make(const Chunk& layout);
 };
 
-// A free block: chunk, byte offset in it, block index in it.
+// A free block: chunk, byte offset from the chunk's block 0, block index.
 struct DmaPool::Entry {
   Chunk* chunk = nullptr;
   uint32_t off = 0;
@@ -415,14 +421,14 @@ inline DmaPool::Chunk* DmaPool::find_chunk(uintptr_t v) const {
   // Never null: an empty pool points at a one-slot table that matches nothing.
   const ChunkTable* t = table_.load(std::memory_order_acquire);
   // The home slot's first chunk answers almost every lookup by its own
-  // range test, without reading the key: empty slots hold a chunk of length
-  // 0, which contains nothing. Anything else (second chunk, probing, not
+  // range test (block addresses only), without reading the key: empty slots
+  // hold a chunk of span 0, which contains nothing. Anything else (second chunk, probing, not
   // found) is the probe path. A block from a newly published chunk reached
   // this thread through the caller's own synchronisation, so its chunk is
   // visible here.
   const ChunkTable::Slot& s = t->slots[((uint64_t{v} - t->bias) >> chunk_shift_) & t->mask];
   Chunk* a = s.a.load(std::memory_order_relaxed);
-  if (v - a->base < a->len) [[likely]] return a;
+  if (v - a->lo < a->span) [[likely]] return a;
   return find_chunk_probe(v);
 }
 
@@ -441,29 +447,26 @@ inline Result<DmaBlock> DmaPool::alloc() {
   // free could touch its state now, and that one is refused (it reads
   // kFree) or is indistinguishable from a legal free.
   e.chunk->state()[e.index].store(detail::kAllocated, std::memory_order_relaxed);
-  return detail::make_block(e.chunk->base + e.off, e.chunk->iova + e.off);
+  return detail::make_block(e.chunk->lo + e.off, e.chunk->iova_lo + e.off);
 }
 
-// Validation shared by the fast and slow free paths: ch contains v; sets
-// index and returns null when v is a block start with this IOVA, else why not.
-inline const char* DmaPool::check_block(const Chunk* ch, uintptr_t v, uint64_t iova, uint64_t& index) const {
-  const uint64_t off = v - ch->base;
-  if (boundary_ == 0) [[likely]] {
-    // Blocks at first_off + i * size: one subtract, two multiplies. An
-    // offset below first_off wraps to a huge x whose quotient fails the
-    // bound.
-    const uint64_t x = off - ch->first_off;
-    index = detail::mulhi(x, div_magic_);  // x / size
-    if (x * div_magic_ >= div_magic_ || index >= ch->nblocks) [[unlikely]] return "not the start of a block";
+// Free's validation past the chunk lookup: off (< ch->span) is the address's
+// offset from block 0. Sets index and returns null when it is a block start
+// with this IOVA, else why not. No index bound is needed: the span ends
+// with the last block, so any block start inside it is a block.
+inline const char* DmaPool::check_block(const Chunk* ch, uint64_t off, uint64_t iova, uint64_t& index) const {
+  if (!gaps_) [[likely]] {
+    // Blocks at i * size: two multiplies (off < 2^32, as exactness needs).
+    index = detail::mulhi(off, div_magic_);  // off / size
+    if (off * div_magic_ >= div_magic_) [[unlikely]] return "not the start of a block";
   } else {
-    const uint64_t g = off + ch->origin;
+    const uint64_t g = off + ch->grid_lo;
     const uint64_t in = g & seg_mask_;
     const uint64_t k = detail::mulhi(in, div_magic_);  // in / size
     index = (g >> seg_shift_) * per_seg_ + k - ch->first;
-    if (in * div_magic_ >= div_magic_ || k >= per_seg_ || index >= ch->nblocks) [[unlikely]]
-      return "not the start of a block";
+    if (in * div_magic_ >= div_magic_ || k >= per_seg_) [[unlikely]] return "not the start of a block";
   }
-  if (iova != ch->iova + off) [[unlikely]] return "IOVA does not match the block";
+  if (iova != ch->iova_lo + off) [[unlikely]] return "IOVA does not match the block";
   return nullptr;
 }
 
@@ -480,22 +483,23 @@ inline Status DmaPool::free(void* vaddr, uint64_t iova) {
   // An attached cache only ever remembers a chunk of its own (live) pool;
   // idle and detached caches remember the empty chunk, which contains nothing.
   Chunk* ch = c->last_chunk.load(std::memory_order_relaxed);
-  if (v - ch->base >= ch->len) [[unlikely]] {
+  uint64_t off = v - ch->lo;
+  if (off >= ch->span) [[unlikely]] {
     ch = find_chunk(v);
-    if (ch == nullptr) [[unlikely]] return refuse_free(vaddr, iova, "not inside any chunk of this pool");
+    if (ch == nullptr) [[unlikely]] return refuse_free(vaddr, iova, nullptr);
     if (c->attached()) c->last_chunk.store(ch, std::memory_order_relaxed);  // never the shared idle cache
+    off = v - ch->lo;
   }
   uint64_t index;
-  if (const char* why = check_block(ch, v, iova, index); why != nullptr) [[unlikely]]
+  if (const char* why = check_block(ch, off, iova, index); why != nullptr) [[unlikely]]
     return refuse_free(vaddr, iova, why);
   if (ch->state()[index].exchange(detail::kFree, std::memory_order_relaxed) != detail::kAllocated) [[unlikely]]
     return refuse_free(vaddr, iova, "block is not allocated (double free?)");
 
-  const auto off = static_cast<uint32_t>(v - ch->base);
   Entry* t = c->top.load(std::memory_order_relaxed);
   if (t == c->limit.load(std::memory_order_relaxed)) [[unlikely]]
-    return free_slow(ch, off, static_cast<uint32_t>(index));
-  *t = Entry{ch, off, static_cast<uint32_t>(index)};
+    return free_slow(ch, static_cast<uint32_t>(off), static_cast<uint32_t>(index));
+  *t = Entry{ch, static_cast<uint32_t>(off), static_cast<uint32_t>(index)};
   c->top.store(t + 1, std::memory_order_relaxed);
   return ok();
 }

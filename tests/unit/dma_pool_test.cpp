@@ -218,6 +218,33 @@ TEST(DmaPool, RefusesBadFreesAndCountsThem) {
   EXPECT_TRUE(other.pool->free(*foreign).has_value());
 }
 
+// Addresses on the block grid but holding no block: the chunk's tail, where
+// a block would not fit, and the gap a boundary leaves at a segment's end.
+TEST(DmaPool, RefusesGridAddressesThatHoldNoBlock) {
+  struct Case {
+    size_t size, align, boundary;
+    uint64_t off;  // in the first region
+  };
+  // 96-byte blocks: 682 fit in 64 KiB, the 683rd would start at 65472.
+  // 68 rounded to 96, boundary 4096: 42 per 4 KiB segment, the gap at 4032.
+  for (const Case& k : {Case{96, 32, 0, 65472}, Case{68, 32, 4096, 4032}}) {
+    PoolOptions o;
+    o.chunk_bytes = 64 << 10;
+    auto m = make(k.size, k.align, k.boundary, o);
+    auto a = m.pool->alloc();
+    ASSERT_TRUE(a.has_value());
+    ASSERT_EQ(m.rec->regions.size(), 1u);
+    const Region& r = m.rec->regions.front();
+    auto st = m.pool->free(static_cast<char*>(r.vaddr) + k.off, r.iova + k.off);
+    ASSERT_FALSE(st.has_value());
+    EXPECT_EQ(st.error().code, Errc::corrupted);
+    EXPECT_NE(st.error().message.find("not the start of a block"), std::string::npos) << st.error().message;
+    EXPECT_EQ(m.pool->stats().validation_failures, 1u);
+    EXPECT_TRUE(m.pool->free(*a).has_value());
+    EXPECT_EQ(m.pool->stats().active, 0u);
+  }
+}
+
 // A device may write anything anywhere in DMA memory, free blocks included;
 // the pool keeps working because none of its state is there.
 TEST(DmaPool, SurvivesDeviceScribblingAllBlockMemory) {
