@@ -6,16 +6,26 @@
 // one, then free every block. Each run starts from a fresh pool, so dmakit's
 // growth (taking chunks from the backing) is inside the first round, as in
 // the kernel's test; rte_mempool is populated at creation, outside the timing.
-// The median of `repeats` runs is reported, the best one too. dmakit runs
-// with validation on (it always is); rte_mempool validates nothing and
-// honours neither alignment above its cache line nor boundaries.
+// The cases of a shape are timed in turns, `repeats` turns; the median run
+// is reported, the best one too, and ratios between cases are medians of
+// ratios within a turn. dmakit runs with validation on (it always is);
+// rte_mempool validates nothing and honours neither alignment above its
+// cache line nor boundaries.
+//
+// rte_mempool on one thread runs three ways: rte_mempool_get/put, which
+// find the calling lcore's cache on every call as dmakit's alloc and free
+// find the thread's cache ("rte_mempool", the goal's baseline:
+// vs_rte_mempool is dmakit's time over its time); generic get/put with a
+// cache pointer the caller keeps, the fastest way to drive it
+// ("rte_mempool+explicit_cache", vs_rte_mempool_explicit_cache); and
+// get/put reading each object's IOVA, which a DMA user needs and dmakit
+// returns ("rte_mempool+iova").
 //
 // Two threads run three ways: dmakit sharing one pool, dmakit with a pool
 // per thread (nothing shared: how far two threads scale on this machine at
-// all), and rte_mempool with a cache per thread. Each carries its throughput
-// over the same implementation's one-thread run. One more single-thread
-// rte_mempool case also reads each object's IOVA, which a DMA user needs and
-// dmakit returns; the goal is judged against plain rte_mempool.
+// all), and rte_mempool with an explicit cache per thread. Each carries its
+// throughput over the same implementation's one-thread run
+// (throughput_vs_one_thread).
 //
 // Besides wall time, each result carries CPU time (CLOCK_THREAD_CPUTIME_ID
 // summed over the timed threads, per pair): on a shared host, two threads
@@ -256,18 +266,67 @@ Status verify_dmakit(const Shape& s, uint32_t blocks, const DmapoolBenchOptions&
   return ok();
 }
 
+// rte_mempool driven three ways, each loop in a function of its own (as
+// alloc_free_rounds is): inlined into the worker lambda, the compiler kept
+// the pool and cache pointers in memory and the baseline ran up to twice as
+// slow as it does for a user.
+enum class MempoolApi {
+  lcore,           // rte_mempool_get/put: the calling lcore's cache, found on every call
+  explicit_cache,  // rte_mempool_generic_get/put with a cache pointer the caller keeps
+  lcore_iova,      // rte_mempool_get/put, and each object's IOVA read beside it
+};
+
+const char* impl_name(MempoolApi api) {
+  switch (api) {
+    case MempoolApi::lcore: return "rte_mempool";
+    case MempoolApi::explicit_cache: return "rte_mempool+explicit_cache";
+    case MempoolApi::lcore_iova: return "rte_mempool+iova";
+  }
+  return "?";
+}
+
+[[gnu::noinline]] bool mempool_rounds(rte_mempool* mp, std::vector<void*>& held, uint32_t rounds) {
+  for (uint32_t r = 0; r < rounds; ++r) {
+    for (auto& p : held)
+      if (rte_mempool_get(mp, &p) != 0) [[unlikely]] return false;
+    for (void* p : held) rte_mempool_put(mp, p);
+  }
+  return true;
+}
+
+[[gnu::noinline]] bool mempool_rounds(rte_mempool* mp, rte_mempool_cache* cache, std::vector<void*>& held,
+                                      uint32_t rounds) {
+  for (uint32_t r = 0; r < rounds; ++r) {
+    for (auto& p : held)
+      if (rte_mempool_generic_get(mp, &p, 1, cache) != 0) [[unlikely]] return false;
+    for (void* p : held) rte_mempool_generic_put(mp, &p, 1, cache);
+  }
+  return true;
+}
+
+// The IOVA comes from the object header (rte_mempool_virt2iova), as a DMA
+// user must read it and as dmakit's alloc returns it.
+[[gnu::noinline]] bool mempool_rounds(rte_mempool* mp, std::vector<pool::DmaBlock>& held, uint32_t rounds) {
+  for (uint32_t r = 0; r < rounds; ++r) {
+    for (auto& b : held) {
+      void* p;
+      if (rte_mempool_get(mp, &p) != 0) [[unlikely]] return false;
+      b = pool::DmaBlock{p, rte_mempool_virt2iova(p)};
+    }
+    for (const auto& b : held) rte_mempool_put(mp, b.vaddr);
+  }
+  return true;
+}
+
 // The same pattern on one rte_mempool of threads x blocks objects (plus,
 // with two threads, twice a cache per thread: objects one worker's cache
-// holds back must not starve the other). One
-// thread uses the per-lcore cache (the EAL thread is lcore 0); with two, each
-// worker (not an EAL lcore) gets a cache of its own from
-// rte_mempool_cache_create, as DPDK documents for non-EAL threads.
-//
-// with_iova: each get also reads the object's IOVA (rte_mempool_virt2iova,
-// from the object header) and keeps it beside the pointer, as a DMA user
-// must and as dmakit's alloc returns it.
+// holds back must not starve the other). One thread runs on the EAL thread
+// (lcore 0) and uses its per-lcore cache; two workers are not EAL lcores,
+// so each gets a cache of its own from rte_mempool_cache_create, as DPDK
+// documents for non-EAL threads, and only the explicit-cache API applies.
+// verify: one round, the objects checked for overlap.
 Result<Sample> time_mempool(const Shape& s, uint32_t blocks, uint32_t threads, const DmapoolBenchOptions& o,
-                            bool verify, bool with_iova = false) {
+                            MempoolApi api, bool verify = false) {
   static std::atomic<int> seq{0};
   const std::string name = fmt::format("dmakit-bench-{}", seq++);
   const uint32_t total = threads == 1 ? blocks : threads * (blocks + 2 * o.mempool_cache);
@@ -286,48 +345,34 @@ Result<Sample> time_mempool(const Shape& s, uint32_t blocks, uint32_t threads, c
     }
   }
   std::vector<std::vector<void*>> held(threads, std::vector<void*>(blocks));
-  std::vector<std::vector<pool::DmaBlock>> held_iova(with_iova ? threads : 0, std::vector<pool::DmaBlock>(blocks));
+  std::vector<std::vector<pool::DmaBlock>> held_iova(api == MempoolApi::lcore_iova ? threads : 0,
+                                                     std::vector<pool::DmaBlock>(blocks));
   const uint32_t rounds = verify ? 1 : o.rounds;
-  std::string bad_blocks;
   bool failed = false;
   const Sample x = run_workers(threads, failed, [&](uint32_t i) {
     rte_mempool_cache* cache = threads > 1 ? caches[i] : rte_mempool_default_cache(mp, rte_lcore_id());
-    if (with_iova) {
-      for (uint32_t r = 0; r < rounds; ++r) {
-        for (auto& b : held_iova[i]) {
-          void* p;
-          if (rte_mempool_generic_get(mp, &p, 1, cache) != 0) [[unlikely]] return false;
-          b = pool::DmaBlock{p, rte_mempool_virt2iova(p)};
-        }
-        for (const auto& b : held_iova[i]) rte_mempool_generic_put(mp, &b.vaddr, 1, cache);
-      }
-      if (cache != nullptr) rte_mempool_cache_flush(cache, mp);
-      return true;
-    }
-    std::vector<void*>& mine = held[i];
-    for (uint32_t r = 0; r < rounds; ++r) {
-      for (auto& p : mine)
-        if (rte_mempool_generic_get(mp, &p, 1, cache) != 0) [[unlikely]] return false;
-      if (verify && i == 0) {
-        std::vector<uintptr_t> addrs;
-        for (void* p : mine) addrs.push_back(reinterpret_cast<uintptr_t>(p));
-        if (auto st = check_blocks("rte_mempool", s, s.size, addrs); !st) {
-          bad_blocks = st.error().message;
-          return false;
-        }
-      }
-      for (void* p : mine) rte_mempool_generic_put(mp, &p, 1, cache);
+    bool good = false;
+    switch (api) {
+      case MempoolApi::lcore: good = mempool_rounds(mp, held[i], rounds); break;
+      case MempoolApi::explicit_cache: good = mempool_rounds(mp, cache, held[i], rounds); break;
+      case MempoolApi::lcore_iova: good = mempool_rounds(mp, held_iova[i], rounds); break;
     }
     if (cache != nullptr) rte_mempool_cache_flush(cache, mp);
-    return true;
+    return good;
   });
+  std::string bad_blocks;
+  if (verify && !failed) {  // the last round's objects, all freed again but still distinct
+    std::vector<uintptr_t> addrs;
+    for (void* p : held[0]) addrs.push_back(reinterpret_cast<uintptr_t>(p));
+    if (auto st = check_blocks("rte_mempool", s, s.size, addrs); !st) bad_blocks = st.error().message;
+  }
   const unsigned avail = rte_mempool_avail_count(mp);
   for (rte_mempool_cache* c : caches) rte_mempool_cache_free(c);
   rte_mempool_free(mp);
   if (!bad_blocks.empty()) return fail(Errc::internal, "{}", bad_blocks);
   if (failed || avail != total)
-    return fail(Errc::internal, "dmapool bench (rte_mempool {}/{}/{}, {} threads): get failed or {} of {} objects back",
-                s.size, s.align, s.boundary, threads, avail, total);
+    return fail(Errc::internal, "dmapool bench ({} {}/{}/{}, {} threads): get failed or {} of {} objects back",
+                impl_name(api), s.size, s.align, s.boundary, threads, avail, total);
   return x;
 }
 
@@ -343,42 +388,69 @@ Result<base::Json> run_dmapool(const base::Config& cfg, const DmapoolBenchOption
     // The per-lcore cache only works on an EAL thread; a plain thread gets the ring.
     lcore_cache = rte_lcore_id() != LCORE_ID_ANY;
   }
+  // The cases of one shape, timed in turns (one run of each, then the next
+  // round of runs): a shared host speeds up and slows down over seconds, and
+  // a case timed in one stretch after another would compare two different
+  // machines. Ratios are taken within a turn and their median reported.
+  struct Case {
+    const char* impl;
+    uint32_t threads, cache;
+    int one = -1;  // index of the same implementation's one-thread case (2-thread cases)
+    std::function<Result<Sample>()> run;
+    std::vector<Sample> samples{};
+  };
   auto results = base::Json::array();
-  auto timed = [&](auto&& once) -> Result<Timing> {
-    std::vector<Sample> samples;
-    for (uint32_t i = 0; i < o.repeats; ++i) samples.push_back(DMAKIT_TRY(once()));
-    return summarize(samples);
-  };
-  // Two-thread results carry the in-run throughput ratio to the same
-  // implementation on one thread (its ns_per_pair over theirs).
-  auto push = [&](const Shape& s, uint32_t blocks, uint32_t threads, const char* impl, uint32_t cache,
-                  const Timing& t, const Timing* one) {
-    base::Json j = result(s, blocks, threads, impl, cache, o.rounds, t);
-    if (one != nullptr) j.add("throughput_vs_one_thread", one->median_ns / (t.median_ns / threads));
-    if (threads > 1 && std::string_view(impl).starts_with("dmakit")) j.add("steals", t.steals);
-    results.push(std::move(j));
-  };
   for (const Shape& s : kShapes) {
     const uint32_t blocks = blocks_for(s, o.max_blocks);
     DMAKIT_TRY(verify_dmakit(s, blocks, o, backing));
-    const Timing one = DMAKIT_TRY(timed([&] { return time_dmakit(s, blocks, 1, false, o, backing); }));
-    push(s, blocks, 1, "dmakit", o.cache_size, one, nullptr);
+    std::vector<Case> cases;
+    auto dmakit = [&, blocks](uint32_t threads, bool own) {
+      return [&, blocks, threads, own] { return time_dmakit(s, blocks, threads, own, o, backing); };
+    };
+    auto mempool = [&, blocks](uint32_t threads, MempoolApi api) {
+      return [&, blocks, threads, api] { return time_mempool(s, blocks, threads, o, api); };
+    };
+    cases.push_back({"dmakit", 1, o.cache_size, -1, dmakit(1, false)});
     if (o.two_threads) {
-      const Timing two = DMAKIT_TRY(timed([&] { return time_dmakit(s, blocks, 2, false, o, backing); }));
-      push(s, blocks, 2, "dmakit", o.cache_size, two, &one);
-      const Timing own = DMAKIT_TRY(timed([&] { return time_dmakit(s, blocks, 2, true, o, backing); }));
-      push(s, blocks, 2, "dmakit-own-pools", o.cache_size, own, &one);
+      cases.push_back({"dmakit", 2, o.cache_size, 0, dmakit(2, false)});
+      cases.push_back({"dmakit-own-pools", 2, o.cache_size, 0, dmakit(2, true)});
     }
+    int mp1 = -1, mpx = -1;
     if (o.mempool) {
-      DMAKIT_TRY(time_mempool(s, blocks, 1, o, true));
-      const Timing mp1 = DMAKIT_TRY(timed([&] { return time_mempool(s, blocks, 1, o, false); }));
-      push(s, blocks, 1, "rte_mempool", lcore_cache ? o.mempool_cache : 0, mp1, nullptr);
-      const Timing mpi = DMAKIT_TRY(timed([&] { return time_mempool(s, blocks, 1, o, false, true); }));
-      push(s, blocks, 1, "rte_mempool+iova", lcore_cache ? o.mempool_cache : 0, mpi, nullptr);
-      if (o.two_threads) {
-        const Timing mp2 = DMAKIT_TRY(timed([&] { return time_mempool(s, blocks, 2, o, false); }));
-        push(s, blocks, 2, "rte_mempool", o.mempool_cache, mp2, &mp1);
+      DMAKIT_TRY(time_mempool(s, blocks, 1, o, MempoolApi::explicit_cache, true));
+      const uint32_t cache = lcore_cache ? o.mempool_cache : 0;
+      mp1 = static_cast<int>(cases.size());
+      cases.push_back({impl_name(MempoolApi::lcore), 1, cache, -1, mempool(1, MempoolApi::lcore)});
+      mpx = static_cast<int>(cases.size());
+      cases.push_back({impl_name(MempoolApi::explicit_cache), 1, cache, -1, mempool(1, MempoolApi::explicit_cache)});
+      cases.push_back({impl_name(MempoolApi::lcore_iova), 1, cache, -1, mempool(1, MempoolApi::lcore_iova)});
+      if (o.two_threads)
+        cases.push_back({impl_name(MempoolApi::explicit_cache), 2, o.mempool_cache, mpx,
+                         mempool(2, MempoolApi::explicit_cache)});
+    }
+    for (uint32_t i = 0; i < o.repeats; ++i)
+      for (Case& c : cases) c.samples.push_back(DMAKIT_TRY(c.run()));
+
+    // Median over the turns of a / b, each turn's runs paired.
+    auto paired = [](const Case& a, const Case& b, auto&& ratio) {
+      std::vector<double> r;
+      for (size_t i = 0; i < a.samples.size(); ++i) r.push_back(ratio(a.samples[i], b.samples[i]));
+      return median(r);
+    };
+    for (const Case& c : cases) {
+      const Timing t = summarize(c.samples);
+      base::Json j = result(s, blocks, c.threads, c.impl, c.cache, o.rounds, t);
+      if (c.one >= 0)  // pairs per ns over the one-thread case's
+        j.add("throughput_vs_one_thread", paired(c, cases[size_t(c.one)], [&](const Sample& two, const Sample& one) {
+                return one.wall_ns / (two.wall_ns / c.threads);
+              }));
+      if (c.threads == 1 && std::string_view(c.impl) == "dmakit" && mp1 >= 0) {
+        auto time_ratio = [](const Sample& a, const Sample& b) { return a.wall_ns / b.wall_ns; };
+        j.add("vs_rte_mempool", paired(c, cases[size_t(mp1)], time_ratio));
+        j.add("vs_rte_mempool_explicit_cache", paired(c, cases[size_t(mpx)], time_ratio));
       }
+      if (c.threads > 1 && std::string_view(c.impl).starts_with("dmakit")) j.add("steals", t.steals);
+      results.push(std::move(j));
     }
   }
   return base::Json::object().add("bench", "dmapool").add("results", results);
