@@ -8,19 +8,25 @@
 //   chunk table   (address - bias) >> chunk_shift -> Chunk (open-addressed,
 //                 almost always hit at the first slot; a chunk of
 //                 2^chunk_shift bytes touches at most two slots)
-//   Chunk         base vaddr, base IOVA, first-block offset, block count,
-//                 one state byte per block (free / allocated)
+//   Chunk         vaddr and IOVA of its first block, the span from there
+//                 to the last block's end, block count; followed in the
+//                 same allocation by one state byte per block (free /
+//                 allocated)
 //   magazine      an array of up to cache_size / 2 free-block entries
-//                 {chunk, offset, index}
+//                 {chunk, offset from the first block, index}
 //   thread cache  per thread and pool: a loaded and a previous magazine
 //                 (Bonwick's magazine layer), full magazines this thread
 //                 freed ("home", up to 16 MiB of blocks; others steal from
-//                 it only when the pool cannot grow) and spare empty ones
+//                 it only when the pool cannot grow) and spare empty ones;
+//                 found through a per-thread array indexed by the pool's
+//                 slot (detail::kCacheSlots of them)
 //   depot         per pool, one mutex: magazines from growth and from
 //                 exited threads, spare empty magazines, loose entries of
-//                 threads without a cache
+//                 threads and pools without a cache (cache_size 0, debug
+//                 options, no slot left)
 //
-// A block's vaddr and IOVA are chunk base + offset. Alloc pops from the
+// A block's vaddr and IOVA are the chunk's first-block vaddr and IOVA plus
+// its offset. Alloc pops from the
 // loaded magazine; free validates the block in O(1) - chunk found by
 // address, offset is a block start, IOVA matches, state flips allocated ->
 // free by one atomic exchange, so of two racing frees of one block exactly
