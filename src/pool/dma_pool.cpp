@@ -33,9 +33,6 @@ constexpr size_t kMaxSpare = 64;
 constexpr uint64_t kHomeBytes = 16ull << 20;  // per thread and pool
 constexpr uint64_t kMinHome = 4;              // magazines
 
-// q = n / d for n < 2^32 with one multiply; n is a multiple of d iff n * M < M
-// (Lemire, Kaser, Kurz: "Faster remainder by direct computation", 2019).
-uint64_t div_magic(uint64_t d) { return UINT64_MAX / d + 1; }
 
 bool is_pow2(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
@@ -53,9 +50,9 @@ void free_lines(void* p) noexcept { ::operator delete(p, std::align_val_t{64}); 
 
 std::unique_ptr<DmaPool::Chunk, DmaPool::ChunkDeleter> DmaPool::Chunk::make(const Chunk& layout) {
   static_assert(std::is_trivially_destructible_v<std::atomic<uint8_t>>);
-  void* mem = detail::alloc_lines(sizeof(Chunk) + layout.nblocks);
+  void* mem = detail::alloc_lines(sizeof(Chunk) + layout.ngran);
   std::unique_ptr<Chunk, ChunkDeleter> ch(::new (mem) Chunk(layout));
-  std::uninitialized_value_construct_n(ch->state(), layout.nblocks);  // all kFree
+  std::uninitialized_value_construct_n(ch->state(), layout.ngran);  // all kNone
   return ch;
 }
 
@@ -307,8 +304,11 @@ Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backin
     p->seg_mask_ = seg - 1;
     p->per_seg_ = seg / rsize;
   }
-  p->div_magic_ = div_magic(rsize);
-  p->gaps_ = boundary != 0 && p->per_seg_ * rsize != p->seg_mask_ + 1;
+  // Block starts lie at segment starts plus multiples of the size, and a
+  // segment is a power of two at least the size: all on the size's lowest
+  // set bit.
+  p->gran_shift_ = static_cast<uint32_t>(std::countr_zero(uint64_t{rsize}));
+  p->gran_mask_ = (uint64_t{1} << p->gran_shift_) - 1;
   bool out_of_slots = false;
   {
     Registry& r = registry();
@@ -345,7 +345,7 @@ DmaPool::~DmaPool() {
   uint64_t live = 0, kept = 0;
   for (auto& ch : chunks_) {
     uint64_t in_chunk = 0;
-    for (uint32_t i = 0; i < ch->nblocks; ++i)
+    for (uint32_t i = 0; i < ch->ngran; ++i)
       in_chunk += ch->state()[i].load(std::memory_order_relaxed) == kAllocated;
     live += in_chunk;
     if (in_chunk != 0) {
@@ -665,22 +665,25 @@ Status DmaPool::grow_locked() {
   auto grid_off = [this](uint64_t j) { return (j / per_seg_ << seg_shift_) + j % per_seg_ * size_; };
   const uint64_t seg0 = origin >> seg_shift_;
   const uint64_t k0 = ((origin & seg_mask_) + size_ - 1) / size_;
-  ch->first = k0 < per_seg_ ? seg0 * per_seg_ + k0 : (seg0 + 1) * per_seg_;
+  const uint64_t first = k0 < per_seg_ ? seg0 * per_seg_ + k0 : (seg0 + 1) * per_seg_;  // grid index of block 0
   uint64_t n = 0;
-  while (grid_off(ch->first + n) + size_ <= origin + ch->len) ++n;
-  ch->nblocks = static_cast<uint32_t>(n);
-  ch->grid_lo = grid_off(ch->first);
-  ch->lo = ch->base + (ch->grid_lo - origin);
-  ch->iova_lo = iova + (ch->grid_lo - origin);
-  ch->span = n == 0 ? 0 : grid_off(ch->first + n - 1) + size_ - ch->grid_lo;
-  std::unique_ptr<Chunk, ChunkDeleter> owned = Chunk::make(layout);  // all blocks kFree
+  while (grid_off(first + n) + size_ <= origin + ch->len) ++n;
+  const uint64_t grid_lo = grid_off(first);
+  auto block_off = [&](uint64_t i) { return grid_off(first + i) - grid_lo; };  // from block 0
+  ch->lo = ch->base + (grid_lo - origin);
+  ch->iova_lo = iova + (grid_lo - origin);
+  ch->span = n == 0 ? 0 : block_off(n - 1) + size_;
+  ch->ngran = static_cast<uint32_t>(ch->span >> gran_shift_);
+  std::unique_ptr<Chunk, ChunkDeleter> owned = Chunk::make(layout);
   ch = owned.get();
+  for (uint64_t i = 0; i < n; ++i) ch->state()[block_off(i) >> gran_shift_].store(kFree, std::memory_order_relaxed);
   if (debug_ & kPoison) std::memset(region->vaddr, kPoisonByte, len);
 
   // Entries packed into magazines (or loose without caches), lowest address
   // on top: blocks come out in address order.
   auto entry = [&](uint64_t i) {
-    return Entry{ch, static_cast<uint32_t>(grid_off(ch->first + i) - ch->grid_lo), static_cast<uint32_t>(i)};
+    const uint64_t off = block_off(i);
+    return Entry{ch, static_cast<uint32_t>(off), static_cast<uint32_t>(off >> gran_shift_)};
   };
   if (mag_cap_ == 0) {
     loose_.reserve(loose_.size() + n);

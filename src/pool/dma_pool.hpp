@@ -9,9 +9,10 @@
 //                 almost always hit at the first slot; a chunk of
 //                 2^chunk_shift bytes touches at most two slots)
 //   Chunk         vaddr and IOVA of its first block, the span from there
-//                 to the last block's end, block count; followed in the
-//                 same allocation by one state byte per block (free /
-//                 allocated)
+//                 to the last block's end; followed in the same allocation
+//                 by one state byte per granule of the span (the size's
+//                 lowest set bit, so one per block for power-of-two sizes):
+//                 no block starts here / free / allocated
 //   magazine      an array of up to cache_size / 2 free-block entries
 //                 {chunk, offset from the first block, index}
 //   thread cache  per thread and pool: a loaded and a previous magazine
@@ -245,8 +246,10 @@ class DmaPool {
   uint32_t seg_shift_ = 32;
   uint64_t seg_mask_ = 0xffffffff;
   uint64_t per_seg_ = UINT32_MAX;
-  uint64_t div_magic_ = 0;       // exact division by size_ (multiply, no divide)
-  bool gaps_ = false;            // a boundary leaves gaps: blocks are not evenly spaced
+  // Every block starts on a multiple of the granule (the lowest set bit of
+  // size_) counted from the chunk's first block; state is kept per granule.
+  uint32_t gran_shift_ = 0;
+  uint64_t gran_mask_ = 0;
   uint32_t debug_ = 0;           // kPoison | kZero
   std::atomic<ChunkTable*> table_;  // never null (see find_chunk)
 
@@ -296,20 +299,20 @@ struct alignas(64) DmaPool::Chunk {
   uintptr_t lo = 0;        // vaddr of block 0
   uint64_t iova_lo = 0;    // IOVA of block 0
   uint64_t span = 0;       // block 0's start to the last block's end
-  uint64_t grid_lo = 0;    // grid offset of block 0 (iova modulo the segment or alignment)
-  uint64_t first = 0;      // grid index of block 0
-  uint32_t nblocks = 0;
+  uint32_t ngran = 0;      // span in granules: state bytes
   uintptr_t base = 0;      // vaddr of byte 0 of the region
   uint64_t len = 0;        // of the region
   Region region;
 
-  // Only for a chunk built by make(); the empty chunk has none.
+  // One byte per granule of the span: kNone, or a block's kFree /
+  // kAllocated at the granule where the block starts. Only for a chunk
+  // built by make(); the empty chunk has none.
   std::atomic<uint8_t>* state() { return reinterpret_cast<std::atomic<uint8_t>*>(this + 1); }
-  // A copy of layout followed by nblocks state bytes, all free.
+  // A copy of layout followed by ngran state bytes, all kNone.
   static std::unique_ptr<Chunk, ChunkDeleter> make(const Chunk& layout);
 };
 
-// A free block: chunk, byte offset from the chunk's block 0, block index.
+// A free block: chunk, byte offset from the chunk's block 0, its state byte's index.
 struct DmaPool::Entry {
   Chunk* chunk = nullptr;
   uint32_t off = 0;
@@ -401,12 +404,11 @@ inline constexpr uint32_t kCacheSlots = 1024;
 // slots of its own array hold the idle cache too; an idle cache is never
 // attached, so both fast paths leave it for the slow path.
 extern __thread DmaPool::Cache* const* tl_slots __attribute__((tls_model("initial-exec")));
-inline constexpr uint8_t kFree = 0;
-inline constexpr uint8_t kAllocated = 1;
+inline constexpr uint8_t kNone = 0;  // no block starts at this granule
+inline constexpr uint8_t kFree = 1;
+inline constexpr uint8_t kAllocated = 2;
 inline constexpr uint32_t kPoison = 1;
 inline constexpr uint32_t kZero = 2;
-__extension__ typedef unsigned __int128 u128;
-inline uint64_t mulhi(uint64_t a, uint64_t b) { return static_cast<uint64_t>((u128{a} * b) >> 64); }
 // The block written as one 16-byte store: GCC builds the Result in memory
 // and copies it with one 16-byte load, which stalls when the two halves were
 // stored separately (a failed store-to-load forward costs more than the pop).
@@ -457,32 +459,24 @@ inline Result<DmaBlock> DmaPool::alloc() {
 }
 
 // Free's validation past the chunk lookup: off (< ch->span) is the address's
-// offset from block 0. Sets index and returns null when it is a block start
-// with this IOVA, else why not. No index bound is needed: the span ends
-// with the last block, so any block start inside it is a block.
+// offset from block 0. Sets index (the granule's) and returns null when off
+// is on the granule grid and the IOVA matches, else why not; whether a block
+// starts there is the state byte's to say (kNone: none does).
 inline const char* DmaPool::check_block(const Chunk* ch, uint64_t off, uint64_t iova, uint64_t& index) const {
-  if (!gaps_) [[likely]] {
-    // Blocks at i * size: two multiplies (off < 2^32, as exactness needs).
-    index = detail::mulhi(off, div_magic_);  // off / size
-    if (off * div_magic_ >= div_magic_) [[unlikely]] return "not the start of a block";
-  } else {
-    const uint64_t g = off + ch->grid_lo;
-    const uint64_t in = g & seg_mask_;
-    const uint64_t k = detail::mulhi(in, div_magic_);  // in / size
-    index = (g >> seg_shift_) * per_seg_ + k - ch->first;
-    if (in * div_magic_ >= div_magic_ || k >= per_seg_) [[unlikely]] return "not the start of a block";
-  }
+  if ((off & gran_mask_) != 0) [[unlikely]] return "not the start of a block";
+  index = off >> gran_shift_;
   if (iova != ch->iova_lo + off) [[unlikely]] return "IOVA does not match the block";
   return nullptr;
 }
 
-// Free fast path, budget about 35 instructions and one atomic exchange:
-// TLS cache, chunk by address (the chunk this thread freed into last, else
-// one table slot), block start (two multiplies), IOVA compare, state
-// exchange allocated -> free (atomic, so of two racing frees of one block
-// exactly one sees kAllocated), push if top != limit. Four tests refuse; a
-// full magazine, no cache yet, no caches or debug options take free_slow()
-// after the block is validated and marked free.
+// Free fast path, budget about 30 instructions and one atomic
+// compare-exchange: TLS cache, chunk by address (the chunk this thread freed
+// into last, else one table slot), granule (a mask and a shift), IOVA
+// compare, the granule's state allocated -> free (atomic, so of two racing
+// frees of one block exactly one succeeds; a granule where no block starts
+// never changes), push if top != limit. Four tests refuse; a full magazine,
+// no cache yet, no caches or debug options take free_slow() after the block
+// is validated and marked free.
 inline Status DmaPool::free(void* vaddr, uint64_t iova) {
   const auto v = reinterpret_cast<uintptr_t>(vaddr);
   Cache* c = detail::tl_slots[slot_];
@@ -499,8 +493,10 @@ inline Status DmaPool::free(void* vaddr, uint64_t iova) {
   uint64_t index;
   if (const char* why = check_block(ch, off, iova, index); why != nullptr) [[unlikely]]
     return refuse_free(vaddr, iova, why);
-  if (ch->state()[index].exchange(detail::kFree, std::memory_order_relaxed) != detail::kAllocated) [[unlikely]]
-    return refuse_free(vaddr, iova, "block is not allocated (double free?)");
+  uint8_t was = detail::kAllocated;
+  if (!ch->state()[index].compare_exchange_strong(was, detail::kFree, std::memory_order_relaxed)) [[unlikely]]
+    return refuse_free(vaddr, iova,
+                       was == detail::kNone ? "not the start of a block" : "block is not allocated (double free?)");
 
   Entry* t = c->top.load(std::memory_order_relaxed);
   if (t == c->limit.load(std::memory_order_relaxed)) [[unlikely]]
