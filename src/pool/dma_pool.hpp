@@ -30,8 +30,8 @@
 // its offset. Alloc pops from the
 // loaded magazine; free validates the block in O(1) - chunk found by
 // address, offset is a block start, IOVA matches, state flips allocated ->
-// free by one atomic exchange, so of two racing frees of one block exactly
-// one wins - then pushes it on the loaded magazine. Whole magazines move
+// free by one atomic compare-exchange, so of two racing frees of one block
+// exactly one wins - then pushes it on the loaded magazine. Whole magazines move
 // between a thread and the shared structures, one lock per cache_size / 2
 // operations, and a thread takes back the magazines it filled itself, so two
 // threads share no cache line in the steady state. A thread out of blocks
@@ -290,7 +290,7 @@ struct LineDeleter {
 };
 }  // namespace detail
 
-// A chunk record owns its state bytes, one per block (free 0, allocated 1),
+// A chunk record owns its state bytes, one per granule of its block span,
 // which follow it in the same allocation: the fast paths reach a block's
 // state at a fixed offset from the chunk, without loading a pointer first.
 struct alignas(64) DmaPool::Chunk {
@@ -429,9 +429,9 @@ inline DmaPool::Chunk* DmaPool::find_chunk(uintptr_t v) const {
   // Never null: an empty pool points at a one-slot table that matches nothing.
   const ChunkTable* t = table_.load(std::memory_order_acquire);
   // The home slot's first chunk answers almost every lookup by its own
-  // range test (block addresses only), without reading the key: empty slots
-  // hold a chunk of span 0, which contains nothing. Anything else (second chunk, probing, not
-  // found) is the probe path. A block from a newly published chunk reached
+  // range test (block addresses only), without reading the key: empty
+  // slots hold a chunk of span 0, which contains nothing. Anything else
+  // (second chunk, probing, not found) is the probe path. A block from a newly published chunk reached
   // this thread through the caller's own synchronisation, so its chunk is
   // visible here.
   const ChunkTable::Slot& s = t->slots[((uint64_t{v} - t->bias) >> chunk_shift_) & t->mask];
