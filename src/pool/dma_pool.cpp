@@ -140,16 +140,7 @@ DmaPool::Cache* DmaPool::attach_cache() {
   // A cache left in this slot by a destroyed pool was detached (pool == nullptr): reuse it.
   if (!c) c = std::make_unique<Cache>();
   c->pool = this;
-  c->prev = nullptr;
-  c->prev_count.store(0, std::memory_order_relaxed);
-  c->spare.clear();
-  {
-    std::lock_guard home(c->home_mu);
-    c->home.clear();
-    c->home_blocks.store(0, std::memory_order_relaxed);
-  }
-  c->load(m, 0, mag_cap_);
-  c->last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
+  c->reset(m, mag_cap_);
   c->uid.store(uid_, std::memory_order_relaxed);
   caches_.push_back(c.get());
   tc.ptrs[slot_] = c.get();
@@ -161,6 +152,19 @@ DmaPool::Cache* DmaPool::own_cache() {
   Cache* c = tl_slots[slot_];
   if (c->uid.load(std::memory_order_relaxed) == uid_) return c;
   return attach_cache();
+}
+
+void DmaPool::Cache::reset(Magazine* m, uint32_t mag_cap) {
+  load(m, 0, mag_cap);
+  prev = nullptr;
+  prev_count.store(0, std::memory_order_relaxed);
+  spare.clear();
+  {
+    std::lock_guard lock(home_mu);
+    home.clear();
+    home_blocks.store(0, std::memory_order_relaxed);
+  }
+  last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
 }
 
 // mu_ held. A magazine holding n entries goes to the depot: full list or spares.
@@ -180,12 +184,8 @@ void DmaPool::return_cache_locked(Cache& c) {
     std::lock_guard home(c.home_mu);
     for (Magazine* m : c.home) deposit_locked(m, m->count);
     c.home.clear();
-    c.home_blocks.store(0, std::memory_order_relaxed);
   }
-  c.load(nullptr, 0, 0);
-  c.prev = nullptr;
-  c.spare.clear();
-  c.prev_count.store(0, std::memory_order_relaxed);
+  c.reset(nullptr, 0);
 }
 
 // Registry mutex held. The thread is exiting: its cached blocks go back.
@@ -194,7 +194,6 @@ void DmaPool::absorb_cache(Cache& c) {
     std::lock_guard lock(mu_);
     return_cache_locked(c);
   }
-  c.last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
   c.uid.store(0, std::memory_order_relaxed);
   c.pool = nullptr;
   std::erase(caches_, &c);
@@ -204,17 +203,8 @@ void DmaPool::absorb_cache(Cache& c) {
 // magazines belong to the pool and are freed with it).
 void DmaPool::detach_all_caches() {
   for (Cache* c : caches_) {
-    c->load(nullptr, 0, 0);
-    c->last_chunk.store(&ChunkTable::empty_chunk, std::memory_order_relaxed);
-    c->prev_count.store(0, std::memory_order_relaxed);
+    c->reset(nullptr, 0);
     c->uid.store(0, std::memory_order_relaxed);
-    c->prev = nullptr;
-    c->spare.clear();
-    {
-      std::lock_guard home(c->home_mu);
-      c->home.clear();
-      c->home_blocks.store(0, std::memory_order_relaxed);
-    }
     c->pool = nullptr;
   }
   caches_.clear();
@@ -580,8 +570,8 @@ Status DmaPool::refuse_free(const void* vaddr, uint64_t iova, const char* why) {
   if (why == nullptr) why = ch != nullptr ? "not the start of a block" : "not inside any chunk of this pool";
   std::string msg = fmt::format("pool '{}': free of {} (IOVA {:#x}) refused: {}", name_, vaddr, iova, why);
   if (ch != nullptr)
-    msg += fmt::format(" [chunk {:#x} IOVA {:#x}, offset {:#x}]", ch->base, ch->region.iova,
-                       reinterpret_cast<uintptr_t>(vaddr) - ch->base);
+    msg += fmt::format(" [chunk {:#x} IOVA {:#x}, offset {:#x}]", ch->base(), ch->region.iova,
+                       reinterpret_cast<uintptr_t>(vaddr) - ch->base());
   // A workload that refuses many frees (a stress run double-frees on
   // purpose) must not flood the log: the first few in full, then one line
   // per 1024 with the running count. The counter and the returned error
@@ -624,7 +614,7 @@ DmaPool::Chunk* DmaPool::find_chunk_probe(uintptr_t v) const {
 
 const DmaPool::Chunk* DmaPool::chunk_around(uintptr_t v) const {
   return probe(table_.load(std::memory_order_acquire), chunk_shift_, v,
-               [v](const Chunk* c) { return v - c->base < c->len; });
+               [v](const Chunk* c) { return v - c->base() < c->region.len; });
 }
 
 // ---------------------------------------------------------------------------
@@ -646,18 +636,16 @@ Status DmaPool::grow_locked() {
         fmt::format("pool '{}': cannot grow by {} bytes from {}", name_, len, backing_->describe())));
   }
   Chunk layout;  // the record, before its state bytes are allocated with it
-  Chunk* ch = &layout;
-  ch->region = *region;
-  ch->base = reinterpret_cast<uintptr_t>(region->vaddr);
-  ch->len = region->len;
+  layout.region = *region;
+  const uintptr_t base = layout.base();
   const uint64_t iova = region->iova;
-  if (ch->len != len || (ch->base & 4095) != 0 || (iova & 4095) != 0 || ((ch->base ^ iova) & (align_ - 1)) != 0) {
+  if (region->len != len || (base & 4095) != 0 || (iova & 4095) != 0 || ((base ^ iova) & (align_ - 1)) != 0) {
     backing_->release(*region);
     grow_failures_.fetch_add(1, std::memory_order_relaxed);
     return fail(Errc::internal,
                 "pool '{}': {} gave a region vaddr {:#x} IOVA {:#x} len {} that cannot hold blocks of align {} "
                 "(need len {}, page-aligned, vaddr and IOVA equal modulo the alignment)",
-                name_, backing_->describe(), ch->base, iova, ch->len, align_, len);
+                name_, backing_->describe(), base, iova, region->len, align_, len);
   }
   const uint64_t grid = boundary_ != 0 ? seg_mask_ + 1 : align_;
   const uint64_t origin = iova & (grid - 1);  // grid offset of byte 0
@@ -667,15 +655,15 @@ Status DmaPool::grow_locked() {
   const uint64_t k0 = ((origin & seg_mask_) + size_ - 1) / size_;
   const uint64_t first = k0 < per_seg_ ? seg0 * per_seg_ + k0 : (seg0 + 1) * per_seg_;  // grid index of block 0
   uint64_t n = 0;
-  while (grid_off(first + n) + size_ <= origin + ch->len) ++n;
+  while (grid_off(first + n) + size_ <= origin + len) ++n;
   const uint64_t grid_lo = grid_off(first);
   auto block_off = [&](uint64_t i) { return grid_off(first + i) - grid_lo; };  // from block 0
-  ch->lo = ch->base + (grid_lo - origin);
-  ch->iova_lo = iova + (grid_lo - origin);
-  ch->span = n == 0 ? 0 : block_off(n - 1) + size_;
-  ch->ngran = static_cast<uint32_t>(ch->span >> gran_shift_);
+  layout.lo = base + (grid_lo - origin);
+  layout.iova_lo = iova + (grid_lo - origin);
+  layout.span = n == 0 ? 0 : block_off(n - 1) + size_;
+  layout.ngran = static_cast<uint32_t>(layout.span >> gran_shift_);
   std::unique_ptr<Chunk, ChunkDeleter> owned = Chunk::make(layout);
-  ch = owned.get();
+  Chunk* ch = owned.get();
   for (uint64_t i = 0; i < n; ++i) ch->state()[block_off(i) >> gran_shift_].store(kFree, std::memory_order_relaxed);
   if (debug_ & kPoison) std::memset(region->vaddr, kPoisonByte, len);
 
@@ -713,8 +701,8 @@ void DmaPool::publish_chunk(Chunk* ch) {
     // Ranges counted modulo 2^(64 - chunk_shift), as lookups compute them
     // (an address below the bias wraps around).
     const uint64_t wrap = ~uint64_t{0} >> chunk_shift_;
-    const uint64_t last = (c->base + c->len - 1 - t.bias) >> chunk_shift_;
-    for (uint64_t s = (c->base - t.bias) >> chunk_shift_;; s = (s + 1) & wrap) {
+    const uint64_t last = (c->base() + c->region.len - 1 - t.bias) >> chunk_shift_;
+    for (uint64_t s = (c->base() - t.bias) >> chunk_shift_;; s = (s + 1) & wrap) {
       const uint64_t key = s + 1;
       for (uint64_t i = s & t.mask;; i = (i + 1) & t.mask) {
         ChunkTable::Slot& slot = t.slots[i];
@@ -741,7 +729,7 @@ void DmaPool::publish_chunk(Chunk* ch) {
     const uint64_t size = std::max<uint64_t>(16, std::bit_ceil((table_used_ + 2) * 8));
     nt->mask = size - 1;
     // Fixed by the first chunk, kept by every later table.
-    nt->bias = t != nullptr ? t->bias : (chunks_.empty() ? ch : chunks_.front().get())->base & (chunk_bytes() - 1);
+    nt->bias = t != nullptr ? t->bias : (chunks_.empty() ? ch : chunks_.front().get())->base() & (chunk_bytes() - 1);
     nt->slots = std::make_unique<ChunkTable::Slot[]>(size);
     table_used_ = 0;
     for (auto& old : chunks_) insert(*nt, old.get());

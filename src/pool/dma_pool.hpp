@@ -300,9 +300,9 @@ struct alignas(64) DmaPool::Chunk {
   uint64_t iova_lo = 0;    // IOVA of block 0
   uint64_t span = 0;       // block 0's start to the last block's end
   uint32_t ngran = 0;      // span in granules: state bytes
-  uintptr_t base = 0;      // vaddr of byte 0 of the region
-  uint64_t len = 0;        // of the region
   Region region;
+
+  uintptr_t base() const { return reinterpret_cast<uintptr_t>(region.vaddr); }  // byte 0 of the region
 
   // One byte per granule of the span: kNone, or a block's kFree /
   // kAllocated at the granule where the block starts. Only for a chunk
@@ -384,6 +384,10 @@ struct alignas(64) DmaPool::Cache {
     const auto n = top.load(std::memory_order_relaxed) - bottom.load(std::memory_order_relaxed);
     return n < 0 ? 0 : static_cast<uint32_t>(std::min<decltype(n)>(n, mag_cap));
   }
+  // Forgets every magazine (the caller has returned them or they die with
+  // their pool) and the remembered chunk; m, empty, becomes the loaded one
+  // (null: none, not attached).
+  void reset(Magazine* m, uint32_t mag_cap);
   // m (n entries) becomes the loaded magazine; null m: none (not attached).
   void load(Magazine* m, uint32_t n, uint32_t mag_cap) {
     loaded = m;
