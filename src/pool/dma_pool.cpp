@@ -298,7 +298,6 @@ Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backin
   // segment is a power of two at least the size: all on the size's lowest
   // set bit.
   p->gran_shift_ = static_cast<uint32_t>(std::countr_zero(uint64_t{rsize}));
-  p->gran_mask_ = (uint64_t{1} << p->gran_shift_) - 1;
   bool out_of_slots = false;
   {
     Registry& r = registry();
@@ -335,7 +334,7 @@ DmaPool::~DmaPool() {
   uint64_t live = 0, kept = 0;
   for (auto& ch : chunks_) {
     uint64_t in_chunk = 0;
-    for (uint32_t i = 0; i < ch->ngran; ++i)
+    for (uint64_t i = 0; i < ch->ngran; ++i)
       in_chunk += ch->state()[i].load(std::memory_order_relaxed) == kAllocated;
     live += in_chunk;
     if (in_chunk != 0) {
@@ -661,7 +660,7 @@ Status DmaPool::grow_locked() {
   layout.lo = base + (grid_lo - origin);
   layout.iova_lo = iova + (grid_lo - origin);
   layout.span = n == 0 ? 0 : block_off(n - 1) + size_;
-  layout.ngran = static_cast<uint32_t>(layout.span >> gran_shift_);
+  layout.ngran = layout.span >> gran_shift_;
   std::unique_ptr<Chunk, ChunkDeleter> owned = Chunk::make(layout);
   Chunk* ch = owned.get();
   for (uint64_t i = 0; i < n; ++i) ch->state()[block_off(i) >> gran_shift_].store(kFree, std::memory_order_relaxed);

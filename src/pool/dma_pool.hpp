@@ -56,6 +56,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -212,7 +213,13 @@ class DmaPool {
   Status free_slow(Chunk* ch, uint32_t off, uint32_t index);
   // why null: the address is in no chunk's blocks; the message says whether it is in a chunk at all.
   [[gnu::cold, gnu::noinline]] Status refuse_free(const void* vaddr, uint64_t iova, const char* why);
-  inline const char* check_block(const Chunk* ch, uint64_t off, uint64_t iova, uint64_t& index) const;
+  // The state index of the granule at offset off from block 0: off >> the
+  // granule shift, as a rotation, so that an offset off the granule grid
+  // carries its low bits to the top and comes out >= every chunk's ngran.
+  // One compare then refuses both an address outside the block span and
+  // one that is not on the grid (ngran < 2^34: spans are at most 1 GiB and
+  // granules at least 8 bytes).
+  uint64_t granule(uint64_t off) const { return std::rotr(off, static_cast<int>(gran_shift_)); }
   Chunk* find_chunk_probe(uintptr_t v) const;  // find_chunk past the first slot
   const Chunk* chunk_around(uintptr_t v) const;  // the chunk whose region holds v, blocks or not; cold
   Status load_full(Cache& c);    // loaded magazine (empty) -> a full one: home, depot, grow, steal
@@ -249,7 +256,6 @@ class DmaPool {
   // Every block starts on a multiple of the granule (the lowest set bit of
   // size_) counted from the chunk's first block; state is kept per granule.
   uint32_t gran_shift_ = 0;
-  uint64_t gran_mask_ = 0;
   uint32_t debug_ = 0;           // kPoison | kZero
   std::atomic<ChunkTable*> table_;  // never null (see find_chunk)
 
@@ -299,7 +305,7 @@ struct alignas(64) DmaPool::Chunk {
   uintptr_t lo = 0;        // vaddr of block 0
   uint64_t iova_lo = 0;    // IOVA of block 0
   uint64_t span = 0;       // block 0's start to the last block's end
-  uint32_t ngran = 0;      // span in granules: state bytes
+  uint64_t ngran = 0;      // span in granules: state bytes; 0 for the empty chunk
   Region region;
 
   uintptr_t base() const { return reinterpret_cast<uintptr_t>(region.vaddr); }  // byte 0 of the region
@@ -453,34 +459,30 @@ inline Result<DmaBlock> DmaPool::alloc() {
   Cache* c = detail::tl_slots[slot_];
   Entry* t = c->top.load(std::memory_order_relaxed);
   if (t == c->bottom.load(std::memory_order_relaxed)) [[unlikely]] return alloc_slow();
-  const Entry e = *--t;
+  // Field by field: free stores them so, and one 8-byte load of off and
+  // index would need two instructions to split.
+  --t;
+  Chunk* const ch = t->chunk;
+  const uint64_t off = t->off;
+  const uint32_t index = t->index;
   c->top.store(t, std::memory_order_relaxed);
   // Plain store: the block sits in this thread's magazine, so only a buggy
   // free could touch its state now, and that one is refused (it reads
   // kFree) or is indistinguishable from a legal free.
-  e.chunk->state()[e.index].store(detail::kAllocated, std::memory_order_relaxed);
-  return detail::make_block(e.chunk->lo + e.off, e.chunk->iova_lo + e.off);
+  ch->state()[index].store(detail::kAllocated, std::memory_order_relaxed);
+  return detail::make_block(ch->lo + off, ch->iova_lo + off);
 }
 
-// Free's validation past the chunk lookup: off (< ch->span) is the address's
-// offset from block 0. Sets index (the granule's) and returns null when off
-// is on the granule grid and the IOVA matches, else why not; whether a block
-// starts there is the state byte's to say (kNone: none does).
-inline const char* DmaPool::check_block(const Chunk* ch, uint64_t off, uint64_t iova, uint64_t& index) const {
-  if ((off & gran_mask_) != 0) [[unlikely]] return "not the start of a block";
-  index = off >> gran_shift_;
-  if (iova != ch->iova_lo + off) [[unlikely]] return "IOVA does not match the block";
-  return nullptr;
-}
-
-// Free fast path, budget about 30 instructions and one atomic
+// Free fast path, budget about 25 instructions and one atomic
 // compare-exchange: TLS cache, chunk by address (the chunk this thread freed
-// into last, else one table slot), granule (a mask and a shift), IOVA
-// compare, the granule's state allocated -> free (atomic, so of two racing
-// frees of one block exactly one succeeds; a granule where no block starts
-// never changes), push if top != limit. Four tests refuse; a full magazine,
-// no cache yet, no caches or debug options take free_slow() after the block
-// is validated and marked free.
+// into last, else one table slot), granule index (one rotation: in the
+// span and on the grid, one compare), IOVA compare, the granule's state
+// allocated -> free (atomic, so of two racing frees of one block exactly one
+// succeeds; a granule where no block starts never changes), push if top !=
+// limit. Three tests refuse; a full magazine, no cache yet, no caches or
+// debug options take free_slow() after the block is validated and marked
+// free. The compare-exchange is the costliest instruction here (a locked
+// instruction waits for the stores before it); see docs/PERFORMANCE.md.
 inline Status DmaPool::free(void* vaddr, uint64_t iova) {
   const auto v = reinterpret_cast<uintptr_t>(vaddr);
   Cache* c = detail::tl_slots[slot_];
@@ -488,15 +490,16 @@ inline Status DmaPool::free(void* vaddr, uint64_t iova) {
   // idle and detached caches remember the empty chunk, which contains nothing.
   Chunk* ch = c->last_chunk.load(std::memory_order_relaxed);
   uint64_t off = v - ch->lo;
-  if (off >= ch->span) [[unlikely]] {
+  uint64_t index = granule(off);
+  if (index >= ch->ngran) [[unlikely]] {  // another chunk, or not on the grid
     ch = find_chunk(v);
     if (ch == nullptr) [[unlikely]] return refuse_free(vaddr, iova, nullptr);
     if (c->attached()) c->last_chunk.store(ch, std::memory_order_relaxed);  // never the shared idle cache
     off = v - ch->lo;
+    index = granule(off);
+    if (index >= ch->ngran) [[unlikely]] return refuse_free(vaddr, iova, "not the start of a block");
   }
-  uint64_t index;
-  if (const char* why = check_block(ch, off, iova, index); why != nullptr) [[unlikely]]
-    return refuse_free(vaddr, iova, why);
+  if (iova != ch->iova_lo + off) [[unlikely]] return refuse_free(vaddr, iova, "IOVA does not match the block");
   uint8_t was = detail::kAllocated;
   if (!ch->state()[index].compare_exchange_strong(was, detail::kFree, std::memory_order_relaxed)) [[unlikely]]
     return refuse_free(vaddr, iova,
@@ -505,7 +508,9 @@ inline Status DmaPool::free(void* vaddr, uint64_t iova) {
   Entry* t = c->top.load(std::memory_order_relaxed);
   if (t == c->limit.load(std::memory_order_relaxed)) [[unlikely]]
     return free_slow(ch, static_cast<uint32_t>(off), static_cast<uint32_t>(index));
-  *t = Entry{ch, static_cast<uint32_t>(off), static_cast<uint32_t>(index)};
+  t->chunk = ch;
+  t->off = static_cast<uint32_t>(off);
+  t->index = static_cast<uint32_t>(index);
   c->top.store(t + 1, std::memory_order_relaxed);
   return ok();
 }
