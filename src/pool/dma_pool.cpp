@@ -36,6 +36,24 @@ constexpr uint64_t kMinHome = 4;              // magazines
 
 bool is_pow2(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
+// Room for n elements, growing geometrically (a plain reserve(n) per element
+// would copy the whole vector every time).
+template <class T>
+void reserve_for(std::vector<T>& v, size_t n) {
+  if (v.capacity() < n) v.reserve(std::max(n, 2 * v.capacity()));
+}
+
+// Host memory ran out (std::bad_alloc) while the pool worked for the caller:
+// an error value, built without risking a second throw.
+Error out_of_host_memory(const std::string& pool, const char* doing) noexcept {
+  Error e{Errc::no_memory, ENOMEM, {}};
+  try {
+    e.message = fmt::format("pool '{}': no host memory {}", pool, doing);
+  } catch (...) {  // the message stays empty; code and errno still say it
+  }
+  return e;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -127,18 +145,28 @@ thread_local ThreadCaches tl_caches;
 
 DmaPool::Cache* DmaPool::attach_cache() {
   if (slot_ == 0 || tl_exiting) return nullptr;
+  // Everything that can throw std::bad_alloc comes first, while nothing
+  // points at the new cache; a cache left in this slot by a destroyed pool
+  // was detached (pool == nullptr) and is reused.
   ThreadCaches& tc = tl_caches;
   if (tc.caches.size() <= slot_) tc.caches.resize(slot_ + 1);
   if (tc.ptrs.empty()) tc.ptrs.assign(kCacheSlots, &g_idle_cache);
   auto& c = tc.caches[slot_];
+  if (!c) c = std::make_unique<Cache>();
+  c->spare.reserve(kMaxSpare);  // load_full keeps spares without allocating
   Magazine* m = nullptr;
   {
     std::lock_guard lock(mu_);
     m = take_empty_locked();
   }
   std::lock_guard lock(registry().mu);
-  // A cache left in this slot by a destroyed pool was detached (pool == nullptr): reuse it.
-  if (!c) c = std::make_unique<Cache>();
+  try {
+    reserve_for(caches_, caches_.size() + 1);
+  } catch (const std::bad_alloc&) {
+    std::lock_guard pool_lock(mu_);
+    empty_.push_back(m);  // never allocates: see take_empty_locked
+    throw;
+  }
   c->pool = this;
   c->reset(m, mag_cap_);
   c->uid.store(uid_, std::memory_order_relaxed);
@@ -214,8 +242,15 @@ void DmaPool::flush_thread_cache() {
   Cache* c = tl_slots[slot_];
   if (c->uid.load(std::memory_order_relaxed) != uid_) return;
   std::lock_guard lock(mu_);
+  Magazine* m = nullptr;  // the cache stays attached, with an empty magazine
+  try {
+    m = take_empty_locked();
+  } catch (const std::bad_alloc&) {
+    base::log().warn("pool '{}': no host memory for an empty magazine; this thread's cache is not flushed", name_);
+    return;
+  }
   return_cache_locked(*c);
-  c->load(take_empty_locked(), 0, mag_cap_);  // stays attached, with an empty magazine
+  c->load(m, 0, mag_cap_);
 }
 
 // ---------------------------------------------------------------------------
@@ -267,8 +302,18 @@ Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backin
     return fail(Errc::invalid_argument, "pool '{}': block size {} does not fit twice in a chunk of {} bytes",
                 name, rsize, chunk);
 
+  try {
+    return create_pool(std::move(backing), name, rsize, align, boundary, chunk, opts);
+  } catch (const std::bad_alloc&) {
+    return std::unexpected(out_of_host_memory(name, "to create the pool"));
+  }
+}
+
+std::unique_ptr<DmaPool> DmaPool::create_pool(std::unique_ptr<Backing> backing, const std::string& name,
+                                              size_t rsize, size_t align, size_t boundary, uint64_t chunk,
+                                              const PoolOptions& opts) {
   auto p = std::make_unique<DmaPool>(Key{});
-  p->name_ = std::move(name);
+  p->name_ = name;
   p->size_ = rsize;
   p->align_ = align;
   p->boundary_ = boundary;
@@ -302,6 +347,7 @@ Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backin
   {
     Registry& r = registry();
     std::lock_guard lock(r.mu);
+    r.free_slots.reserve(kCacheSlots);  // the destructor gives its slot back without allocating
     p->uid_ = r.next_uid++;
     if (p->mag_cap_ == 0) {
       p->slot_ = 0;
@@ -361,12 +407,21 @@ DmaBlock DmaPool::take(const Entry& e) {
 }
 
 Result<DmaBlock> DmaPool::alloc_slow() {
+  try {
+    return alloc_slower();
+  } catch (const std::bad_alloc&) {
+    return std::unexpected(out_of_host_memory(name_, "for a thread cache or a magazine"));
+  }
+}
+
+Result<DmaBlock> DmaPool::alloc_slower() {
   Cache* c = own_cache();
   if (c == nullptr) {  // no cache (cache_size 0 or thread exiting): straight from the depot
     Entry e;
     {
       std::lock_guard lock(mu_);
       if (loose_.empty()) {
+        reserve_for(loose_, mag_cap_);  // before a magazine is taken apart into it
         Magazine* m = take_full_locked();
         if (m == nullptr) {
           DMAKIT_TRY(grow_locked());
@@ -479,6 +534,13 @@ DmaPool::Magazine* DmaPool::take_empty_locked() {
     empty_.pop_back();
     return m;
   }
+  // The depot's lists can hold every magazine at once, so that moving one
+  // between them (or back from a cache) never allocates: the paths that
+  // hand a magazine over cannot fail halfway and lose its blocks.
+  const size_t n = mags_.size() + 1;
+  reserve_for(mags_, n);
+  reserve_for(empty_, n);
+  reserve_for(full_, n);
   auto m = std::make_unique<Magazine>();
   m->mem.reset(detail::alloc_lines(sizeof(Entry) * mag_cap_));
   m->slots = static_cast<Entry*>(m->mem.get());
@@ -504,15 +566,28 @@ DmaPool::Magazine* DmaPool::steal() {
   return nullptr;
 }
 
-// The block is validated and marked free already.
+// The block is validated and marked free already. Without host memory for
+// a cache or a magazine it is marked allocated again and the free refused:
+// the caller still holds it and may free it later.
 Status DmaPool::free_slow(Chunk* ch, uint32_t off, uint32_t index) {
+  try {
+    return free_slower(ch, off, index);
+  } catch (const std::bad_alloc&) {
+    ch->state()[index].store(kAllocated, std::memory_order_relaxed);
+    return std::unexpected(out_of_host_memory(name_, "to take back a block; it stays allocated"));
+  }
+}
+
+Status DmaPool::free_slower(Chunk* ch, uint32_t off, uint32_t index) {
   const Entry e{ch, off, index};
   Cache* c = own_cache();
   if (c == nullptr) {  // no caches (cache_size 0, debug options) or the thread is exiting
-    if (debug_ & kPoison) debug_on_free(reinterpret_cast<void*>(ch->lo + off));
     std::lock_guard lock(mu_);
     loose_.push_back(e);
     ++depot_blocks_;
+    // Poisoned once it is surely the pool's (the push may have thrown), under
+    // the lock, before another thread can take it.
+    if (debug_ & kPoison) debug_on_free(reinterpret_cast<void*>(ch->lo + off));
     return ok();
   }
   if (c->top.load(std::memory_order_relaxed) == c->limit.load(std::memory_order_relaxed)) stash_full(*c);
@@ -534,15 +609,27 @@ void DmaPool::stash_full(Cache& c) {
     c.prev = c.loaded;
     c.prev_count.store(n, std::memory_order_relaxed);
   } else {
+    // The empty magazine first: if that needs memory and there is none,
+    // nothing has moved yet.
+    if (!c.spare.empty()) {
+      next = c.spare.back();
+      c.spare.pop_back();
+    } else {
+      std::lock_guard lock(mu_);
+      next = take_empty_locked();
+    }
     if (c.prev != nullptr) {
       c.prev->count = c.prev_count.load(std::memory_order_relaxed);
       bool kept = false;
       {
         std::lock_guard home(c.home_mu);
         if (c.home.size() < home_cap_) {
-          c.home.push_back(c.prev);
-          c.home_blocks.fetch_add(c.prev->count, std::memory_order_relaxed);
-          kept = true;
+          try {
+            c.home.push_back(c.prev);
+            c.home_blocks.fetch_add(c.prev->count, std::memory_order_relaxed);
+            kept = true;
+          } catch (const std::bad_alloc&) {  // the depot takes it instead, without allocating
+          }
         }
       }
       if (!kept) {
@@ -552,13 +639,6 @@ void DmaPool::stash_full(Cache& c) {
     }
     c.prev = c.loaded;
     c.prev_count.store(n, std::memory_order_relaxed);
-    if (!c.spare.empty()) {
-      next = c.spare.back();
-      c.spare.pop_back();
-    } else {
-      std::lock_guard lock(mu_);
-      next = take_empty_locked();
-    }
   }
   c.load(next, 0, mag_cap_);
 }
@@ -567,10 +647,15 @@ Status DmaPool::refuse_free(const void* vaddr, uint64_t iova, const char* why) {
   const uint64_t nth = validation_failures_.fetch_add(1, std::memory_order_relaxed) + 1;
   const Chunk* ch = chunk_around(reinterpret_cast<uintptr_t>(vaddr));
   if (why == nullptr) why = ch != nullptr ? "not the start of a block" : "not inside any chunk of this pool";
-  std::string msg = fmt::format("pool '{}': free of {} (IOVA {:#x}) refused: {}", name_, vaddr, iova, why);
-  if (ch != nullptr)
-    msg += fmt::format(" [chunk {:#x} IOVA {:#x}, offset {:#x}]", ch->base(), ch->region.iova,
-                       reinterpret_cast<uintptr_t>(vaddr) - ch->base());
+  std::string msg;
+  try {
+    msg = fmt::format("pool '{}': free of {} (IOVA {:#x}) refused: {}", name_, vaddr, iova, why);
+    if (ch != nullptr)
+      msg += fmt::format(" [chunk {:#x} IOVA {:#x}, offset {:#x}]", ch->base(), ch->region.iova,
+                         reinterpret_cast<uintptr_t>(vaddr) - ch->base());
+  } catch (const std::bad_alloc&) {  // refused all the same; the counter has it
+    return std::unexpected(Error{Errc::corrupted, 0, {}});
+  }
   // A workload that refuses many frees (a stress run double-frees on
   // purpose) must not flood the log: the first few in full, then one line
   // per 1024 with the running count. The counter and the returned error
@@ -661,7 +746,30 @@ Status DmaPool::grow_locked() {
   layout.iova_lo = iova + (grid_lo - origin);
   layout.span = n == 0 ? 0 : block_off(n - 1) + size_;
   layout.ngran = layout.span >> gran_shift_;
-  std::unique_ptr<Chunk, ChunkDeleter> owned = Chunk::make(layout);
+
+  // Everything that needs host memory happens before the pool changes: the
+  // chunk record, room in every list the chunk's blocks go into, the
+  // magazines, a larger chunk table. Without it the region goes back and
+  // the pool is as it was.
+  const uint64_t mags = mag_cap_ == 0 ? 0 : (n + mag_cap_ - 1) / mag_cap_;
+  std::unique_ptr<Chunk, ChunkDeleter> owned;
+  std::vector<Magazine*> fresh;  // empty magazines for the new blocks
+  std::unique_ptr<ChunkTable> table;
+  uint64_t table_used = table_used_;
+  try {
+    owned = Chunk::make(layout);
+    reserve_for(chunks_, chunks_.size() + 1);
+    reserve_for(tables_, tables_.size() + 1);
+    if (mag_cap_ == 0) reserve_for(loose_, loose_.size() + n);
+    fresh.reserve(mags);
+    while (fresh.size() < mags) fresh.push_back(take_empty_locked());
+    table = table_for_locked(owned.get(), table_used);
+  } catch (const std::bad_alloc&) {
+    for (Magazine* m : fresh) empty_.push_back(m);  // never allocates: see take_empty_locked
+    backing_->release(*region);
+    grow_failures_.fetch_add(1, std::memory_order_relaxed);
+    return std::unexpected(out_of_host_memory(name_, "for the records of a new chunk"));
+  }
   Chunk* ch = owned.get();
   for (uint64_t i = 0; i < n; ++i) ch->state()[block_off(i) >> gran_shift_].store(kFree, std::memory_order_relaxed);
   if (debug_ & kPoison) std::memset(region->vaddr, kPoisonByte, len);
@@ -673,70 +781,86 @@ Status DmaPool::grow_locked() {
     return Entry{ch, static_cast<uint32_t>(off), static_cast<uint32_t>(off >> gran_shift_)};
   };
   if (mag_cap_ == 0) {
-    loose_.reserve(loose_.size() + n);
-    for (uint64_t i = n; i-- > 0;) loose_.push_back(entry(i));
+    for (uint64_t i = n; i-- > 0;) loose_.push_back(entry(i));  // room made above
   } else {
     // Magazine j holds blocks [j * mag_cap_, (j + 1) * mag_cap_): with a
     // line-multiple magazine size, two threads' magazines share no line of
     // the state array. The lowest magazine is pushed last (on top).
-    const uint64_t mags = (n + mag_cap_ - 1) / mag_cap_;
     for (uint64_t j = mags; j-- > 0;) {
       const uint64_t lo = j * mag_cap_, hi = std::min<uint64_t>(n, lo + mag_cap_);
-      Magazine* m = take_empty_locked();
+      Magazine* m = fresh[j];
       m->count = static_cast<uint32_t>(hi - lo);
       for (uint64_t i = hi; i-- > lo;) m->slots[hi - 1 - i] = entry(i);
       full_.push_back(m);
     }
   }
   depot_blocks_ += n;
-  publish_chunk(ch);
+  publish_chunk(ch, std::move(table), table_used);
   blocks_ += n;
   chunks_.push_back(std::move(owned));
   return ok();
 }
 
-void DmaPool::publish_chunk(Chunk* ch) {
-  auto insert = [this](ChunkTable& t, Chunk* c) {
-    // Ranges counted modulo 2^(64 - chunk_shift), as lookups compute them
-    // (an address below the bias wraps around).
-    const uint64_t wrap = ~uint64_t{0} >> chunk_shift_;
-    const uint64_t last = (c->base() + c->region.len - 1 - t.bias) >> chunk_shift_;
-    for (uint64_t s = (c->base() - t.bias) >> chunk_shift_;; s = (s + 1) & wrap) {
-      const uint64_t key = s + 1;
-      for (uint64_t i = s & t.mask;; i = (i + 1) & t.mask) {
-        ChunkTable::Slot& slot = t.slots[i];
-        const uint64_t k = slot.key.load(std::memory_order_relaxed);
-        if (k == key) {  // a neighbour chunk shares this range: chunks are one range long, so at most two
-          slot.b.store(c, std::memory_order_release);
-          break;
-        }
-        if (k == 0) {
-          slot.a.store(c, std::memory_order_release);
-          slot.key.store(key, std::memory_order_release);
-          ++table_used_;
-          break;
-        }
+namespace {
+// Enters chunk c into table t (one key per 2^chunk_shift range it touches);
+// returns how many keys it added.
+uint64_t insert_chunk(DmaPool::ChunkTable& t, DmaPool::Chunk* c, uint32_t chunk_shift) {
+  uint64_t added = 0;
+  // Ranges counted modulo 2^(64 - chunk_shift), as lookups compute them
+  // (an address below the bias wraps around).
+  const uint64_t wrap = ~uint64_t{0} >> chunk_shift;
+  const uint64_t last = (c->base() + c->region.len - 1 - t.bias) >> chunk_shift;
+  for (uint64_t s = (c->base() - t.bias) >> chunk_shift;; s = (s + 1) & wrap) {
+    const uint64_t key = s + 1;
+    for (uint64_t i = s & t.mask;; i = (i + 1) & t.mask) {
+      DmaPool::ChunkTable::Slot& slot = t.slots[i];
+      const uint64_t k = slot.key.load(std::memory_order_relaxed);
+      if (k == key) {  // a neighbour chunk shares this range: chunks are one range long, so at most two
+        slot.b.store(c, std::memory_order_release);
+        break;
       }
-      if (s == last) break;
+      if (k == 0) {
+        slot.a.store(c, std::memory_order_release);
+        slot.key.store(key, std::memory_order_release);
+        ++added;
+        break;
+      }
     }
-  };
-  ChunkTable* t = chunks_.empty() ? nullptr : table_.load(std::memory_order_relaxed);
+    if (s == last) break;
+  }
+  return added;
+}
+}  // namespace
+
+// mu_ held. A new table holding every chunk and ch when the current one
+// would pass a quarter full with ch in it (its key count in used), else
+// null. Readers never see it until publish_chunk.
+std::unique_ptr<DmaPool::ChunkTable> DmaPool::table_for_locked(Chunk* ch, uint64_t& used) const {
+  const ChunkTable* t = chunks_.empty() ? nullptr : table_.load(std::memory_order_relaxed);
   // Each chunk adds at most two keys; keep the load factor at or below one
   // quarter, so that a lookup rarely probes past its first slot.
-  if (t == nullptr || (table_used_ + 2) * 4 > t->mask + 1) {
-    auto nt = std::make_unique<ChunkTable>();
-    const uint64_t size = std::max<uint64_t>(16, std::bit_ceil((table_used_ + 2) * 8));
-    nt->mask = size - 1;
-    // Fixed by the first chunk, kept by every later table.
-    nt->bias = t != nullptr ? t->bias : (chunks_.empty() ? ch : chunks_.front().get())->base() & (chunk_bytes() - 1);
-    nt->slots = std::make_unique<ChunkTable::Slot[]>(size);
-    table_used_ = 0;
-    for (auto& old : chunks_) insert(*nt, old.get());
-    insert(*nt, ch);
+  if (t != nullptr && (table_used_ + 2) * 4 <= t->mask + 1) return nullptr;
+  auto nt = std::make_unique<ChunkTable>();
+  const uint64_t size = std::max<uint64_t>(16, std::bit_ceil((table_used_ + 2) * 8));
+  nt->mask = size - 1;
+  // Fixed by the first chunk, kept by every later table.
+  nt->bias = t != nullptr ? t->bias : (chunks_.empty() ? ch : chunks_.front().get())->base() & (chunk_bytes() - 1);
+  nt->slots = std::make_unique<ChunkTable::Slot[]>(size);
+  used = 0;
+  for (const auto& old : chunks_) used += insert_chunk(*nt, old.get(), chunk_shift_);
+  used += insert_chunk(*nt, ch, chunk_shift_);
+  return nt;
+}
+
+// mu_ held; never allocates (grow_locked made room). ch goes into the new
+// table (already in it) or the current one.
+void DmaPool::publish_chunk(Chunk* ch, std::unique_ptr<ChunkTable> nt, uint64_t used) {
+  if (nt != nullptr) {
+    table_used_ = used;
     table_.store(nt.get(), std::memory_order_release);
     tables_.push_back(std::move(nt));  // readers may still hold the old one
   } else {
-    insert(*t, ch);
+    table_used_ += insert_chunk(*table_.load(std::memory_order_relaxed), ch, chunk_shift_);
   }
 }
 

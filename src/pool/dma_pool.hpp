@@ -207,10 +207,18 @@ class DmaPool {
   explicit DmaPool(Key);
 
  private:
+  // create() past its argument checks; may throw std::bad_alloc.
+  static std::unique_ptr<DmaPool> create_pool(std::unique_ptr<Backing> backing, const std::string& name,
+                                              size_t rsize, size_t align, size_t boundary, uint64_t chunk,
+                                              const PoolOptions& opts);
+  // Slow-path helpers below may throw std::bad_alloc, each leaving the pool
+  // as it was; alloc_slow, free_slow and grow_locked turn it into an error.
   Cache* attach_cache();
   Cache* own_cache();            // this thread's cache for this pool, attached on demand; null: none
-  Result<DmaBlock> alloc_slow();
-  Status free_slow(Chunk* ch, uint32_t off, uint32_t index);
+  Result<DmaBlock> alloc_slow();  // alloc_slower(), std::bad_alloc as Errc::no_memory
+  Result<DmaBlock> alloc_slower();
+  Status free_slow(Chunk* ch, uint32_t off, uint32_t index);  // free_slower(), the same
+  Status free_slower(Chunk* ch, uint32_t off, uint32_t index);
   // why null: the address is in no chunk's blocks; the message says whether it is in a chunk at all.
   [[gnu::cold, gnu::noinline]] Status refuse_free(const void* vaddr, uint64_t iova, const char* why);
   // The state index of the granule at offset off from block 0: off >> the
@@ -230,7 +238,8 @@ class DmaPool {
   DmaBlock take(const Entry& e); // marks the block allocated
   Status grow_locked();          // one chunk from the backing; mu_ held
   bool at_max_chunks_locked() const { return max_chunks_ != 0 && chunks_.size() >= max_chunks_; }
-  void publish_chunk(Chunk* ch); // into the chunk table; mu_ held
+  std::unique_ptr<ChunkTable> table_for_locked(Chunk* ch, uint64_t& used) const;  // may throw
+  void publish_chunk(Chunk* ch, std::unique_ptr<ChunkTable> nt, uint64_t used);  // into the chunk table; mu_ held
   inline Chunk* find_chunk(uintptr_t v) const;
   void debug_on_alloc(void* vaddr, uint64_t iova);
   void debug_on_free(void* vaddr);
