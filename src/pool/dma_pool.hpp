@@ -169,11 +169,15 @@ class DmaPool {
   DmaPool(const DmaPool&) = delete;
   DmaPool& operator=(const DmaPool&) = delete;
 
-  // A block, or Errc::no_memory / no_space when the pool cannot grow.
-  // Inline fast path (below), so the block is returned without a memory round trip.
+  // A block, or Errc::no_memory / no_space when the pool cannot grow (the
+  // backing says no, max_chunks, or no host memory for the pool's own
+  // records). Inline fast path (below), so the block is returned without a
+  // memory round trip.
   [[gnu::always_inline]] inline Result<DmaBlock> alloc();
   // Returns a block. Foreign pointer, not a block start, IOVA mismatch or a
   // block not currently allocated: Errc::corrupted, counted, nothing changes.
+  // Errc::no_memory when host memory for this thread's cache or a magazine
+  // ran out: the block stays allocated and may be freed again later.
   [[gnu::always_inline]] inline Status free(void* vaddr, uint64_t iova);
   [[gnu::always_inline]] Status free(const DmaBlock& b) { return free(b.vaddr, b.iova); }
 
