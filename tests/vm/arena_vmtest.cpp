@@ -74,15 +74,9 @@ class ArenaVfio : public ::testing::Test {
     auto st = domain_->map(queues_.data(), kQueuesIova, queues_.size(), iommu::kReadWrite);
     ASSERT_TRUE(st) << st.error().what();
 
-    auto dev = domain_->open_device(kNvmeBdf);
-    ASSERT_TRUE(dev) << dev.error().what();
-    auto ctrl = NvmeController::attach(std::move(*dev));
+    auto ctrl = start_nvme(*domain_, kNvmeBdf, {queue(0), queue(1), queue(2), queue(3), kQueueEntries});
     ASSERT_TRUE(ctrl) << ctrl.error().what();
     ctrl_.emplace(std::move(*ctrl));
-    st = ctrl_->enable(queue(0), queue(1), kQueueEntries);
-    ASSERT_TRUE(st) << st.error().what();
-    st = ctrl_->create_io_queues(queue(2), queue(3), kQueueEntries);
-    ASSERT_TRUE(st) << st.error().what();
     // Everything below counts from here: one mapping (the queues).
     base_mappings_ = domain_->stats().mappings;
     base_avail_ = domain_->dma_avail();

@@ -120,13 +120,9 @@ class BufferVfio : public ::testing::Test {
     if (!control) return control.error().what();
     if (!control->virtually_contiguous()) return "control buffer is not one run: " + describe(*control);
     r.control = std::move(*control);
-    auto dev = r.domain->open_device(kNvmeBdf);
-    if (!dev) return dev.error().what();
-    auto ctrl = NvmeController::attach(std::move(*dev));
+    auto ctrl = start_nvme(*r.domain, kNvmeBdf, {page(0), page(1), page(2), page(3), kQueueEntries});
     if (!ctrl) return ctrl.error().what();
     r.ctrl.emplace(std::move(*ctrl));
-    if (auto st = r.ctrl->enable(page(0), page(1), kQueueEntries); !st) return st.error().what();
-    if (auto st = r.ctrl->create_io_queues(page(2), page(3), kQueueEntries); !st) return st.error().what();
     r.base_mappings = r.domain->stats().mappings;
     r.base_avail = r.domain->dma_avail();
     return "";

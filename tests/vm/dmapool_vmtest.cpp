@@ -78,15 +78,10 @@ class PoolVfio : public ::testing::Test {
       EXPECT_EQ(reinterpret_cast<uintptr_t>(b->vaddr) % kPage, 0u);
       queues_.push_back(*b);
     }
-    auto dev = domain_->open_device(kNvmeBdf);
-    ASSERT_TRUE(dev) << dev.error().what();
-    auto ctrl = NvmeController::attach(std::move(*dev));
+    auto ctrl = start_nvme(*domain_, kNvmeBdf,
+                           {ref(queues_[0]), ref(queues_[1]), ref(queues_[2]), ref(queues_[3]), kQueueEntries});
     ASSERT_TRUE(ctrl) << ctrl.error().what();
     ctrl_.emplace(std::move(*ctrl));
-    auto st = ctrl_->enable(ref(queues_[0]), ref(queues_[1]), kQueueEntries);
-    ASSERT_TRUE(st) << st.error().what();
-    st = ctrl_->create_io_queues(ref(queues_[2]), ref(queues_[3]), kQueueEntries);
-    ASSERT_TRUE(st) << st.error().what();
   }
 
   void TearDown() override {

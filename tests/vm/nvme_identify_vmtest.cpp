@@ -64,14 +64,15 @@ class NvmeVfio : public ::testing::Test {
     ASSERT_TRUE(map(identify_, kIdentifyIova, iommu::kReadWrite));
     ASSERT_TRUE(map(data_, kDataIova, iommu::kReadWrite));
 
-    auto dev = domain_->open_device(kNvmeBdf);
-    ASSERT_TRUE(dev) << dev.error().what();
-    auto ctrl = NvmeController::attach(std::move(*dev));
+    // The I/O queues come later: some tests check what happens before them.
+    auto ctrl = start_nvme(*domain_, kNvmeBdf,
+                           {.asq = queue(0, kQueueEntries * NvmeController::kSqEntrySize),
+                            .acq = queue(1, kQueueEntries * NvmeController::kCqEntrySize),
+                            .io_sq = std::nullopt,
+                            .io_cq = std::nullopt,
+                            .entries = kQueueEntries});
     ASSERT_TRUE(ctrl) << ctrl.error().what();
     ctrl_.emplace(std::move(*ctrl));
-    auto st = ctrl_->enable(queue(0, kQueueEntries * NvmeController::kSqEntrySize),
-                            queue(1, kQueueEntries * NvmeController::kCqEntrySize), kQueueEntries);
-    ASSERT_TRUE(st) << st.error().what();
   }
 
   void TearDown() override {

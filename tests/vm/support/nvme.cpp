@@ -316,4 +316,14 @@ Result<NvmeCompletion> NvmeController::read(uint64_t lba, uint16_t blocks, uint6
   return submit_io(cmd);
 }
 
+Result<NvmeController> start_nvme(iommu::vfio::VfioDomain& domain, std::string_view bdf, const NvmeQueues& q) {
+  auto dev = domain.open_device(bdf);
+  if (!dev) return std::unexpected(std::move(dev).error());
+  auto ctrl = NvmeController::attach(std::move(*dev));
+  if (!ctrl) return ctrl;
+  DMAKIT_TRY(ctrl->enable(q.asq, q.acq, q.entries));
+  if (q.io_sq && q.io_cq) DMAKIT_TRY(ctrl->create_io_queues(*q.io_sq, *q.io_cq, q.entries));
+  return ctrl;
+}
+
 }  // namespace dmakit::vmtest

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "dmakit/error.hpp"
 #include "iommu/vfio.hpp"
@@ -154,5 +155,18 @@ inline constexpr size_t kAsq = 0x28;     // Admin SQ Base Address (64-bit)
 inline constexpr size_t kAcq = 0x30;     // Admin CQ Base Address (64-bit)
 inline constexpr size_t kDoorbells = 0x1000;
 }  // namespace nvme_reg
+
+// Queue memory for start_nvme: the admin pair, and the I/O pair when a test
+// wants it created at once; entries per queue.
+struct NvmeQueues {
+  DmaRef asq, acq;
+  std::optional<DmaRef> io_sq, io_cq;
+  uint16_t entries = 16;
+};
+
+// The bring-up every guest test repeats: opens bdf's device in domain,
+// attaches the controller, enables it on the admin queues and, if given,
+// creates the I/O queue pair. The queue memory must be mapped already.
+Result<NvmeController> start_nvme(iommu::vfio::VfioDomain& domain, std::string_view bdf, const NvmeQueues& q);
 
 }  // namespace dmakit::vmtest
