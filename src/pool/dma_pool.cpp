@@ -771,13 +771,14 @@ Status DmaPool::grow_locked() {
     return std::unexpected(out_of_host_memory(name_, "for the records of a new chunk"));
   }
   Chunk* ch = owned.get();
-  for (uint64_t i = 0; i < n; ++i) ch->state()[block_off(i) >> gran_shift_].store(kFree, std::memory_order_relaxed);
   if (debug_ & kPoison) std::memset(region->vaddr, kPoisonByte, len);
 
   // Entries packed into magazines (or loose without caches), lowest address
-  // on top: blocks come out in address order.
+  // on top: blocks come out in address order. Each block's state byte turns
+  // free as its entry is made (once per block).
   auto entry = [&](uint64_t i) {
     const uint64_t off = block_off(i);
+    ch->state()[off >> gran_shift_].store(kFree, std::memory_order_relaxed);
     return Entry{ch, static_cast<uint32_t>(off), static_cast<uint32_t>(off >> gran_shift_)};
   };
   if (mag_cap_ == 0) {
