@@ -1,6 +1,6 @@
 // DmaPool when host memory runs out: this binary replaces the global
-// operator new so that a test can make the k-th allocation from now throw
-// std::bad_alloc, and sweeps k over every allocation that growth, thread
+// operator new (failing_new.hpp) so that a test can make the k-th
+// allocation from now throw std::bad_alloc, and sweeps k over every allocation that growth, thread
 // caches and magazine exchanges make. Each failure must come back as
 // Errc::no_memory from alloc or free (never as an exception), and leave a
 // pool whose blocks are all accounted for and whose chunks all go back to
@@ -8,43 +8,11 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
-#include <cstdlib>
-#include <new>
 #include <thread>
 #include <vector>
 
+#include "failing_new.hpp"
 #include "pool/dma_pool.hpp"
-
-namespace {
-// Allocations left before one fails; negative: none fails. Per thread, so
-// that only the test's own thread sees the failure.
-thread_local long t_fail_in = -1;
-
-void* checked_alloc(size_t n, size_t align) {
-  if (t_fail_in >= 0 && t_fail_in-- == 0) throw std::bad_alloc();
-  void* p = nullptr;
-  if (align <= alignof(std::max_align_t)) {
-    p = std::malloc(n == 0 ? 1 : n);
-  } else if (posix_memalign(&p, align, n == 0 ? align : n) != 0) {
-    p = nullptr;
-  }
-  if (p == nullptr) throw std::bad_alloc();
-  return p;
-}
-}  // namespace
-
-void* operator new(size_t n) { return checked_alloc(n, 0); }
-void* operator new[](size_t n) { return checked_alloc(n, 0); }
-void* operator new(size_t n, std::align_val_t a) { return checked_alloc(n, static_cast<size_t>(a)); }
-void* operator new[](size_t n, std::align_val_t a) { return checked_alloc(n, static_cast<size_t>(a)); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
-void operator delete[](void* p, size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, size_t, std::align_val_t) noexcept { std::free(p); }
 
 namespace dmakit::pool {
 namespace {
@@ -76,7 +44,7 @@ Outcome run_once(long k, bool fail_in_free) {
     std::vector<DmaBlock> held;
     held.reserve(kBlocks);  // the test's own allocations stay out of the count
 
-    if (!fail_in_free) t_fail_in = k;
+    if (!fail_in_free) oomtest::fail_allocation(k);
     for (size_t i = 0; i < kBlocks; ++i) {
       Result<DmaBlock> b = [&] {
         try {
@@ -93,14 +61,13 @@ Outcome run_once(long k, bool fail_in_free) {
         ++out.alloc_failures;
       }
     }
-    if (!fail_in_free) out.fired = t_fail_in < 0;
-    t_fail_in = -1;
+    if (!fail_in_free) out.fired = oomtest::disarm();
 
     // Freed by another thread, which needs a cache and magazines of its own.
     std::vector<DmaBlock> kept;  // frees refused for want of memory: the block stays allocated
     kept.reserve(kBlocks);
     std::thread([&] {
-      if (fail_in_free) t_fail_in = k;
+      if (fail_in_free) oomtest::fail_allocation(k);
       for (const DmaBlock& b : held) {
         Status s = [&] {
           try {
@@ -116,8 +83,7 @@ Outcome run_once(long k, bool fail_in_free) {
           kept.push_back(b);
         }
       }
-      if (fail_in_free) out.fired = t_fail_in < 0;
-      t_fail_in = -1;
+      if (fail_in_free) out.fired = oomtest::disarm();
     }).join();
     for (const DmaBlock& b : kept) EXPECT_TRUE(pool.free(b).has_value()) << "a block refused once frees later";
 
