@@ -52,6 +52,13 @@ class BufferBacking final : public Backing {
 
   std::string describe() const override { return "the buffer allocator"; }
 
+  uint64_t chunk_size(uint64_t want) const override {
+    uint64_t best = 0;  // the smallest power-of-two order >= want
+    for (uint64_t o : buffers_.orders())
+      if (o >= want && (o & (o - 1)) == 0 && (best == 0 || o < best)) best = o;
+    return best != 0 ? best : want;
+  }
+
  private:
   alloc_buffer::BufferAllocator& buffers_;
   std::mutex mu_;

@@ -293,7 +293,10 @@ Result<std::unique_ptr<DmaPool>> DmaPool::create(std::unique_ptr<Backing> backin
                 name, boundary, rsize, size, align);
   uint64_t chunk = opts.chunk_bytes;
   if (chunk == 0) {
-    chunk = std::clamp<uint64_t>(std::bit_ceil(uint64_t{rsize}) * 64, 64 << 10, 2 << 20);
+    chunk = backing->chunk_size(std::clamp<uint64_t>(std::bit_ceil(uint64_t{rsize}) * 64, 64 << 10, 2 << 20));
+    if (!is_pow2(chunk) || chunk < 4096 || chunk > kMaxChunk)
+      return fail(Errc::internal, "pool '{}': {} suggests chunks of {} bytes, not a power of two in 4 KiB..1 GiB",
+                  name, backing->describe(), chunk);
   } else if (!is_pow2(chunk) || chunk < 4096 || chunk > kMaxChunk) {
     return fail(Errc::invalid_argument, "pool '{}': chunk_bytes {} is not a power of two in 4 KiB..1 GiB",
                 name, chunk);
@@ -419,15 +422,13 @@ Result<DmaBlock> DmaPool::alloc_slower() {
   if (c == nullptr) {  // no cache (cache_size 0 or thread exiting): straight from the depot
     Entry e;
     {
-      std::lock_guard lock(mu_);
+      std::unique_lock lock(mu_);
+      // Growth drops the lock while the backing works, and returns with the
+      // new blocks in the depot (in loose_ when mag_cap_ is 0).
+      if (loose_.empty() && full_.empty()) DMAKIT_TRY(grow_locked(lock));
       if (loose_.empty()) {
         reserve_for(loose_, mag_cap_);  // before a magazine is taken apart into it
-        Magazine* m = take_full_locked();
-        if (m == nullptr) {
-          DMAKIT_TRY(grow_locked());
-          m = take_full_locked();
-        }
-        if (m != nullptr) {  // unpacked with its top on top
+        if (Magazine* m = take_full_locked(); m != nullptr) {  // unpacked with its top on top
           loose_.insert(loose_.end(), m->slots, m->slots + m->count);
           depot_blocks_ += m->count;
           m->count = 0;
@@ -482,19 +483,25 @@ Status DmaPool::load_full(Cache& c) {
     }
   }
   if (m == nullptr) {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     m = take_full_locked();
     // At max_chunks this is no failure yet (a steal may serve), so not tried.
-    if (m == nullptr && !at_max_chunks_locked() && grow_locked()) m = take_full_locked();
+    uint64_t grown = 0;
+    if (m == nullptr && !at_max_chunks_locked() && grow_locked(lock, &grown)) {
+      m = take_full_locked();
+      keep_grown_locked(c, grown > 0 ? grown - 1 : 0);
+    }
   }
   if (m == nullptr) m = steal();
   if (m == nullptr) {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     m = take_full_locked();  // another thread may have returned blocks meanwhile
     if (m == nullptr) {
-      DMAKIT_TRY(grow_locked());  // fails again: the caller gets why
+      uint64_t grown = 0;
+      DMAKIT_TRY(grow_locked(lock, &grown));  // fails again: the caller gets why
       m = take_full_locked();
       if (m == nullptr) return fail(Errc::internal, "pool '{}': grew but found no free block", name_);
+      keep_grown_locked(c, grown > 0 ? grown - 1 : 0);
     }
   }
   // The empty loaded magazine becomes a spare; beyond kMaxSpare it goes back.
@@ -506,6 +513,29 @@ Status DmaPool::load_full(Cache& c) {
   }
   c.load(m, m->count, mag_cap_);
   return ok();
+}
+
+// mu_ held. The thread that grew the pool keeps the new chunk's other
+// magazines (the top n of the depot) at home, as far as its home has room:
+// it wants them next, and takes them there without the pool lock. Left in
+// the depot, they went to whichever thread came next, and two threads
+// filling up at once took turns growing and taking each other's new
+// magazines, each turn a pass through the contended lock.
+void DmaPool::keep_grown_locked(Cache& c, uint64_t n) {
+  std::lock_guard home(c.home_mu);
+  n = std::min<uint64_t>({n, full_.size(), home_cap_ - std::min<uint64_t>(home_cap_, c.home.size())});
+  if (n == 0) return;
+  const auto first = full_.end() - static_cast<std::ptrdiff_t>(n);
+  try {
+    c.home.insert(c.home.end(), first, full_.end());  // the lowest address stays on top
+  } catch (const std::bad_alloc&) {
+    return;  // they stay in the depot
+  }
+  uint64_t blocks = 0;
+  for (auto it = first; it != full_.end(); ++it) blocks += (*it)->count;
+  full_.erase(first, full_.end());
+  depot_blocks_ -= blocks;
+  c.home_blocks.fetch_add(blocks, std::memory_order_relaxed);
 }
 
 // mu_ held. A magazine with entries, or null.
@@ -705,16 +735,75 @@ const DmaPool::Chunk* DmaPool::chunk_around(uintptr_t v) const {
 // Growth: one chunk from the backing, its blocks laid on the IOVA grid and
 // pushed on the free stack, then the chunk published for free()'s lookup.
 
-Status DmaPool::grow_locked() {
+namespace {
+// Walks a chunk's blocks in address order on the IOVA grid: size apart
+// inside a segment, then the start of the next segment; no division per
+// block.
+struct GridWalk {
+  uint64_t g = 0;  // grid offset of the current block
+  uint64_t k = 0;  // its index inside its segment
+  uint64_t size = 0, per_seg = 0;
+  uint32_t seg_shift = 0;
+  void next() {
+    if (++k == per_seg) {
+      k = 0;
+      g = ((g >> seg_shift) + 1) << seg_shift;
+    } else {
+      g += size;
+    }
+  }
+};
+}  // namespace
+
+// Growth in three steps, the pool lock held only for the short first and
+// last ones: the backing call (a system call; for buffers, a whole
+// allocation with its IOMMU mapping) and the carving of the chunk into
+// magazines run without it, so other threads keep trading magazines, and
+// two threads short of blocks grow side by side. Everything that needs host
+// memory happens before the pool changes; when it fails the region goes
+// back and the pool is as it was. On success the new blocks are on top of
+// the depot (mags_added magazines) when this returns, the lock held.
+Status DmaPool::grow_locked(std::unique_lock<std::mutex>& lock, uint64_t* mags_added) {
   const uint64_t len = chunk_bytes();
   if (at_max_chunks_locked()) {
     grow_failures_.fetch_add(1, std::memory_order_relaxed);
     return fail(Errc::no_space, "pool '{}': all {} blocks in use and the pool is at max_chunks {}", name_,
                 blocks_, max_chunks_);
   }
+
+  // 1. Locked: empty magazines for as many blocks as the chunk can hold.
+  const uint64_t most = mag_cap_ == 0 ? 0 : (len / size_ + mag_cap_ - 1) / mag_cap_;
+  std::vector<Magazine*> fresh;
+  try {
+    fresh.reserve(most);
+    while (fresh.size() < most) fresh.push_back(take_empty_locked());
+  } catch (const std::bad_alloc&) {
+    for (Magazine* m : fresh) empty_.push_back(m);  // never allocates: see take_empty_locked
+    grow_failures_.fetch_add(1, std::memory_order_relaxed);
+    return std::unexpected(out_of_host_memory(name_, "for the magazines of a new chunk"));
+  }
+  ++growing_;  // counts against max_chunks until published or given up
+  lock.unlock();
+  auto give_up = [&](const Region* r) {  // unlocked on entry, locked on return
+    if (r != nullptr) backing_->release(*r);
+    lock.lock();
+    for (Magazine* m : fresh) {
+      m->count = 0;
+      empty_.push_back(m);
+    }
+    --growing_;
+    grow_failures_.fetch_add(1, std::memory_order_relaxed);
+  };
+
+  // 2. Unlocked: the region, the chunk's layout on the grid, its record,
+  //    and its blocks carved into the magazines (nobody else sees the chunk
+  //    yet). Each block's state byte turns free as its entry is made; block
+  //    i goes into magazine i / mag_cap_, lowest address on top, so blocks
+  //    come out in address order, and magazines of a line-multiple size
+  //    share no state line, so neither do two threads' magazines.
   auto region = backing_->grow(len);
   if (!region) {
-    grow_failures_.fetch_add(1, std::memory_order_relaxed);
+    give_up(nullptr);
     return std::unexpected(with_context(
         std::move(region).error(),
         fmt::format("pool '{}': cannot grow by {} bytes from {}", name_, len, backing_->describe())));
@@ -724,8 +813,7 @@ Status DmaPool::grow_locked() {
   const uintptr_t base = layout.base();
   const uint64_t iova = region->iova;
   if (region->len != len || (base & 4095) != 0 || (iova & 4095) != 0 || ((base ^ iova) & (align_ - 1)) != 0) {
-    backing_->release(*region);
-    grow_failures_.fetch_add(1, std::memory_order_relaxed);
+    give_up(&*region);
     return fail(Errc::internal,
                 "pool '{}': {} gave a region vaddr {:#x} IOVA {:#x} len {} that cannot hold blocks of align {} "
                 "(need len {}, page-aligned, vaddr and IOVA equal modulo the alignment)",
@@ -733,68 +821,70 @@ Status DmaPool::grow_locked() {
   }
   const uint64_t grid = boundary_ != 0 ? seg_mask_ + 1 : align_;
   const uint64_t origin = iova & (grid - 1);  // grid offset of byte 0
-  // First block at or after the origin on the grid; then every block that ends inside the chunk.
-  auto grid_off = [this](uint64_t j) { return (j / per_seg_ << seg_shift_) + j % per_seg_ * size_; };
-  const uint64_t seg0 = origin >> seg_shift_;
-  const uint64_t k0 = ((origin & seg_mask_) + size_ - 1) / size_;
-  const uint64_t first = k0 < per_seg_ ? seg0 * per_seg_ + k0 : (seg0 + 1) * per_seg_;  // grid index of block 0
-  uint64_t n = 0;
-  while (grid_off(first + n) + size_ <= origin + len) ++n;
-  const uint64_t grid_lo = grid_off(first);
-  auto block_off = [&](uint64_t i) { return grid_off(first + i) - grid_lo; };  // from block 0
-  layout.lo = base + (grid_lo - origin);
-  layout.iova_lo = iova + (grid_lo - origin);
-  layout.span = n == 0 ? 0 : block_off(n - 1) + size_;
+  // Block 0: the first grid position at or after the origin whose block
+  // fits its segment; then every block that ends inside the chunk.
+  GridWalk first{.size = size_, .per_seg = per_seg_, .seg_shift = seg_shift_};
+  first.k = ((origin & seg_mask_) + size_ - 1) / size_;
+  first.g = ((origin >> seg_shift_) << seg_shift_) + first.k * size_;
+  if (first.k >= per_seg_) {  // no block fits the rest of the origin's segment
+    first.k = 0;
+    first.g = ((origin >> seg_shift_) + 1) << seg_shift_;
+  }
+  uint64_t n = 0, last_g = first.g;
+  for (GridWalk w = first; w.g + size_ <= origin + len; w.next(), ++n) last_g = w.g;
+  layout.lo = base + (first.g - origin);
+  layout.iova_lo = iova + (first.g - origin);
+  layout.span = n == 0 ? 0 : last_g + size_ - first.g;
   layout.ngran = layout.span >> gran_shift_;
+  const uint64_t mags = mag_cap_ == 0 ? 0 : (n + mag_cap_ - 1) / mag_cap_;  // <= most
 
-  // Everything that needs host memory happens before the pool changes: the
-  // chunk record, room in every list the chunk's blocks go into, the
-  // magazines, a larger chunk table. Without it the region goes back and
-  // the pool is as it was.
-  const uint64_t mags = mag_cap_ == 0 ? 0 : (n + mag_cap_ - 1) / mag_cap_;
   std::unique_ptr<Chunk, ChunkDeleter> owned;
-  std::vector<Magazine*> fresh;  // empty magazines for the new blocks
-  std::unique_ptr<ChunkTable> table;
-  uint64_t table_used = table_used_;
   try {
     owned = Chunk::make(layout);
-    reserve_for(chunks_, chunks_.size() + 1);
-    reserve_for(tables_, tables_.size() + 1);
-    if (mag_cap_ == 0) reserve_for(loose_, loose_.size() + n);
-    fresh.reserve(mags);
-    while (fresh.size() < mags) fresh.push_back(take_empty_locked());
-    table = table_for_locked(owned.get(), table_used);
   } catch (const std::bad_alloc&) {
-    for (Magazine* m : fresh) empty_.push_back(m);  // never allocates: see take_empty_locked
-    backing_->release(*region);
-    grow_failures_.fetch_add(1, std::memory_order_relaxed);
-    return std::unexpected(out_of_host_memory(name_, "for the records of a new chunk"));
+    give_up(&*region);
+    return std::unexpected(out_of_host_memory(name_, "for the record of a new chunk"));
   }
   Chunk* ch = owned.get();
   if (debug_ & kPoison) std::memset(region->vaddr, kPoisonByte, len);
-
-  // Entries packed into magazines (or loose without caches), lowest address
-  // on top: blocks come out in address order. Each block's state byte turns
-  // free as its entry is made (once per block).
-  auto entry = [&](uint64_t i) {
-    const uint64_t off = block_off(i);
+  auto entry = [&](const GridWalk& w) {
+    const uint64_t off = w.g - first.g;
     ch->state()[off >> gran_shift_].store(kFree, std::memory_order_relaxed);
     return Entry{ch, static_cast<uint32_t>(off), static_cast<uint32_t>(off >> gran_shift_)};
   };
-  if (mag_cap_ == 0) {
-    for (uint64_t i = n; i-- > 0;) loose_.push_back(entry(i));  // room made above
-  } else {
-    // Magazine j holds blocks [j * mag_cap_, (j + 1) * mag_cap_): with a
-    // line-multiple magazine size, two threads' magazines share no line of
-    // the state array. The lowest magazine is pushed last (on top).
-    for (uint64_t j = mags; j-- > 0;) {
-      const uint64_t lo = j * mag_cap_, hi = std::min<uint64_t>(n, lo + mag_cap_);
-      Magazine* m = fresh[j];
-      m->count = static_cast<uint32_t>(hi - lo);
-      for (uint64_t i = hi; i-- > lo;) m->slots[hi - 1 - i] = entry(i);
-      full_.push_back(m);
-    }
+  GridWalk w = first;
+  for (uint64_t j = 0; j < mags; ++j) {
+    const uint64_t count = std::min<uint64_t>(mag_cap_, n - j * mag_cap_);
+    Magazine* m = fresh[j];
+    m->count = static_cast<uint32_t>(count);
+    for (uint64_t i = count; i-- > 0; w.next()) m->slots[i] = entry(w);
   }
+
+  // 3. Locked: room in the lists (other threads may have used what there
+  //    was), a larger chunk table if needed; then the chunk is published
+  //    and its blocks go to the depot (the lowest magazine on top).
+  lock.lock();
+  std::unique_ptr<ChunkTable> table;
+  uint64_t table_used = table_used_;
+  try {
+    reserve_for(chunks_, chunks_.size() + 1);
+    reserve_for(tables_, tables_.size() + 1);
+    if (mag_cap_ == 0) reserve_for(loose_, loose_.size() + n);
+    table = table_for_locked(ch, table_used);
+  } catch (const std::bad_alloc&) {
+    lock.unlock();
+    give_up(&*region);
+    return std::unexpected(out_of_host_memory(name_, "for the lists of a new chunk"));
+  }
+  if (mag_cap_ == 0) {  // without caches the entries are loose, block 0 last (on top)
+    const size_t at = loose_.size();
+    loose_.resize(at + n);  // room made above: no allocation
+    for (uint64_t i = n; i-- > 0; w.next()) loose_[at + i] = entry(w);
+  }
+  for (uint64_t j = mags; j-- > 0;) full_.push_back(fresh[j]);
+  for (uint64_t j = mags; j < fresh.size(); ++j) empty_.push_back(fresh[j]);  // more than the chunk needed
+  if (mags_added != nullptr) *mags_added = mags;
+  --growing_;
   depot_blocks_ += n;
   publish_chunk(ch, std::move(table), table_used);
   blocks_ += n;

@@ -87,7 +87,7 @@ struct PoolOptions {
   uint32_t cache_size = 256;  // per-thread cache, blocks (two magazines of half); 0 = no cache
   bool poison = false;        // poison on free, check on alloc (reports writes to free blocks); no cache
   bool zero = false;          // zero every block on alloc; no cache
-  uint64_t chunk_bytes = 0;   // power of two >= 4 KiB; 0 = from the block size (64 KiB..2 MiB)
+  uint64_t chunk_bytes = 0;   // power of two >= 4 KiB; 0 = from the block size (64 KiB..2 MiB), see Backing::chunk_size
   uint32_t max_chunks = 0;    // grow at most this many times; 0 = until the backing says no
 };
 
@@ -122,7 +122,8 @@ class Backing {
  public:
   virtual ~Backing() = default;
   // A region of exactly len bytes (len a power of two >= 4 KiB), page
-  // aligned in VA and IOVA, mapped for the device until release().
+  // aligned in VA and IOVA, mapped for the device until release(). May be
+  // called from several threads at once.
   virtual Result<Region> grow(uint64_t len) = 0;
   // The pool no longer uses the region; memory and mapping may be reused.
   virtual void release(const Region& r) = 0;
@@ -131,10 +132,18 @@ class Backing {
   virtual void abandon(const Region& r) = 0;
   // For messages, e.g. "buffer allocator" or "host memory (synthetic IOVA)".
   virtual std::string describe() const = 0;
+  // The chunk size to use for a pool that would like want bytes (a power
+  // of two >= 4 KiB): a power of two >= want that this backing serves well.
+  virtual uint64_t chunk_size(uint64_t want) const { return want; }
 };
 
 // Chunks as BufferAllocator buffers, each one virtually contiguous run. The
-// allocator must outlive the backing.
+// allocator must outlive the backing. Its chunk_size is the smallest
+// allocator order >= the wish: such a chunk is one take from one source,
+// contiguous whatever else runs meanwhile. A size between orders is made of
+// several pieces of the order below, which other allocations running at the
+// same time interleave; growth then fails (not one run), so an explicit
+// PoolOptions::chunk_bytes should be an order too.
 std::unique_ptr<Backing> make_buffer_backing(alloc_buffer::BufferAllocator& buffers);
 
 // Page-aligned anonymous host memory with synthetic IOVAs, for tests and for
@@ -240,8 +249,11 @@ class DmaPool {
   Magazine* take_empty_locked(); // depot spare or a new magazine; mu_ held
   Magazine* steal();             // a full magazine from another thread's home (growth failed); null: none
   DmaBlock take(const Entry& e); // marks the block allocated
-  Status grow_locked();          // one chunk from the backing; mu_ held
-  bool at_max_chunks_locked() const { return max_chunks_ != 0 && chunks_.size() >= max_chunks_; }
+  // One chunk from the backing; mu_ held (dropped meanwhile). Its magazines
+  // end on top of the depot's full list (mags_added of them).
+  Status grow_locked(std::unique_lock<std::mutex>& lock, uint64_t* mags_added = nullptr);
+  void keep_grown_locked(Cache& c, uint64_t n);  // the depot's top n full magazines -> c's home
+  bool at_max_chunks_locked() const { return max_chunks_ != 0 && chunks_.size() + growing_ >= max_chunks_; }
   std::unique_ptr<ChunkTable> table_for_locked(Chunk* ch, uint64_t& used) const;  // may throw
   void publish_chunk(Chunk* ch, std::unique_ptr<ChunkTable> nt, uint64_t used);  // into the chunk table; mu_ held
   inline Chunk* find_chunk(uintptr_t v) const;
@@ -285,6 +297,7 @@ class DmaPool {
   std::vector<std::unique_ptr<Chunk, ChunkDeleter>> chunks_;
   std::vector<std::unique_ptr<ChunkTable>> tables_;  // old ones kept: lock-free readers
   uint64_t blocks_ = 0;
+  uint64_t growing_ = 0;               // backing calls in flight (mu_ dropped): count against max_chunks
   uint64_t depot_blocks_ = 0;          // entries in full_ and loose_
   uint64_t table_used_ = 0;
   std::vector<Cache*> caches_;         // guarded by the registry mutex, not mu_

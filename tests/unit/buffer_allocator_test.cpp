@@ -15,6 +15,7 @@
 #include "buffer_support.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"
+#include "pool/dma_pool.hpp"
 
 using namespace dmakit;
 using namespace dmakit::alloc_buffer;
@@ -462,6 +463,29 @@ TEST_F(BufferTest, PressureTriggerArmedWhereThePlatformHasPsi) {
   make();
   const bool have_psi = ::access("/proc/pressure/memory", W_OK) == 0;
   EXPECT_EQ(alloc_->stats().psi_armed, have_psi);
+}
+
+// A DMA pool over these buffers takes chunks of an allocator order: 4 KiB
+// blocks would like 256 KiB chunks, which the 64 KiB source can only give
+// as four separate pieces (here four mmaps, never one run; in a carved
+// hugepage, adjacent only while nothing else allocates meanwhile). 1 MiB,
+// the next order up, is one take.
+TEST_F(BufferTest, DmaPoolChunksAreOneOrderSoEachIsOneRun) {
+  make();
+  auto pool = pool::DmaPool::create(*alloc_, "prp-lists", 4096, 4096, 0);
+  ASSERT_TRUE(pool) << pool.error().what();
+  EXPECT_EQ((*pool)->chunk_bytes(), 1 * M);
+  std::vector<pool::DmaBlock> blocks;
+  for (int i = 0; i < 300; ++i) {  // two chunks
+    auto b = (*pool)->alloc();
+    ASSERT_TRUE(b) << b.error().what();
+    blocks.push_back(*b);
+  }
+  EXPECT_EQ((*pool)->stats().chunks, 2u);
+  for (const auto& b : blocks) EXPECT_TRUE((*pool)->free(b));
+  pool->reset();
+  alloc_->trim(true);
+  expect_all_returned();
 }
 
 }  // namespace

@@ -111,10 +111,13 @@ TEST(DmaPool, RoundsSizeLikeTheKernel) {
 // Every block of every pool in the matrix: aligned in VA and IOVA, inside one
 // region with IOVA = region IOVA + offset, never across a boundary, no overlap.
 TEST(DmaPool, AlignmentBoundaryMatrix) {
-  const size_t sizes[] = {8, 16, 24, 64, 68, 100, 256, 1000, 1024, 4096, 5000};
+  const size_t sizes[] = {8, 16, 24, 64, 68, 100, 256, 1000, 1024, 4096, 5000, 6000};
   const size_t aligns[] = {1, 8, 32, 64, 4096, 8192};
-  const size_t boundaries[] = {0, 4096, 8192, 1 << 16, 1 << 22};
-  const uint64_t skews[] = {0, 4096};  // 4096: regions straddle lookup ranges, IOVAs off the grid
+  const size_t boundaries[] = {0, 4096, 8192, 1 << 14, 1 << 16, 1 << 22};
+  // 4096: regions straddle lookup ranges, IOVAs off the grid. 12288 with a
+  // 16 KiB boundary and 6000-byte blocks: no block fits the rest of the
+  // first segment.
+  const uint64_t skews[] = {0, 4096, 12288};
   int pools = 0;
   for (size_t size : sizes)
     for (size_t align : aligns)
@@ -170,6 +173,24 @@ TEST(DmaPool, AlignmentBoundaryMatrix) {
           auto st = m.pool->stats();
           EXPECT_EQ(st.active, want);
           EXPECT_EQ(st.chunks, m.rec->regions.size());
+          // Every block that fits is carved: counted here window by window
+          // (boundary windows, at most a chunk long; without a boundary,
+          // multiples of the size from the alignment grid).
+          uint64_t fits = 0;
+          for (const Region& r : m.rec->regions) {
+            const uint64_t end = r.iova + r.len;
+            const uint64_t win = boundary != 0 ? std::min<uint64_t>(boundary, m.pool->chunk_bytes()) : 0;
+            for (uint64_t w = win != 0 ? r.iova / win * win : r.iova / align * align; w < end;
+                 w = win != 0 ? w + win : end) {
+              const uint64_t per = win != 0 ? win / rsize : ~uint64_t{0};
+              for (uint64_t k = 0; k < per; ++k) {
+                const uint64_t x = w + k * rsize;
+                if (x + rsize > end) break;
+                fits += x >= r.iova;
+              }
+            }
+          }
+          EXPECT_EQ(st.blocks, fits) << size << "/" << align << "/" << boundary << " skew " << skew;
           std::shuffle(blocks.begin(), blocks.end(), std::mt19937(7));
           for (const auto& b : blocks) ASSERT_TRUE(m.pool->free(b).has_value());
           EXPECT_EQ(m.pool->stats().active, 0u);
