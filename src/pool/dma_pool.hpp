@@ -17,8 +17,9 @@
 //                 {chunk, offset from the first block, index}
 //   thread cache  per thread and pool: a loaded and a previous magazine
 //                 (Bonwick's magazine layer), full magazines this thread
-//                 freed ("home", up to 16 MiB of blocks; others steal from
-//                 it only when the pool cannot grow) and spare empty ones;
+//                 freed or grew ("home", up to 16 MiB of blocks; others
+//                 steal from it only when the pool cannot grow) and spare
+//                 empty ones;
 //                 found through a per-thread array indexed by the pool's
 //                 slot (detail::kCacheSlots of them)
 //   depot         per pool, one mutex: magazines from growth and from
@@ -27,17 +28,19 @@
 //                 options, no slot left)
 //
 // A block's vaddr and IOVA are the chunk's first-block vaddr and IOVA plus
-// its offset. Alloc pops from the
-// loaded magazine; free validates the block in O(1) - chunk found by
+// its offset. Alloc pops from the loaded magazine; free validates the block in O(1) - chunk found by
 // address, offset is a block start, IOVA matches, state flips allocated ->
 // free by one atomic compare-exchange, so of two racing frees of one block
 // exactly one wins - then pushes it on the loaded magazine. Whole magazines move
 // between a thread and the shared structures, one lock per cache_size / 2
 // operations, and a thread takes back the magazines it filled itself, so two
 // threads share no cache line in the steady state. A thread out of blocks
-// takes the depot's, else grows the pool, and takes another thread's home
-// magazines only when the pool cannot grow: stealing while growth is
-// possible turns into two threads stealing from each other every round.
+// takes the depot's, else grows the pool (carving the chunk outside the
+// lock, and keeping its magazines at home: at most a chunk per thread more
+// than a shared depot would hold, for no turn-taking on the lock while
+// threads fill up), and takes another thread's home magazines only when the
+// pool cannot grow: stealing while growth is possible turns into two
+// threads stealing from each other every round.
 // Every build validates; a bad free returns Errc::corrupted, is counted and
 // changes nothing.
 //
