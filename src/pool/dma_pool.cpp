@@ -486,23 +486,14 @@ Status DmaPool::load_full(Cache& c) {
     std::unique_lock lock(mu_);
     m = take_full_locked();
     // At max_chunks this is no failure yet (a steal may serve), so not tried.
-    uint64_t grown = 0;
-    if (m == nullptr && !at_max_chunks_locked() && grow_locked(lock, &grown)) {
-      m = take_full_locked();
-      keep_grown_locked(c, grown > 0 ? grown - 1 : 0);
-    }
+    if (m == nullptr && !at_max_chunks_locked())
+      if (auto grown = take_grown_locked(lock, c)) m = *grown;
   }
   if (m == nullptr) m = steal();
   if (m == nullptr) {
     std::unique_lock lock(mu_);
     m = take_full_locked();  // another thread may have returned blocks meanwhile
-    if (m == nullptr) {
-      uint64_t grown = 0;
-      DMAKIT_TRY(grow_locked(lock, &grown));  // fails again: the caller gets why
-      m = take_full_locked();
-      if (m == nullptr) return fail(Errc::internal, "pool '{}': grew but found no free block", name_);
-      keep_grown_locked(c, grown > 0 ? grown - 1 : 0);
-    }
+    if (m == nullptr) m = DMAKIT_TRY(take_grown_locked(lock, c));  // fails again: the caller gets why
   }
   // The empty loaded magazine becomes a spare; beyond kMaxSpare it goes back.
   if (c.spare.size() < kMaxSpare) {
@@ -515,13 +506,24 @@ Status DmaPool::load_full(Cache& c) {
   return ok();
 }
 
-// mu_ held. The thread that grew the pool keeps the new chunk's other
-// magazines (the top n of the depot) at home, as far as its home has room:
-// it wants them next, and takes them there without the pool lock. Left in
-// the depot, they went to whichever thread came next, and two threads
-// filling up at once took turns growing and taking each other's new
-// magazines, each turn a pass through the contended lock.
-void DmaPool::keep_grown_locked(Cache& c, uint64_t n) {
+// mu_ held through lock. Grows the pool and returns the new chunk's lowest
+// magazine; the thread keeps the chunk's other magazines at home, as far as
+// its home has room: it wants them next, and takes them there without the
+// pool lock. Left in the depot, they went to whichever thread came next,
+// and two threads filling up at once took turns growing and taking each
+// other's new magazines, each turn a pass through the contended lock.
+Result<DmaPool::Magazine*> DmaPool::take_grown_locked(std::unique_lock<std::mutex>& lock, Cache& c) {
+  uint64_t grown = 0;
+  DMAKIT_TRY(grow_locked(lock, &grown));
+  Magazine* m = take_full_locked();  // the new chunk's magazines are on top
+  if (m == nullptr) return fail(Errc::internal, "pool '{}': grew but found no free block", name_);
+  if (grown > 1) keep_home_locked(c, grown - 1);
+  return m;
+}
+
+// mu_ held. The depot's top n full magazines go to c's home, as far as it
+// has room.
+void DmaPool::keep_home_locked(Cache& c, uint64_t n) {
   std::lock_guard home(c.home_mu);
   n = std::min<uint64_t>({n, full_.size(), home_cap_ - std::min<uint64_t>(home_cap_, c.home.size())});
   if (n == 0) return;

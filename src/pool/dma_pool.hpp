@@ -255,7 +255,8 @@ class DmaPool {
   // One chunk from the backing; mu_ held (dropped meanwhile). Its magazines
   // end on top of the depot's full list (mags_added of them).
   Status grow_locked(std::unique_lock<std::mutex>& lock, uint64_t* mags_added = nullptr);
-  void keep_grown_locked(Cache& c, uint64_t n);  // the depot's top n full magazines -> c's home
+  Result<Magazine*> take_grown_locked(std::unique_lock<std::mutex>& lock, Cache& c);  // grow, keep the rest home
+  void keep_home_locked(Cache& c, uint64_t n);  // the depot's top n full magazines -> c's home
   bool at_max_chunks_locked() const { return max_chunks_ != 0 && chunks_.size() + growing_ >= max_chunks_; }
   std::unique_ptr<ChunkTable> table_for_locked(Chunk* ch, uint64_t& used) const;  // may throw
   void publish_chunk(Chunk* ch, std::unique_ptr<ChunkTable> nt, uint64_t used);  // into the chunk table; mu_ held
