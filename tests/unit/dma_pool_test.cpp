@@ -100,6 +100,27 @@ TEST(DmaPool, RefusesInvalidGeometry) {
   EXPECT_FALSE(DmaPool::create(nullptr, "x", 64, 64, 0).has_value());
 }
 
+// A backing whose preferred chunk size is no power of two is refused at
+// create, naming it, rather than trusted with the table's range arithmetic.
+TEST(DmaPool, RefusesABackingsChunkSizeThatIsNoPowerOfTwo) {
+  class OddChunks final : public Backing {
+   public:
+    Result<Region> grow(uint64_t len) override { return inner_->grow(len); }
+    void release(const Region& r) override { inner_->release(r); }
+    void abandon(const Region& r) override { inner_->abandon(r); }
+    std::string describe() const override { return "odd-chunk backing"; }
+    uint64_t chunk_size(uint64_t) const override { return 3 << 12; }
+
+   private:
+    std::unique_ptr<Backing> inner_ = make_host_backing();
+  };
+  auto p = DmaPool::create(std::make_unique<OddChunks>(), "odd", 64, 64, 0);
+  ASSERT_FALSE(p.has_value());
+  EXPECT_EQ(p.error().code, Errc::internal);
+  EXPECT_NE(p.error().message.find("odd-chunk backing suggests chunks of 12288 bytes"), std::string::npos)
+      << p.error().message;
+}
+
 TEST(DmaPool, RoundsSizeLikeTheKernel) {
   auto a = make(68, 32, 4096);
   EXPECT_EQ(a.pool->block_size(), 96u);
