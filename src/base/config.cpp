@@ -1,4 +1,5 @@
 #include "base/config.hpp"
+#include "base/runtime_dir.hpp"
 
 #include <charconv>
 #include <cstdlib>
@@ -209,6 +210,7 @@ Status validate(const Config& c) {
     return fail(Errc::invalid_argument, "key 'eal.mode': '{}' is not auto, huge or nohuge", c.eal.mode);
   if (c.eal.memory_mb < 16)
     return fail(Errc::invalid_argument, "key 'eal.memory_mb': {} is below the 16 MiB minimum", c.eal.memory_mb);
+  if (!c.eal.file_prefix.empty()) DMAKIT_TRY(check_file_prefix(c.eal.file_prefix));
   if (!one_of(c.iommu.backend, {"auto", "vfio", "sim"}))
     return fail(Errc::invalid_argument, "key 'iommu.backend': '{}' is not auto, vfio or sim", c.iommu.backend);
   if (c.iommu.sim_address_bits < 32 || c.iommu.sim_address_bits > 64)

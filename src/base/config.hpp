@@ -22,7 +22,7 @@ struct LogSettings {
 struct EalSettings {
   std::string mode = "auto";   // auto | huge | nohuge
   uint32_t memory_mb = 512;    // memory for --no-huge (-m)
-  std::string file_prefix;     // "" = dmakit-<pid>-<n>, unique per process
+  std::string file_prefix;     // "" = dmakit-<pid>, unique per process; a plain name (no /)
   std::string extra_args;      // appended to the EAL argument list, space separated
 };
 

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "base/log.hpp"
+#include "base/runtime_dir.hpp"
 
 namespace dmakit::base {
 
@@ -34,12 +35,14 @@ std::mutex g_mu;
 EalInfo g_info;
 std::atomic<const EalInfo*> g_ready{nullptr};
 
-void remove_runtime_dir() {
-  // As root EAL creates /var/run/dpdk/<prefix> even with --in-memory; leave nothing behind.
-  const char* dir = rte_eal_get_runtime_dir();
-  if (dir == nullptr || *dir == '\0') return;
-  std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
+// The runtime directory this process's EAL made, or "" (set once, under g_mu).
+std::string g_runtime_dir;
+
+void release_at_exit() noexcept {
+  try {
+    if (!g_runtime_dir.empty()) release_runtime_dir(g_runtime_dir);
+  } catch (...) {  // nothing may escape an exit hook
+  }
 }
 
 }  // namespace
@@ -59,6 +62,7 @@ Result<EalInfo> plan_eal(const EalSettings& s, const HugepageCounts& huge) {
   EalInfo info;
   info.started_by_dmakit = true;
   info.file_prefix = s.file_prefix.empty() ? fmt::format("dmakit-{}", ::getpid()) : s.file_prefix;
+  DMAKIT_TRY(check_file_prefix(info.file_prefix));
   if (s.mode == "huge") {
     if (huge.available() == 0)
       return fail(Errc::no_memory,
@@ -104,6 +108,9 @@ Result<const EalInfo*> ensure_eal(const EalSettings& s) {
 
   EalInfo info = DMAKIT_TRY(plan_eal(s, read_hugepages()));
   DMAKIT_TRY(route_dpdk_log());
+  // Only a directory this process is about to create may be removed later.
+  const std::string runtime_base = eal_runtime_base();
+  DMAKIT_TRY(prepare_runtime_dir(runtime_base, info.file_prefix));
 
   std::vector<char*> argv;
   for (auto& a : info.args) argv.push_back(a.data());
@@ -122,10 +129,14 @@ Result<const EalInfo*> ensure_eal(const EalSettings& s) {
     int err = rte_errno;
     std::string joined;
     for (const auto& a : info.args) joined += (joined.empty() ? "" : " ") + a;
-    remove_runtime_dir();
+    // prepare_runtime_dir saw no such directory: an empty one is this attempt's.
+    ::rmdir((runtime_base + "/" + info.file_prefix).c_str());
     return fail_errno(err, "rte_eal_init({}) failed", joined);
   } else {
-    std::atexit(remove_runtime_dir);
+    g_runtime_dir = rte_eal_get_runtime_dir();
+    if (auto st = claim_runtime_dir(g_runtime_dir); !st)
+      log().warn("{}; the directory stays after exit", st.error().what());
+    std::atexit(release_at_exit);
   }
   log().info("EAL: {}", info.reason);
   g_info = std::move(info);

@@ -1,5 +1,6 @@
 #include "core/stress.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -272,7 +273,7 @@ class Worker {
 
 }  // namespace
 
-Result<StressReport> run_stress(Context& ctx, const base::StressSettings& s) {
+Result<StressReport> run_stress(Context& ctx, const base::StressSettings& s, const std::atomic<bool>* stop) {
   StressReport total;
   total.backend = ctx.backend();
   Shared sh{ctx, dynamic_cast<iommu::SimDomain*>(&ctx.domain())};
@@ -289,7 +290,17 @@ Result<StressReport> run_stress(Context& ctx, const base::StressSettings& s) {
   auto t0 = std::chrono::steady_clock::now();
   for (unsigned t = 0; t < s.threads; ++t)
     threads.emplace_back([&, t] { Worker(sh, s, t).run(parts[t]); });
-  std::this_thread::sleep_for(std::chrono::duration<double>(s.seconds));
+  // Short slices, so an interrupt stops the run within one.
+  const auto deadline = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                 std::chrono::duration<double>(s.seconds));
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (stop != nullptr && stop->load(std::memory_order_relaxed)) {
+      total.interrupted = true;
+      break;
+    }
+    std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
+        deadline - std::chrono::steady_clock::now(), std::chrono::milliseconds(20)));
+  }
   sh.stop.store(true);
   for (auto& t : threads) t.join();
   {

@@ -7,6 +7,7 @@
 // mappings must be back to where they started.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -27,8 +28,12 @@ struct StressReport {
   uint64_t alloc_errors = 0;    // allocations refused for lack of memory (not failures)
   uint64_t mappings_at_end = 0, mappings_at_start = 0;
   std::string first_failure;    // the first failed check, for the user
+  bool interrupted = false;     // *stop was raised before the time was up
 };
 
-Result<StressReport> run_stress(Context& ctx, const base::StressSettings& s);
+// Runs for s.seconds, or until *stop (when given) turns true; either way
+// everything is freed and checked before it returns.
+Result<StressReport> run_stress(Context& ctx, const base::StressSettings& s,
+                                const std::atomic<bool>* stop = nullptr);
 
 }  // namespace dmakit::core
