@@ -276,6 +276,9 @@ Result<Buffer> Allocator::alloc(const BufferRequest& req) {
   const uint64_t unit = orders_.back().size;
   if (req.len == 0) return fail(Errc::invalid_argument, "buffer of 0 bytes requested");
   if (req.len > ~0ull - unit) return fail(Errc::invalid_argument, "buffer of {} bytes: size overflows", req.len);
+  if (req.align == 0 || (req.align & (req.align - 1)) != 0)
+    return fail(Errc::invalid_argument, "buffer of {} bytes: alignment {} is not a power of two", req.len,
+                req.align);
   if ((req.prot & iommu::kReadWrite) == 0 || (req.prot & ~uint32_t{iommu::kReadWrite}) != 0)
     return fail(Errc::invalid_argument, "buffer of {} bytes: prot {:#x} is not read and/or write", req.len,
                 req.prot);
@@ -296,7 +299,9 @@ Allocator::ImplPtr Allocator::pop_recycled(uint64_t span_len, const BufferReques
   std::lock_guard lock(mu_);
   auto it = classes_.find(span_len);
   if (it == classes_.end()) return nullptr;
-  auto fits = [&](const Impl& b) { return b.prot == req.prot && b.span.end() - 1 <= req.dma_limit; };
+  auto fits = [&](const Impl& b) {
+    return b.prot == req.prot && b.span.end() - 1 <= req.dma_limit && (b.span.iova & (req.align - 1)) == 0;
+  };
   auto take = [&](std::vector<ImplPtr>& list, uint64_t& bytes) -> ImplPtr {
     for (size_t i = list.size(); i-- > 0;) {
       if (!fits(*list[i])) continue;
@@ -331,7 +336,7 @@ Result<Allocator::ImplPtr> Allocator::build(const BufferRequest& req, uint64_t s
   if (auto st = gather(*b, span_len); !st) return std::unexpected(st.error());
 
   // Largest chunk first: each chunk's offset is then a multiple of its size.
-  const uint64_t align = b->chunks.front().order;
+  const uint64_t align = std::max(b->chunks.front().order, req.align);
   auto span = arena_.alloc(iommu::IovaRequest{span_len, align, req.dma_limit});
   if (!span) {
     give_back(*b);

@@ -68,6 +68,7 @@ struct Chunk {
 
 struct BufferRequest {
   uint64_t len = 0;
+  uint64_t align = kPage4K;            // IOVA alignment, a power of two; the host address is 4 KiB aligned
   bool zeroed = false;
   uint64_t dma_limit = ~0ull;          // highest IOVA any byte may have
   uint32_t prot = iommu::kReadWrite;

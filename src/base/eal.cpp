@@ -1,7 +1,10 @@
 #include "base/eal.hpp"
 
+#include <pthread.h>
 #include <rte_eal.h>
 #include <rte_errno.h>
+#include <rte_lcore.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -43,6 +46,40 @@ void release_at_exit() noexcept {
     if (!g_runtime_dir.empty()) release_runtime_dir(g_runtime_dir);
   } catch (...) {  // nothing may escape an exit hook
   }
+}
+
+// The EAL's main lcore: the first CPU this thread may run on (the EAL
+// refuses a CPU outside the process's mask).
+unsigned main_cpu() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (pthread_getaffinity_np(pthread_self(), sizeof set, &set) == 0)
+    for (unsigned c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &set)) return c;
+  return 0;
+}
+
+// The application's EAL, detected without calling rte_eal_init (which would
+// print its usage on a second call in some versions): lcores exist only
+// after a successful init.
+bool eal_already_running() { return rte_lcore_count() > 0; }
+
+// The host application owns the EAL: dmakit uses its memory as it is.
+void adopt_application_eal(EalInfo& info) {
+  info.started_by_dmakit = false;
+  info.hugepages = rte_eal_has_hugepages() != 0;
+  info.file_prefix.clear();
+  info.args.clear();
+  info.reason = fmt::format("EAL already started by the application ({})",
+                            info.hugepages ? "hugepages" : "4 KiB pages");
+}
+
+// Under g_mu: makes info the process's EAL state.
+const EalInfo* publish(EalInfo info) {
+  log().info("EAL: {}", info.reason);
+  g_info = std::move(info);
+  g_ready.store(&g_info, std::memory_order_release);
+  return &g_info;
 }
 
 }  // namespace
@@ -87,7 +124,7 @@ Result<EalInfo> plan_eal(const EalSettings& s, const HugepageCounts& huge) {
 
   // EAL is quiet unless dmakit's logger asks for detail; its lines are routed into it anyway.
   bool verbose = log().should_log(spdlog::level::debug);
-  info.args = {"dmakit", "-l", "0", "--no-telemetry", "--file-prefix", info.file_prefix,
+  info.args = {"dmakit", "-l", std::to_string(main_cpu()), "--no-telemetry", "--file-prefix", info.file_prefix,
                verbose ? "--log-level=lib.eal:info" : "--log-level=lib.eal:warning"};
   if (info.hugepages) {
     // memfd-backed pages need no hugetlbfs mount; IOVA=VA because dmakit picks IOVAs itself.
@@ -107,6 +144,11 @@ Result<const EalInfo*> ensure_eal(const EalSettings& s) {
   if (const EalInfo* ready = g_ready.load(std::memory_order_relaxed)) return ready;
 
   EalInfo info = DMAKIT_TRY(plan_eal(s, read_hugepages()));
+  if (eal_already_running()) {
+    // Its memory, its log stream, its runtime directory, all as they are.
+    adopt_application_eal(info);
+    return publish(std::move(info));
+  }
   DMAKIT_TRY(route_dpdk_log());
   // Only a directory this process is about to create may be removed later.
   const std::string runtime_base = eal_runtime_base();
@@ -115,16 +157,18 @@ Result<const EalInfo*> ensure_eal(const EalSettings& s) {
   std::vector<char*> argv;
   for (auto& a : info.args) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // rte_eal_init pins the calling thread to the main lcore, and every thread
+  // it creates later would inherit that; the application's mask is put back.
+  cpu_set_t mask;
+  const bool have_mask = pthread_getaffinity_np(pthread_self(), sizeof mask, &mask) == 0;
   rte_errno = 0;
   int rc = rte_eal_init(static_cast<int>(argv.size() - 1), argv.data());
+  const int init_errno = rte_errno;
+  if (have_mask && pthread_setaffinity_np(pthread_self(), sizeof mask, &mask) != 0)
+    log().warn("could not restore the calling thread's CPU affinity after rte_eal_init");
+  rte_errno = init_errno;
   if (rc < 0 && rte_errno == EALREADY) {
-    // The host application owns the EAL: use its memory as it is.
-    info.started_by_dmakit = false;
-    info.hugepages = rte_eal_has_hugepages() != 0;
-    info.file_prefix.clear();
-    info.args.clear();
-    info.reason = fmt::format("EAL already started by the application ({})",
-                              info.hugepages ? "hugepages" : "4 KiB pages");
+    adopt_application_eal(info);
   } else if (rc < 0) {
     int err = rte_errno;
     std::string joined;
@@ -138,10 +182,7 @@ Result<const EalInfo*> ensure_eal(const EalSettings& s) {
       log().warn("{}; the directory stays after exit", st.error().what());
     std::atexit(release_at_exit);
   }
-  log().info("EAL: {}", info.reason);
-  g_info = std::move(info);
-  g_ready.store(&g_info, std::memory_order_release);
-  return &g_info;
+  return publish(std::move(info));
 }
 
 const EalInfo* eal_info() { return g_ready.load(std::memory_order_acquire); }

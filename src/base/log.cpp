@@ -1,6 +1,9 @@
 #include "base/log.hpp"
 
+#include <rte_eal.h>
+#include <rte_lcore.h>
 #include <rte_log.h>
+#include <spdlog/sinks/base_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 
 #include <cstdio>
@@ -12,20 +15,67 @@ namespace dmakit::base {
 
 namespace {
 
-std::shared_ptr<spdlog::logger> make_logger() {
-  auto existing = spdlog::get("dmakit");
-  if (existing) return existing;  // the host application registered its own
-  auto logger = spdlog::stderr_color_mt("dmakit");
+// The sink of dmakit's own logger: stderr, or the embedding application's
+// callback. Switching happens under the sink's lock, so no line is lost or
+// sent to a callback that was just replaced.
+class RouteSink final : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  void route(LogCallback fn) {
+    std::lock_guard lock(mutex_);
+    callback_ = std::move(fn);
+  }
+
+ protected:
+  void sink_it_(const spdlog::details::log_msg& msg) override {
+    if (callback_) {
+      callback_(msg.level, std::string_view(msg.payload.data(), msg.payload.size()));
+      return;
+    }
+    stderr_.log(msg);
+  }
+  void flush_() override { stderr_.flush(); }
+  void set_pattern_(const std::string& pattern) override { stderr_.set_pattern(pattern); }
+  void set_formatter_(std::unique_ptr<spdlog::formatter> f) override { stderr_.set_formatter(std::move(f)); }
+
+ private:
+  spdlog::sinks::stderr_color_sink_st stderr_;
+  LogCallback callback_;
+};
+
+struct Logger {
+  std::shared_ptr<spdlog::logger> logger;
+  std::shared_ptr<RouteSink> route;  // null when the application registered the logger
+};
+
+Logger make_logger() {
+  if (auto existing = spdlog::get("dmakit")) return {existing, nullptr};  // the host application's
+  auto route = std::make_shared<RouteSink>();
+  auto logger = std::make_shared<spdlog::logger>("dmakit", route);
   logger->set_pattern("[%H:%M:%S.%e] [dmakit] [%^%l%$] %v");
   logger->set_level(env_log_level().value_or(spdlog::level::warn));
-  return logger;
+  // Registered so an application can find it; a registration race is harmless.
+  try {
+    spdlog::register_logger(logger);
+  } catch (const spdlog::spdlog_ex&) {
+  }
+  return {logger, route};
+}
+
+Logger& the_logger() {
+  static Logger l = make_logger();
+  return l;
 }
 
 }  // namespace
 
-spdlog::logger& log() {
-  static std::shared_ptr<spdlog::logger> logger = make_logger();
-  return *logger;
+spdlog::logger& log() { return *the_logger().logger; }
+
+Status set_log_callback(LogCallback fn) {
+  auto& route = the_logger().route;
+  if (route == nullptr)
+    return fail(Errc::busy, "the application registered its own spdlog logger 'dmakit'; its sinks receive the lines");
+  route->route(std::move(fn));
+  return ok();
 }
 
 Result<spdlog::level::level_enum> parse_log_level(std::string_view name) {

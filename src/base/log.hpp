@@ -4,6 +4,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <functional>
 #include <optional>
 #include <string_view>
 
@@ -21,6 +22,13 @@ Result<spdlog::level::level_enum> parse_log_level(std::string_view name);
 // Sets the level; "" keeps the current one. Order of precedence used by the
 // tool: --log-level flag, then DMAKIT_LOG, then log.level in the config file.
 Status set_log_level(std::string_view name);
+
+// Sends each log line's text (no prefix, no newline) to fn instead of
+// stderr; an empty fn restores stderr. fn runs on the logging thread under
+// the sink's lock, one line at a time. Errc::busy when the application
+// registered its own spdlog logger named "dmakit" (its sinks decide then).
+using LogCallback = std::function<void(spdlog::level::level_enum, std::string_view)>;
+Status set_log_callback(LogCallback fn);
 
 // The level DMAKIT_LOG asks for, if set and valid.
 std::optional<spdlog::level::level_enum> env_log_level();

@@ -20,6 +20,7 @@ Context::~Context() {
     std::lock_guard lock(pools_mu_);
     pools_.clear();
   }
+  unmap_all_memory();
   buffers_.reset();
   if (arena_) {
     if (auto st = arena_->flush(); !st) base::log().warn("context teardown: {}", st.error().what());
@@ -64,12 +65,17 @@ Result<std::unique_ptr<Context>> Context::create(const base::Config& cfg) {
 
 Result<pool::DmaPool*> Context::create_pool(const std::string& name, size_t size, size_t align,
                                             size_t boundary) {
-  std::lock_guard lock(pools_mu_);
-  for (const auto& p : pools_)
-    if (p->stats().name == name) return fail(Errc::exists, "DMA pool '{}' already exists", name);
   pool::PoolOptions opts;
   opts.cache_size = cfg_.pool.cache_size;
   opts.poison = cfg_.pool.poison;
+  return create_pool(name, size, align, boundary, opts);
+}
+
+Result<pool::DmaPool*> Context::create_pool(const std::string& name, size_t size, size_t align, size_t boundary,
+                                            const pool::PoolOptions& opts) {
+  std::lock_guard lock(pools_mu_);
+  for (const auto& p : pools_)
+    if (p->name() == name) return fail(Errc::exists, "DMA pool '{}' already exists", name);
   auto p = DMAKIT_TRY(pool::DmaPool::create(*buffers_, name, size, align, boundary, opts));
   pools_.push_back(std::move(p));
   return pools_.back().get();
@@ -88,6 +94,96 @@ std::vector<pool::PoolStats> Context::pool_stats() const {
   std::vector<pool::PoolStats> out;
   for (const auto& p : pools_) out.push_back(p->stats());
   return out;
+}
+
+}  // namespace dmakit::core
+
+namespace dmakit::core {
+
+Result<uint64_t> Context::map_memory(void* vaddr, uint64_t len, uint32_t prot, uint64_t dma_limit) {
+  const auto va = reinterpret_cast<uintptr_t>(vaddr);
+  if (vaddr == nullptr || len == 0)
+    return fail(Errc::invalid_argument, "map of caller memory {}+{:#x}: no memory named", vaddr, len);
+  const uint64_t page = arena_->page_size();
+  if (va + len < va || va + len > ~uintptr_t{0} - page)
+    return fail(Errc::invalid_argument, "map of caller memory {}+{:#x}: the range wraps around", vaddr, len);
+  const uintptr_t first = va & ~(page - 1);
+  const uint64_t bytes = ((va + len + page - 1) & ~(page - 1)) - first;
+
+  std::lock_guard lock(maps_mu_);
+  // Pages shared with another registration would be unmapped under it.
+  auto next = caller_maps_.lower_bound(va);
+  auto clash = [&](const CallerMapping& m) {
+    return first < m.first_page + m.span.len && m.first_page < first + bytes;
+  };
+  if ((next != caller_maps_.end() && clash(next->second)) ||
+      (next != caller_maps_.begin() && clash(std::prev(next)->second)))
+    return fail(Errc::exists, "map of caller memory {}+{:#x}: shares a page with an earlier registration",
+                vaddr, len);
+  for (uintptr_t probe : {first, first + bytes - 1})
+    if (domain_->translate_host(reinterpret_cast<void*>(probe)))
+      return fail(Errc::exists, "map of caller memory {}+{:#x}: {:#x} is memory dmakit already maps", vaddr,
+                  len, probe);
+  auto span = DMAKIT_TRY(arena_->alloc(iommu::IovaRequest{bytes, 0, dma_limit}));
+  if (auto st = domain_->map(reinterpret_cast<void*>(first), span.iova, bytes, prot); !st) {
+    (void)arena_->free(span);  // never mapped: the flush unmaps nothing there
+    return std::unexpected(with_context(st.error(), fmt::format("map of caller memory {}+{:#x}", vaddr, len)));
+  }
+  try {
+    caller_maps_.emplace(va, CallerMapping{span, first});
+  } catch (const std::bad_alloc&) {
+    (void)domain_->unmap(span.iova, span.len);
+    (void)arena_->free(span);
+    return fail(Errc::no_memory, "map of caller memory {}+{:#x}: out of host memory for its record", vaddr, len);
+  }
+  return span.iova + (va - first);
+}
+
+Status Context::unmap_memory(const void* vaddr) {
+  std::lock_guard lock(maps_mu_);
+  auto it = caller_maps_.find(reinterpret_cast<uintptr_t>(vaddr));
+  if (it == caller_maps_.end())
+    return fail(Errc::not_found, "unmap of caller memory {}: not an address given to map_memory", vaddr);
+  const iommu::IovaSpan span = it->second.span;
+  // Synchronous: the caller may free the memory as soon as this returns.
+  DMAKIT_TRY(domain_->unmap(span.iova, span.len));
+  caller_maps_.erase(it);
+  // Already unmapped: the arena's lazy unmap of this range later removes nothing.
+  return arena_->free(span);
+}
+
+void Context::unmap_all_memory() {
+  std::lock_guard lock(maps_mu_);
+  for (const auto& [va, m] : caller_maps_) {
+    if (auto st = domain_->unmap(m.span.iova, m.span.len); !st)
+      base::log().error("context teardown: caller memory {:#x}: {}", va, st.error().what());
+    else
+      (void)arena_->free(m.span);
+  }
+  caller_maps_.clear();
+}
+
+Result<iommu::HostRun> Context::translate(const void* vaddr) const {
+  if (auto run = domain_->translate_host(vaddr)) return *run;
+  return fail(Errc::not_found, "{} is not memory dmakit maps for the device", vaddr);
+}
+
+Status Context::flush() { return arena_->flush(); }
+
+ContextStats Context::stats() const {
+  ContextStats s;
+  s.domain = domain_->stats();
+  s.dma_avail = domain_->dma_avail();
+  s.arena = arena_->stats();
+  s.buffers = buffers_->stats();
+  {
+    std::lock_guard lock(maps_mu_);
+    s.caller_maps = caller_maps_.size();
+    for (const auto& [va, m] : caller_maps_) s.caller_map_bytes += m.span.len;
+  }
+  std::lock_guard lock(pools_mu_);
+  s.pools = pools_.size();
+  return s;
 }
 
 }  // namespace dmakit::core

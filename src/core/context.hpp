@@ -5,6 +5,7 @@
 // flushes its stale IOVAs - then the domain).
 #pragma once
 
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -12,20 +13,22 @@
 
 #include "base/config.hpp"
 #include "dmakit/error.hpp"
+#include "alloc_buffer/buffer_allocator.hpp"
 #include "iommu/domain.hpp"
-
-namespace dmakit::iommu {
-class IovaArena;
-}
-namespace dmakit::alloc_buffer {
-class BufferAllocator;
-}
-namespace dmakit::pool {
-class DmaPool;
-struct PoolStats;
-}
+#include "iommu/iova_arena.hpp"
+#include "pool/dma_pool.hpp"
 
 namespace dmakit::core {
+
+struct ContextStats {
+  iommu::DomainStats domain;        // mapping entries, map/unmap calls, mapped bytes
+  uint64_t dma_avail = 0;           // free mapping entries
+  iommu::ArenaStats arena;          // IOVA pages in use and stale, flushes
+  alloc_buffer::BufferStats buffers;
+  uint64_t caller_maps = 0;         // live map_memory() registrations
+  uint64_t caller_map_bytes = 0;    // their bytes (whole pages)
+  uint64_t pools = 0;
+};
 
 class Context {
  public:
@@ -53,10 +56,33 @@ class Context {
   // A small-block pool owned by the context (destroyed with it). The name
   // must be unique within the context. pool.cache_size / pool.poison apply.
   Result<pool::DmaPool*> create_pool(const std::string& name, size_t size, size_t align, size_t boundary);
+  // The same with explicit options (the config's pool settings are not used).
+  Result<pool::DmaPool*> create_pool(const std::string& name, size_t size, size_t align, size_t boundary,
+                                     const pool::PoolOptions& opts);
   // Destroys a pool made by create_pool (blocks still allocated are reported
   // and their memory is kept, since a device may still use it).
   Status destroy_pool(pool::DmaPool* p);
   std::vector<pool::PoolStats> pool_stats() const;
+
+  // Maps memory the caller owns for the device (as spdk_mem_register): the
+  // pages holding [vaddr, vaddr + len) get one IOVA range from the arena and
+  // one mapping entry. Returns the IOVA of vaddr itself. The caller keeps
+  // the memory allocated (and, without VFIO's pinning, resident) until
+  // unmap_memory. Host ranges of two registrations may not share a page
+  // (Errc::exists), nor may they be memory dmakit already maps.
+  Result<uint64_t> map_memory(void* vaddr, uint64_t len, uint32_t prot, uint64_t dma_limit = ~0ull);
+  // Unmaps a registration at once (the unmap and IOTLB invalidation are done
+  // when it returns, so the memory may be reused); vaddr as given to map_memory.
+  Status unmap_memory(const void* vaddr);
+
+  // The IOVA of any host address dmakit maps (buffers, pool blocks, caller
+  // memory) and the bytes contiguous from there; Errc::not_found otherwise.
+  Result<iommu::HostRun> translate(const void* vaddr) const;
+
+  // Unmaps every stale IOVA range now (the arena's lazy unmaps).
+  Status flush();
+
+  ContextStats stats() const;
 
   // The domain iommu.backend asks for: "sim" builds the simulated type1
   // model from the iommu.sim_* settings; "vfio" opens a container with the
@@ -71,6 +97,14 @@ class Context {
   std::unique_ptr<alloc_buffer::BufferAllocator> buffers_;
   mutable std::mutex pools_mu_;
   std::vector<std::unique_ptr<pool::DmaPool>> pools_;
+
+  struct CallerMapping {
+    iommu::IovaSpan span;  // whole pages
+    uintptr_t first_page = 0;
+  };
+  mutable std::mutex maps_mu_;
+  std::map<uintptr_t, CallerMapping> caller_maps_;  // by the vaddr the caller gave
+  void unmap_all_memory();
 };
 
 }  // namespace dmakit::core

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "dmakit/error.hpp"
+#include "iommu/host_index.hpp"
 
 namespace dmakit::iommu {
 
@@ -83,6 +84,15 @@ class Domain {
   virtual uint64_t dma_avail() const = 0;
 
   virtual DomainStats stats() const = 0;
+
+  // The IOVA at which the device reaches host address vaddr, and how many
+  // bytes from there are mapped contiguously; nullopt when dmakit has not
+  // mapped it. Thread-safe; a lookup, no system call.
+  virtual std::optional<HostRun> translate_host(const void* vaddr) const { return host_index_.lookup(vaddr); }
+
+ protected:
+  // Backends record every successful map and unmap here.
+  HostIndex host_index_;
 };
 
 // Validates a map/unmap request against the rules above that need no

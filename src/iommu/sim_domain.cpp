@@ -113,6 +113,7 @@ Status SimDomain::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t p
                       iova, len, limit_);
   maps_.emplace_hint(it, iova,
                      Mapping{static_cast<std::byte*>(const_cast<void*>(vaddr)), len, prot});
+  host_index_.add(vaddr, iova, len);
   ++map_calls_;
   mapped_bytes_ += len;
   return ok();
@@ -142,6 +143,7 @@ Status SimDomain::unmap(uint64_t iova, uint64_t len) {
     mapped_bytes_ -= m->second.len;
     m = maps_.erase(m);
   }
+  host_index_.remove_inside(iova, len);
   return ok();
 }
 

@@ -314,6 +314,9 @@ class VfioDomain final : public Domain {
   Status unmap(uint64_t iova, uint64_t len) override { return container_->unmap(iova, len); }
   uint64_t dma_avail() const override { return container_->dma_avail(); }
   DomainStats stats() const override { return container_->stats(); }
+  std::optional<HostRun> translate_host(const void* vaddr) const override {
+    return container_->translate_host(vaddr);
+  }
 
  private:
   std::unique_ptr<Container> container_;

@@ -204,6 +204,7 @@ Status Container::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t p
                       m.vaddr, path_, hint);
   }
   live_[iova] = len;
+  host_index_.add(vaddr, iova, len);
   mapped_bytes_ += len;
   ++map_calls_;
   return ok();
@@ -245,6 +246,7 @@ Status Container::unmap(uint64_t iova, uint64_t len) {
     base::log().warn("VFIO_IOMMU_UNMAP_DMA iova {:#x} len {:#x}: kernel unmapped {:#x} bytes, dmakit tracked {:#x}",
                      iova, len, u.size, expect);
   live_.erase(it, last);
+  host_index_.remove_inside(iova, len);
   mapped_bytes_ -= expect;
   return ok();
 }

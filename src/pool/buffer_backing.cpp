@@ -13,11 +13,13 @@ namespace {
 
 class BufferBacking final : public Backing {
  public:
-  explicit BufferBacking(alloc_buffer::BufferAllocator& buffers) : buffers_(buffers) {}
+  BufferBacking(alloc_buffer::BufferAllocator& buffers, uint64_t dma_limit)
+      : buffers_(buffers), dma_limit_(dma_limit) {}
 
   Result<Region> grow(uint64_t len) override {
     alloc_buffer::BufferRequest req;
     req.len = len;
+    req.dma_limit = dma_limit_;
     auto buf = buffers_.alloc(req);
     if (!buf) return std::unexpected(std::move(buf).error());
     if (!buf->virtually_contiguous() || buf->size() < len)
@@ -61,20 +63,21 @@ class BufferBacking final : public Backing {
 
  private:
   alloc_buffer::BufferAllocator& buffers_;
+  const uint64_t dma_limit_;
   std::mutex mu_;
   std::unordered_map<uintptr_t, alloc_buffer::Buffer> held_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backing> make_buffer_backing(alloc_buffer::BufferAllocator& buffers) {
-  return std::make_unique<BufferBacking>(buffers);
+std::unique_ptr<Backing> make_buffer_backing(alloc_buffer::BufferAllocator& buffers, uint64_t dma_limit) {
+  return std::make_unique<BufferBacking>(buffers, dma_limit);
 }
 
 Result<std::unique_ptr<DmaPool>> DmaPool::create(alloc_buffer::BufferAllocator& buffers, std::string name,
                                                  size_t size, size_t align, size_t boundary,
                                                  const PoolOptions& opts) {
-  return create(make_buffer_backing(buffers), std::move(name), size, align, boundary, opts);
+  return create(make_buffer_backing(buffers, opts.dma_limit), std::move(name), size, align, boundary, opts);
 }
 
 }  // namespace dmakit::pool

@@ -92,6 +92,7 @@ struct PoolOptions {
   bool zero = false;          // zero every block on alloc; no cache
   uint64_t chunk_bytes = 0;   // power of two >= 4 KiB; 0 = from the block size (64 KiB..2 MiB), see Backing::chunk_size
   uint32_t max_chunks = 0;    // grow at most this many times; 0 = until the backing says no
+  uint64_t dma_limit = ~0ull; // highest IOVA a block may have (buffer-backed pools)
 };
 
 struct PoolStats {
@@ -147,7 +148,8 @@ class Backing {
 // several pieces of the order below, which other allocations running at the
 // same time interleave; growth then fails (not one run), so an explicit
 // PoolOptions::chunk_bytes should be an order too.
-std::unique_ptr<Backing> make_buffer_backing(alloc_buffer::BufferAllocator& buffers);
+// Chunks are buffers whose every byte lies at or below dma_limit.
+std::unique_ptr<Backing> make_buffer_backing(alloc_buffer::BufferAllocator& buffers, uint64_t dma_limit = ~0ull);
 
 // Page-aligned anonymous host memory with synthetic IOVAs, for tests and for
 // measuring the pool logic alone. Not mapped for any device.

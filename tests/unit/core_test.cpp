@@ -103,7 +103,7 @@ TEST(CApi, BuffersAndPoolsWithErrorsAsCodes) {
   ASSERT_EQ(dmakit_ctx_create(nullptr, 6, args, &ctx), DMAKIT_OK) << dmakit_last_error();
 
   dmakit_buffer* buf = nullptr;
-  ASSERT_EQ(dmakit_buffer_alloc(ctx, 65536, DMAKIT_BUF_ZEROED, UINT64_MAX, &buf), DMAKIT_OK) << dmakit_last_error();
+  ASSERT_EQ(dmakit_buffer_alloc(ctx, 65536, 0, DMAKIT_BUF_ZEROED, UINT64_MAX, &buf), DMAKIT_OK) << dmakit_last_error();
   EXPECT_GE(dmakit_buffer_size(buf), 65536u);
   auto* p = static_cast<unsigned char*>(dmakit_buffer_at(buf, 65535));
   ASSERT_NE(p, nullptr);

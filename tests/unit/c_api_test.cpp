@@ -1,0 +1,454 @@
+// The C API (include/dmakit/dmakit.h) as a C driver uses it, on the
+// simulated IOMMU with real EAL memory: every entry point fed bad input
+// returns its error code and a message naming the problem, and a normal call
+// works afterwards; handles that are stale (freed, destroyed, of a destroyed
+// context) or garbage are refused, never followed.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "dmakit/dmakit.h"
+#include "iommu/sim_domain.hpp"
+
+namespace {
+
+std::string last() { return dmakit_last_error(); }
+
+// "message contains every one of these".
+::testing::AssertionResult says(std::initializer_list<const char*> parts) {
+  const std::string m = last();
+  for (const char* p : parts)
+    if (m.find(p) == std::string::npos) return ::testing::AssertionFailure() << "'" << p << "' not in: " << m;
+  return ::testing::AssertionSuccess();
+}
+
+class CApi : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dmakit_settings s;
+    dmakit_settings_init(&s);
+    s.backend = "sim";
+    s.eal_mode = "nohuge";
+    s.eal_memory_mb = 256;
+    ASSERT_EQ(dmakit_ctx_create_with(&s, &ctx_), DMAKIT_OK) << last();
+  }
+  void TearDown() override {
+    if (ctx_ != nullptr) {
+      EXPECT_EQ(dmakit_ctx_destroy(ctx_), DMAKIT_OK) << last();
+    }
+  }
+
+  // A normal call still works: proves a refusal left nothing broken.
+  void still_works() {
+    dmakit_buffer* b = nullptr;
+    ASSERT_EQ(dmakit_buffer_alloc(ctx_, 4096, 0, 0, UINT64_MAX, &b), DMAKIT_OK) << last();
+    ASSERT_EQ(dmakit_buffer_free(b), DMAKIT_OK) << last();
+  }
+
+  dmakit_ctx* ctx_ = nullptr;
+};
+
+dmakit_pool* const kGarbagePool = reinterpret_cast<dmakit_pool*>(uintptr_t{0xdeadbeef12345});
+dmakit_buffer* const kGarbageBuffer = reinterpret_cast<dmakit_buffer*>(uintptr_t{0x7fff00000003});
+dmakit_ctx* const kGarbageCtx = reinterpret_cast<dmakit_ctx*>(uintptr_t{0x1234});
+
+}  // namespace
+
+TEST(CApiBasics, VersionAndErrorNames) {
+  EXPECT_STREQ(dmakit_version(), DMAKIT_VERSION_STRING);
+  EXPECT_STREQ(dmakit_errc_name(DMAKIT_ECORRUPTED), "ECORRUPTED");
+  EXPECT_STREQ(dmakit_errc_name(DMAKIT_OK), "OK");
+  EXPECT_STREQ(dmakit_errc_name(-99), "unknown");
+  EXPECT_STREQ(dmakit_errc_name(3), "unknown");
+}
+
+TEST(CApiBasics, ContextCreateRefusesBadArguments) {
+  dmakit_ctx* ctx = kGarbageCtx;
+  const char* args[] = {"--iommu.backend", "sim"};
+  EXPECT_EQ(dmakit_ctx_create(nullptr, 2, args, nullptr), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"dmakit_ctx_create", "out is NULL"}));
+  EXPECT_EQ(dmakit_ctx_create(nullptr, 2, nullptr, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"argc is 2 but argv is NULL"}));
+  EXPECT_EQ(ctx, nullptr) << "out is cleared on failure";
+  EXPECT_EQ(dmakit_ctx_create(nullptr, -1, args, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"argc is -1"}));
+  const char* holes[] = {"--iommu.backend", nullptr};
+  EXPECT_EQ(dmakit_ctx_create(nullptr, 2, holes, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"argv[1] is NULL"}));
+  const char* help[] = {"--help"};
+  EXPECT_EQ(dmakit_ctx_create(nullptr, 1, help, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"--help"}));
+  const char* bad[] = {"--arena.pools", "7"};
+  EXPECT_EQ(dmakit_ctx_create(nullptr, 2, bad, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"arena.pools"}));
+  EXPECT_EQ(dmakit_ctx_create("/nonexistent/dmakit.toml", 0, nullptr, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"/nonexistent/dmakit.toml"}));
+  const char* prefix[] = {"--iommu.backend", "sim", "--eal.file_prefix", "../x"};
+  EXPECT_EQ(dmakit_ctx_create(nullptr, 4, prefix, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"eal.file_prefix", "../x"}));
+
+  dmakit_settings s;
+  dmakit_settings_init(&s);
+  s.backend = "sim";
+  s.eal_mode = "nohuge";
+  EXPECT_EQ(dmakit_ctx_create_with(nullptr, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"settings is NULL"}));
+  EXPECT_EQ(dmakit_ctx_create_with(&s, nullptr), DMAKIT_EINVAL);
+  s.struct_size = 8;
+  EXPECT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"struct_size is 8", "dmakit_settings_init"}));
+  dmakit_settings_init(&s);
+  s.backend = "warp";
+  EXPECT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"iommu.backend", "warp"}));
+  dmakit_settings_init(&s);
+  s.backend = "sim";
+  s.log_level = "loud";
+  EXPECT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"log_level", "loud"}));
+
+  // And after all that, a good one.
+  ASSERT_EQ(dmakit_ctx_create(nullptr, 2, args, &ctx), DMAKIT_OK) << last();
+  EXPECT_STREQ(dmakit_ctx_backend(ctx), "sim");
+  EXPECT_EQ(dmakit_ctx_destroy(ctx), DMAKIT_OK);
+  EXPECT_EQ(dmakit_ctx_destroy(ctx), DMAKIT_EINVAL) << "destroyed twice";
+  EXPECT_TRUE(says({"dmakit_ctx_destroy", "not a live context"}));
+  EXPECT_EQ(dmakit_ctx_backend(ctx), nullptr);
+  EXPECT_EQ(dmakit_ctx_destroy(kGarbageCtx), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_ctx_destroy(nullptr), DMAKIT_EINVAL);
+}
+
+TEST(CApiBasics, LogCallbackReceivesLinesAndLevelIsChecked) {
+  struct Seen {
+    std::vector<std::string> lines;
+    std::vector<int> levels;
+  } seen;
+  ASSERT_EQ(dmakit_set_log_callback(
+                [](void* user, int level, const char* msg) {
+                  static_cast<Seen*>(user)->lines.emplace_back(msg);
+                  static_cast<Seen*>(user)->levels.push_back(level);
+                },
+                &seen),
+            DMAKIT_OK)
+      << last();
+  ASSERT_EQ(dmakit_set_log_level(DMAKIT_LOG_INFO), DMAKIT_OK);
+  dmakit_settings s;
+  dmakit_settings_init(&s);
+  s.backend = "sim";
+  s.eal_mode = "nohuge";
+  dmakit_ctx* ctx = nullptr;
+  ASSERT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_OK) << last();
+  ASSERT_EQ(dmakit_ctx_destroy(ctx), DMAKIT_OK);
+  EXPECT_EQ(dmakit_set_log_callback(nullptr, nullptr), DMAKIT_OK);
+  EXPECT_EQ(dmakit_set_log_level(DMAKIT_LOG_WARN), DMAKIT_OK);
+  bool context_line = false;
+  for (size_t i = 0; i < seen.lines.size(); ++i)
+    if (seen.lines[i].find("context: backend sim") != std::string::npos) {
+      context_line = true;
+      EXPECT_EQ(seen.levels[i], DMAKIT_LOG_INFO);
+      EXPECT_EQ(seen.lines[i].find('\n'), std::string::npos);
+    }
+  EXPECT_TRUE(context_line) << seen.lines.size() << " lines, none about the context";
+  EXPECT_EQ(dmakit_set_log_level(7), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"dmakit_set_log_level", "7"}));
+  EXPECT_EQ(dmakit_set_log_level(-1), DMAKIT_EINVAL);
+}
+
+TEST_F(CApi, BuffersWithAlignmentLimitProtectionAndSegments) {
+  dmakit_buffer* b = nullptr;
+  ASSERT_EQ(dmakit_buffer_alloc(ctx_, 100000, 1 << 20, DMAKIT_BUF_ZEROED, 0xffffffff, &b), DMAKIT_OK) << last();
+  EXPECT_EQ(dmakit_buffer_iova(b) % (1 << 20), 0u);
+  EXPECT_LE(dmakit_buffer_iova(b) + dmakit_buffer_size(b) - 1, 0xffffffffu);
+  EXPECT_EQ(dmakit_buffer_size(b), 100000u);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(dmakit_buffer_vaddr(b)) % 4096, 0u);
+  auto* last_byte = static_cast<unsigned char*>(dmakit_buffer_at(b, 99999));
+  ASSERT_NE(last_byte, nullptr);
+  EXPECT_EQ(*last_byte, 0);
+  EXPECT_EQ(dmakit_buffer_at(b, 100000), nullptr);
+  EXPECT_TRUE(says({"offset 100000", "100000 bytes"}));
+
+  size_t n = 0;
+  EXPECT_EQ(dmakit_buffer_segments(b, nullptr, 0, &n), DMAKIT_ENOSPC) << "a buffer has at least one segment";
+  EXPECT_TRUE(says({"room for 0"}));
+  ASSERT_GE(n, 1u);
+  std::vector<dmakit_segment> segs(n);
+  ASSERT_EQ(dmakit_buffer_segments(b, segs.data(), segs.size(), &n), DMAKIT_OK) << last();
+  uint64_t total = 0, next_iova = dmakit_buffer_iova(b);
+  for (const auto& s : segs) {
+    EXPECT_EQ(s.iova, next_iova);
+    // Every segment translates back, byte for byte.
+    uint64_t iova = 0, len = 0;
+    ASSERT_EQ(dmakit_vtophys(ctx_, static_cast<char*>(s.vaddr) + s.len - 1, &iova, &len), DMAKIT_OK) << last();
+    EXPECT_EQ(iova, s.iova + s.len - 1);
+    EXPECT_GE(len, 1u);
+    next_iova += s.len;
+    total += s.len;
+  }
+  EXPECT_EQ(total, 100000u);
+
+  // Read-only for the device.
+  dmakit_buffer* ro = nullptr;
+  ASSERT_EQ(dmakit_buffer_alloc(ctx_, 8192, 0, DMAKIT_BUF_DEVICE_READ, UINT64_MAX, &ro), DMAKIT_OK) << last();
+  dmakit_ctx_stats st{};
+  st.struct_size = sizeof st;
+  ASSERT_EQ(dmakit_ctx_get_stats(ctx_, &st), DMAKIT_OK) << last();
+  EXPECT_EQ(st.buffers_live, 2u);
+  EXPECT_GE(st.mappings, 2u);
+  EXPECT_EQ(dmakit_buffer_free(ro), DMAKIT_OK);
+  EXPECT_EQ(dmakit_buffer_free(b), DMAKIT_OK);
+  EXPECT_EQ(dmakit_buffer_free(b), DMAKIT_EINVAL) << "freed twice";
+  EXPECT_TRUE(says({"dmakit_buffer_free", "not a live buffer"}));
+  still_works();
+}
+
+TEST_F(CApi, BufferCallsRefuseBadInput) {
+  dmakit_buffer* b = nullptr;
+  EXPECT_EQ(dmakit_buffer_alloc(nullptr, 4096, 0, 0, UINT64_MAX, &b), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"dmakit_buffer_alloc", "ctx is not a live context"}));
+  EXPECT_EQ(dmakit_buffer_alloc(ctx_, 4096, 0, 0, UINT64_MAX, nullptr), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"out is NULL"}));
+  EXPECT_EQ(dmakit_buffer_alloc(ctx_, 4096, 0, 0x80, UINT64_MAX, &b), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"unknown flag bits 0x80"}));
+  EXPECT_EQ(dmakit_buffer_alloc(ctx_, 0, 0, 0, UINT64_MAX, &b), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"0 bytes"}));
+  EXPECT_EQ(dmakit_buffer_alloc(ctx_, 4096, 3000, 0, UINT64_MAX, &b), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"alignment 3000"}));
+  EXPECT_EQ(dmakit_buffer_alloc(ctx_, 8192, 0, 0, 4095, &b), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"0xfff"}));
+  EXPECT_EQ(b, nullptr);
+
+  for (dmakit_buffer* bad : {static_cast<dmakit_buffer*>(nullptr), kGarbageBuffer}) {
+    EXPECT_EQ(dmakit_buffer_iova(bad), 0u);
+    EXPECT_TRUE(says({"dmakit_buffer_iova", "not a live buffer"}));
+    EXPECT_EQ(dmakit_buffer_size(bad), 0u);
+    EXPECT_EQ(dmakit_buffer_vaddr(bad), nullptr);
+    EXPECT_EQ(dmakit_buffer_at(bad, 0), nullptr);
+    size_t n = 0;
+    EXPECT_EQ(dmakit_buffer_segments(bad, nullptr, 0, &n), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_buffer_free(bad), DMAKIT_EINVAL);
+  }
+  ASSERT_EQ(dmakit_buffer_alloc(ctx_, 4096, 0, 0, UINT64_MAX, &b), DMAKIT_OK);
+  EXPECT_EQ(dmakit_buffer_segments(b, nullptr, 0, nullptr), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"count is NULL"}));
+  size_t n = 0;
+  EXPECT_EQ(dmakit_buffer_segments(b, nullptr, 1, &n), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"segs is NULL"}));
+  EXPECT_EQ(dmakit_buffer_segments(b, nullptr, 0, &n), DMAKIT_ENOSPC);
+  EXPECT_EQ(n, 1u);
+  EXPECT_EQ(dmakit_buffer_free(b), DMAKIT_OK);
+  // A freed handle is stale for every call, even once its slot is reused.
+  dmakit_buffer* reuse = nullptr;
+  ASSERT_EQ(dmakit_buffer_alloc(ctx_, 4096, 0, 0, UINT64_MAX, &reuse), DMAKIT_OK);
+  EXPECT_NE(reuse, b);
+  EXPECT_EQ(dmakit_buffer_iova(b), 0u);
+  EXPECT_EQ(dmakit_buffer_free(b), DMAKIT_EINVAL);
+  EXPECT_NE(dmakit_buffer_iova(reuse), 0u) << "the stale free must not have touched the new buffer";
+  EXPECT_EQ(dmakit_buffer_free(reuse), DMAKIT_OK);
+  still_works();
+}
+
+TEST_F(CApi, CallerMemoryIsMappedLookedUpAndUnmappedAtOnce) {
+  const size_t len = 3 * 4096;
+  void* mem = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(mem, MAP_FAILED);
+  char* unaligned = static_cast<char*>(mem) + 100;
+  uint64_t iova = 0;
+  ASSERT_EQ(dmakit_mem_map(ctx_, unaligned, 5000, 0, UINT64_MAX, &iova), DMAKIT_OK) << last();
+  EXPECT_EQ(iova % 4096, 100u);
+  uint64_t got = 0, run = 0;
+  ASSERT_EQ(dmakit_vtophys(ctx_, unaligned + 4000, &got, &run), DMAKIT_OK) << last();
+  EXPECT_EQ(got, iova + 4000);
+  EXPECT_EQ(run, 2 * 4096 - 100 - 4000) << "to the end of the mapped pages";
+  dmakit_ctx_stats st{};
+  st.struct_size = sizeof st;
+  ASSERT_EQ(dmakit_ctx_get_stats(ctx_, &st), DMAKIT_OK);
+  EXPECT_EQ(st.caller_maps, 1u);
+  EXPECT_EQ(st.caller_map_bytes, 2 * 4096u);
+
+  EXPECT_EQ(dmakit_mem_map(ctx_, static_cast<char*>(mem) + 4096, 10, 0, UINT64_MAX, &got), DMAKIT_EEXIST);
+  EXPECT_TRUE(says({"shares a page"}));
+  EXPECT_EQ(dmakit_mem_map(ctx_, nullptr, 10, 0, UINT64_MAX, &got), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_mem_map(ctx_, mem, 0, 0, UINT64_MAX, &got), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_mem_map(ctx_, mem, 10, DMAKIT_BUF_ZEROED, UINT64_MAX, &got), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"flag bits 0x1"}));
+  EXPECT_EQ(dmakit_mem_map(ctx_, mem, 10, 0, UINT64_MAX, nullptr), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_mem_map(nullptr, mem, 10, 0, UINT64_MAX, &got), DMAKIT_EINVAL);
+  dmakit_buffer* b = nullptr;
+  ASSERT_EQ(dmakit_buffer_alloc(ctx_, 4096, 0, 0, UINT64_MAX, &b), DMAKIT_OK);
+  EXPECT_EQ(dmakit_mem_map(ctx_, dmakit_buffer_vaddr(b), 4096, 0, UINT64_MAX, &got), DMAKIT_EEXIST);
+  EXPECT_TRUE(says({"memory dmakit already maps"}));
+  EXPECT_EQ(dmakit_buffer_free(b), DMAKIT_OK);
+
+  EXPECT_EQ(dmakit_mem_unmap(ctx_, mem), DMAKIT_ENOTFOUND) << "not the address that was mapped";
+  EXPECT_TRUE(says({"not an address given to map_memory"}));
+  ASSERT_EQ(dmakit_ctx_get_stats(ctx_, &st), DMAKIT_OK);
+  const uint64_t maps_before = st.mappings;
+  ASSERT_EQ(dmakit_mem_unmap(ctx_, unaligned), DMAKIT_OK) << last();
+  ASSERT_EQ(dmakit_ctx_get_stats(ctx_, &st), DMAKIT_OK);
+  EXPECT_EQ(st.mappings, maps_before - 1) << "unmapped before the call returned";
+  EXPECT_EQ(st.caller_maps, 0u);
+  EXPECT_EQ(dmakit_vtophys(ctx_, unaligned, &got, &run), DMAKIT_ENOTFOUND);
+  EXPECT_TRUE(says({"not memory dmakit maps"}));
+  EXPECT_EQ(dmakit_mem_unmap(ctx_, unaligned), DMAKIT_ENOTFOUND) << "unmapped twice";
+  EXPECT_EQ(dmakit_vtophys(ctx_, mem, nullptr, &run), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_vtophys(kGarbageCtx, mem, &got, &run), DMAKIT_EINVAL);
+  ::munmap(mem, len);
+  still_works();
+}
+
+TEST_F(CApi, PoolsZeroedBulkLimitStatsAndEveryMisuse) {
+  dmakit_pool_params p;
+  dmakit_pool_params_init(&p, "prp", 4096);
+  p.align = 4096;
+  p.dma_limit = 0xffffffff;
+  dmakit_pool* pool = nullptr;
+  ASSERT_EQ(dmakit_pool_create_with(ctx_, &p, &pool), DMAKIT_OK) << last();
+
+  void* va = nullptr;
+  uint64_t iova = 0;
+  ASSERT_EQ(dmakit_pool_alloc(pool, &va, &iova), DMAKIT_OK);
+  std::memset(va, 0xee, 4096);
+  ASSERT_EQ(dmakit_pool_free(pool, va, iova), DMAKIT_OK);
+  ASSERT_EQ(dmakit_pool_alloc_zeroed(pool, &va, &iova), DMAKIT_OK);
+  auto* bytes = static_cast<unsigned char*>(va);
+  EXPECT_EQ(bytes[0], 0);
+  EXPECT_EQ(bytes[4095], 0);
+  EXPECT_LE(iova + 4095, 0xffffffffu);
+  uint64_t looked = 0;
+  ASSERT_EQ(dmakit_vtophys(ctx_, bytes + 17, &looked, nullptr), DMAKIT_OK);
+  EXPECT_EQ(looked, iova + 17) << "pool blocks translate";
+  EXPECT_EQ(dmakit_pool_free(pool, va, iova + 4096), DMAKIT_ECORRUPTED) << "wrong IOVA";
+  EXPECT_EQ(dmakit_pool_free(pool, va, iova), DMAKIT_OK);
+  EXPECT_EQ(dmakit_pool_free(pool, va, iova), DMAKIT_ECORRUPTED) << "double free";
+  EXPECT_FALSE(last().empty());
+
+  std::vector<void*> vas(100);
+  std::vector<uint64_t> iovas(100);
+  ASSERT_EQ(dmakit_pool_alloc_bulk(pool, 100, vas.data(), iovas.data()), DMAKIT_OK) << last();
+  dmakit_pool_stats ps{};
+  ps.struct_size = sizeof ps;
+  ASSERT_EQ(dmakit_pool_get_stats(pool, &ps), DMAKIT_OK) << last();
+  EXPECT_EQ(ps.active, 100u);
+  EXPECT_EQ(ps.size, 4096u);
+  EXPECT_EQ(ps.validation_failures, 2u);
+  std::swap(vas[10], vas[11]);  // two bad pairs among 100
+  EXPECT_EQ(dmakit_pool_free_bulk(pool, 100, vas.data(), iovas.data()), DMAKIT_ECORRUPTED);
+  ASSERT_EQ(dmakit_pool_get_stats(pool, &ps), DMAKIT_OK);
+  EXPECT_EQ(ps.active, 2u) << "the 98 good ones were freed";
+  std::swap(vas[10], vas[11]);
+  void* const two_va[] = {vas[10], vas[11]};
+  const uint64_t two_iova[] = {iovas[10], iovas[11]};
+  EXPECT_EQ(dmakit_pool_free_bulk(pool, 2, two_va, two_iova), DMAKIT_OK) << last();
+  EXPECT_EQ(dmakit_pool_alloc_bulk(pool, 0, nullptr, nullptr), DMAKIT_OK);
+
+  // Misuse of each pool call.
+  EXPECT_EQ(dmakit_pool_alloc(pool, nullptr, &iova), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"dmakit_pool_alloc", "NULL"}));
+  EXPECT_EQ(dmakit_pool_alloc_zeroed(pool, &va, nullptr), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_pool_alloc_bulk(pool, 3, nullptr, iovas.data()), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_pool_free_bulk(pool, 3, vas.data(), nullptr), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_pool_get_stats(pool, nullptr), DMAKIT_EINVAL);
+  ps.struct_size = 4;
+  EXPECT_EQ(dmakit_pool_get_stats(pool, &ps), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"struct_size is 4"}));
+  for (dmakit_pool* bad : {static_cast<dmakit_pool*>(nullptr), kGarbagePool}) {
+    EXPECT_EQ(dmakit_pool_alloc(bad, &va, &iova), DMAKIT_EINVAL);
+    EXPECT_TRUE(says({"dmakit_pool_alloc", "not a live pool"}));
+    EXPECT_EQ(dmakit_pool_alloc_zeroed(bad, &va, &iova), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_pool_free(bad, va, iova), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_pool_alloc_bulk(bad, 1, vas.data(), iovas.data()), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_pool_free_bulk(bad, 1, vas.data(), iovas.data()), DMAKIT_EINVAL);
+    ps.struct_size = sizeof ps;
+    EXPECT_EQ(dmakit_pool_get_stats(bad, &ps), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_pool_destroy(bad), DMAKIT_EINVAL);
+  }
+  EXPECT_EQ(dmakit_pool_destroy(pool), DMAKIT_OK) << last();
+  EXPECT_EQ(dmakit_pool_destroy(pool), DMAKIT_EINVAL) << "destroyed twice";
+  EXPECT_EQ(dmakit_pool_alloc(pool, &va, &iova), DMAKIT_EINVAL) << "used after destroy";
+
+  // Creation errors.
+  dmakit_pool* q = nullptr;
+  EXPECT_EQ(dmakit_pool_create(ctx_, "bad", 100, 3, 0, &q), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"3"}));
+  EXPECT_EQ(dmakit_pool_create(ctx_, nullptr, 64, 64, 0, &q), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"name is NULL"}));
+  EXPECT_EQ(dmakit_pool_create(ctx_, "x", 64, 64, 0, nullptr), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_pool_create(kGarbageCtx, "x", 64, 64, 0, &q), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_pool_create_with(ctx_, nullptr, &q), DMAKIT_EINVAL);
+  dmakit_pool_params_init(&p, "flags", 64);
+  p.flags = 0x100;
+  EXPECT_EQ(dmakit_pool_create_with(ctx_, &p, &q), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"unknown flag bits 0x100"}));
+  p.flags = 0;
+  p.struct_size = 1;
+  EXPECT_EQ(dmakit_pool_create_with(ctx_, &p, &q), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"dmakit_pool_params_init"}));
+  ASSERT_EQ(dmakit_pool_create(ctx_, "dup", 64, 64, 0, &q), DMAKIT_OK);
+  dmakit_pool* q2 = nullptr;
+  EXPECT_EQ(dmakit_pool_create(ctx_, "dup", 64, 64, 0, &q2), DMAKIT_EEXIST);
+  EXPECT_TRUE(says({"'dup' already exists"}));
+  EXPECT_EQ(dmakit_pool_destroy(q), DMAKIT_OK);
+  still_works();
+}
+
+TEST_F(CApi, ContextCallsRefuseBadInput) {
+  dmakit_ctx_stats st{};
+  EXPECT_EQ(dmakit_ctx_get_stats(ctx_, &st), DMAKIT_EINVAL) << "struct_size 0";
+  EXPECT_TRUE(says({"struct_size is 0"}));
+  EXPECT_EQ(dmakit_ctx_get_stats(ctx_, nullptr), DMAKIT_EINVAL);
+  st.struct_size = sizeof st;
+  EXPECT_EQ(dmakit_ctx_get_stats(kGarbageCtx, &st), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_ctx_flush(nullptr), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"dmakit_ctx_flush", "not a live context"}));
+  EXPECT_EQ(dmakit_mem_unmap(nullptr, &st), DMAKIT_EINVAL);
+
+  // A freed buffer's IOVA range is stale until the flush; then it is unmapped.
+  dmakit_buffer* b = nullptr;
+  ASSERT_EQ(dmakit_buffer_alloc(ctx_, 4096, 0, 0, UINT64_MAX, &b), DMAKIT_OK);
+  ASSERT_EQ(dmakit_buffer_free(b), DMAKIT_OK);
+  ASSERT_EQ(dmakit_ctx_flush(ctx_), DMAKIT_OK) << last();
+  ASSERT_EQ(dmakit_ctx_get_stats(ctx_, &st), DMAKIT_OK);
+  EXPECT_EQ(st.iova_stale_pages, 0u);
+  still_works();
+}
+
+TEST(CApiLifetime, PoolsAndBuffersOfADestroyedContextAreRefused) {
+  dmakit_settings s;
+  dmakit_settings_init(&s);
+  s.backend = "sim";
+  s.eal_mode = "nohuge";
+  dmakit_ctx* ctx = nullptr;
+  ASSERT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_OK) << last();
+  dmakit_pool* pool = nullptr;
+  ASSERT_EQ(dmakit_pool_create(ctx, "sqe", 64, 64, 0, &pool), DMAKIT_OK);
+  dmakit_buffer* b = nullptr;
+  ASSERT_EQ(dmakit_buffer_alloc(ctx, 4096, 0, 0, UINT64_MAX, &b), DMAKIT_OK);
+  void* va = nullptr;
+  uint64_t iova = 0;
+  ASSERT_EQ(dmakit_pool_alloc(pool, &va, &iova), DMAKIT_OK);
+  ASSERT_EQ(dmakit_pool_free(pool, va, iova), DMAKIT_OK);
+  ASSERT_EQ(dmakit_ctx_destroy(ctx), DMAKIT_OK);
+
+  EXPECT_EQ(dmakit_pool_alloc(pool, &va, &iova), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"not a live pool", "context was destroyed"}));
+  EXPECT_EQ(dmakit_pool_destroy(pool), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_buffer_iova(b), 0u);
+  EXPECT_TRUE(says({"context was destroyed"}));
+  EXPECT_EQ(dmakit_buffer_free(b), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"context was destroyed", "released"}));
+  EXPECT_EQ(dmakit_buffer_free(b), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"not a live buffer"}));
+
+  // A new context works, and the old handles stay stale in it.
+  ASSERT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_OK) << last();
+  dmakit_pool* fresh = nullptr;
+  ASSERT_EQ(dmakit_pool_create(ctx, "sqe", 64, 64, 0, &fresh), DMAKIT_OK);
+  EXPECT_NE(fresh, pool);
+  EXPECT_EQ(dmakit_pool_alloc(pool, &va, &iova), DMAKIT_EINVAL);
+  ASSERT_EQ(dmakit_pool_alloc(fresh, &va, &iova), DMAKIT_OK);
+  ASSERT_EQ(dmakit_pool_free(fresh, va, iova), DMAKIT_OK);
+  EXPECT_EQ(dmakit_ctx_destroy(ctx), DMAKIT_OK);
+}
