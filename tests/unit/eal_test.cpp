@@ -6,11 +6,14 @@
 #include <rte_log.h>
 #include <rte_malloc.h>
 #include <spdlog/sinks/ostream_sink.h>
+#include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "base/eal.hpp"
 #include "base/log.hpp"
@@ -60,13 +63,38 @@ namespace {
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   if (rte_eal_init(static_cast<int>(argv.size()), argv.data()) < 0) finish(1);
+  FILE* app_stream = rte_log_get_stream();
   auto info = base::ensure_eal(base::EalSettings{});
   if (!info) finish(2);
   if ((*info)->started_by_dmakit) finish(3);
   if ((*info)->reason.find("already started by the application") == std::string::npos) finish(4);
+  if (rte_log_get_stream() != app_stream) finish(5);  // the application's log stays where it was
   std::string dir = rte_eal_get_runtime_dir();
   rte_eal_cleanup();
   std::filesystem::remove_all(dir);  // the application's EAL: the application cleans up
+  finish(0);
+}
+
+cpu_set_t affinity() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  pthread_getaffinity_np(pthread_self(), sizeof set, &set);
+  return set;
+}
+
+[[noreturn]] void child_LeavesTheCallersCpuAffinityAlone() {
+  const cpu_set_t before = affinity();
+  if (CPU_COUNT(&before) < 2) finish(10);  // nothing to tell apart on one CPU
+  base::EalSettings s;
+  s.mode = "nohuge";
+  s.memory_mb = 64;
+  if (!base::ensure_eal(s)) finish(1);
+  cpu_set_t after = affinity();
+  if (!CPU_EQUAL(&before, &after)) finish(2);
+  // A thread the application starts afterwards may run on every CPU it could before.
+  cpu_set_t seen;
+  std::thread([&] { seen = affinity(); }).join();
+  if (!CPU_EQUAL(&before, &seen)) finish(3);
   finish(0);
 }
 
@@ -149,6 +177,10 @@ TEST(EalOwner, StartsOnHugepagesWhenReserved) {
 
 TEST(EalOwner, ReusesTheApplicationsEal) {
   EXPECT_EXIT(child_ReusesTheApplicationsEal(), ::testing::ExitedWithCode(0), "");
+}
+
+TEST(EalOwner, LeavesTheCallersCpuAffinityAlone) {
+  EXPECT_EXIT(child_LeavesTheCallersCpuAffinityAlone(), ::testing::ExitedWithCode(0), "");
 }
 
 TEST(EalLog, EalMessagesReachTheDmakitLogger) {
