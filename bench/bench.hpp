@@ -7,7 +7,7 @@
 
 #include "base/json.hpp"
 #include "core/context.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::bench {
 

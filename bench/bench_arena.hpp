@@ -7,7 +7,7 @@
 #include <cstdint>
 
 #include "base/json.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 #include "iommu/domain.hpp"
 
 namespace dmakit::bench {

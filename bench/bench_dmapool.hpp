@@ -8,7 +8,7 @@
 
 #include "base/config.hpp"
 #include "base/json.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 #include "pool/dma_pool.hpp"
 
 namespace dmakit::bench {

@@ -1,14 +1,15 @@
-// dmakit error model: every fallible call returns Result<T> (std::expected)
-// whose error names the object involved (path, BDF, size, ioctl) and, where
-// the kernel said no, the errno and its text. Nothing throws across the API.
-#pragma once
+// dmakit's error model, shared by the C++ API and the library: every
+// fallible call returns Result<T> (std::expected) whose error names the
+// object involved (path, BDF, size, ioctl) and, where the kernel said no,
+// the errno and its text. Nothing throws across the API. Header-only and
+// free of any dependency but the standard library.
+#ifndef DMAKIT_ERROR_HPP
+#define DMAKIT_ERROR_HPP
 
-#include <cerrno>
+#include <cstring>
 #include <expected>
-#include <fmt/format.h>
 #include <string>
 #include <string_view>
-#include <utility>
 
 namespace dmakit {
 
@@ -29,10 +30,25 @@ enum class Errc : int {
   internal,              // a dmakit bug; please report
 };
 
-std::string_view errc_name(Errc e) noexcept;
-
-// Maps an errno value to the closest Errc.
-Errc errc_from_errno(int err) noexcept;
+inline std::string_view errc_name(Errc e) noexcept {
+  switch (e) {
+    case Errc::invalid_argument: return "invalid_argument";
+    case Errc::not_found: return "not_found";
+    case Errc::permission: return "permission";
+    case Errc::busy: return "busy";
+    case Errc::exists: return "exists";
+    case Errc::no_memory: return "no_memory";
+    case Errc::no_space: return "no_space";
+    case Errc::unsupported: return "unsupported";
+    case Errc::not_viable: return "not_viable";
+    case Errc::fault: return "fault";
+    case Errc::corrupted: return "corrupted";
+    case Errc::io: return "io";
+    case Errc::timeout: return "timeout";
+    case Errc::internal: return "internal";
+  }
+  return "unknown";
+}
 
 struct Error {
   Errc code = Errc::internal;
@@ -40,49 +56,16 @@ struct Error {
   std::string message;
 
   // "message" or "message: <strerror> (errno N)".
-  std::string what() const;
+  std::string what() const {
+    if (sys_errno == 0) return message;
+    return message + ": " + std::strerror(sys_errno) + " (errno " + std::to_string(sys_errno) + ")";
+  }
 };
 
 template <class T>
 using Result = std::expected<T, Error>;
 using Status = std::expected<void, Error>;
 
-inline std::unexpected<Error> fail(Errc code, std::string message) {
-  return std::unexpected(Error{code, 0, std::move(message)});
-}
-
-template <class... Args>
-std::unexpected<Error> fail(Errc code, fmt::format_string<Args...> f, Args&&... args) {
-  return std::unexpected(Error{code, 0, fmt::format(f, std::forward<Args>(args)...)});
-}
-
-// Error from an errno value; the message should name the call and the object,
-// e.g. fail_errno(errno, "VFIO_GROUP_GET_STATUS on /dev/vfio/7").
-inline std::unexpected<Error> fail_errno(int err, std::string message) {
-  return std::unexpected(Error{errc_from_errno(err), err, std::move(message)});
-}
-
-template <class... Args>
-std::unexpected<Error> fail_errno(int err, fmt::format_string<Args...> f, Args&&... args) {
-  return std::unexpected(
-      Error{errc_from_errno(err), err, fmt::format(f, std::forward<Args>(args)...)});
-}
-
-inline Status ok() { return {}; }
-
-// Prefixes context onto an error travelling up: "while X: <inner message>".
-inline Error with_context(Error e, std::string_view context) {
-  e.message = std::string(context) + ": " + e.message;
-  return e;
-}
-
 }  // namespace dmakit
 
-// Propagates the error of a Result expression, or yields its value
-// (a GNU statement expression: GCC and Clang, which is all dmakit targets).
-#define DMAKIT_TRY(expr)                                      \
-  __extension__({                                             \
-    auto&& dmakit_try_r_ = (expr);                            \
-    if (!dmakit_try_r_) return std::unexpected(std::move(dmakit_try_r_).error()); \
-    std::move(dmakit_try_r_).value();                         \
-  })
+#endif  // DMAKIT_ERROR_HPP

@@ -53,7 +53,7 @@
 
 #include "alloc_buffer/memory_source.hpp"
 #include "base/config.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 #include "iommu/iova_arena.hpp"
 
 namespace dmakit::alloc_buffer {

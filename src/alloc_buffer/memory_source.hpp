@@ -33,7 +33,7 @@
 #include <string>
 #include <string_view>
 
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::alloc_buffer {
 

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::base {
 

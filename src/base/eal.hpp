@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "base/config.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::base {
 

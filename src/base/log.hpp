@@ -8,7 +8,7 @@
 #include <optional>
 #include <string_view>
 
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::base {
 

@@ -22,7 +22,7 @@
 #include <string>
 #include <string_view>
 
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::base {
 

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "base/config.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "iommu/domain.hpp"
 #include "iommu/iova_arena.hpp"

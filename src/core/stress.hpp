@@ -13,7 +13,7 @@
 
 #include "base/config.hpp"
 #include "core/context.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::core {
 

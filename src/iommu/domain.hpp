@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 #include "iommu/host_index.hpp"
 
 namespace dmakit::iommu {

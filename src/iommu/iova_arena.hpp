@@ -74,7 +74,7 @@
 #include <vector>
 
 #include "base/config.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 #include "iommu/domain.hpp"
 
 namespace dmakit::iommu {

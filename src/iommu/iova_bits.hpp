@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <thread>
 
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::iommu::detail {
 

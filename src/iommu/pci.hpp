@@ -32,7 +32,7 @@
 #include <string_view>
 #include <vector>
 
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::iommu::pci {
 

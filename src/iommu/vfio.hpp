@@ -39,7 +39,7 @@
 #include <vector>
 
 #include "base/fd.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 #include "iommu/domain.hpp"
 #include "iommu/pci.hpp"
 

@@ -70,7 +70,7 @@
 #include <string>
 #include <vector>
 
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::alloc_buffer {
 class BufferAllocator;

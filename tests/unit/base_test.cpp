@@ -4,7 +4,7 @@
 #include "base/config.hpp"
 #include "base/json.hpp"
 #include "base/log.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 using namespace dmakit;
 

@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "dmakit/dmakit.h"
-#include "iommu/sim_domain.hpp"
 
 namespace {
 

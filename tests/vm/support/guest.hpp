@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "base/fd.hpp"
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 
 namespace dmakit::vmtest {
 

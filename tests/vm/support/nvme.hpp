@@ -19,7 +19,7 @@
 #include <string>
 #include <string_view>
 
-#include "dmakit/error.hpp"
+#include "base/error.hpp"
 #include "iommu/vfio.hpp"
 
 namespace dmakit::vmtest {

@@ -1,0 +1,289 @@
+// dmakit C++ API: RAII types over the C API's handles (dmakit.h).
+//
+// Every type here owns one C handle and frees it in its destructor; all are
+// move-only. Errors are values: Result<T> (std::expected) carrying a
+// dmakit::Error with the code and the message dmakit_last_error() gave.
+// Nothing throws. The types expose only dmakit.h: no DPDK, spdlog, CLI11
+// or fmt reaches a program that includes this header, and the library's
+// ABI is the C one.
+//
+// Lifetimes: a Context owns its IOMMU domain and everything allocated in
+// it. Destroy Buffers and Pools before their Context; one that outlives it
+// holds a stale handle, and its calls return Errc::invalid_argument (never a
+// crash), but its memory is not reused until the process ends.
+//
+// The DMA contract and thread-safety rules are those of dmakit.h: from the
+// moment an IOVA is returned the device may read and write that memory at
+// any time until it is freed; calls on different objects may run
+// concurrently, and a Pool may be used from many threads at once.
+#ifndef DMAKIT_DMAKIT_HPP
+#define DMAKIT_DMAKIT_HPP
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "dmakit/dmakit.h"
+#include "dmakit/error.hpp"
+
+namespace dmakit {
+
+namespace detail {
+// The error of a failed C call: its code and this thread's last message.
+inline Error c_error(int rc) { return Error{static_cast<Errc>(-rc), 0, dmakit_last_error()}; }
+}  // namespace detail
+
+// One block of a DMA pool: its host address and the IOVA the device uses.
+struct Block {
+  void* vaddr = nullptr;
+  uint64_t iova = 0;
+};
+
+// What dmakit_vtophys answers: the IOVA of an address and how many bytes
+// from there are contiguous in host memory and IOVA.
+struct Translation {
+  uint64_t iova = 0;
+  uint64_t len = 0;
+};
+
+// Buffer request options; see dmakit_buffer_alloc.
+struct BufferOptions {
+  uint64_t align = 0;           // IOVA alignment, a power of two; 0 = 4 KiB
+  bool zeroed = false;
+  bool device_read = true;      // the device may read it
+  bool device_write = true;     // the device may write it
+  uint64_t dma_limit = UINT64_MAX;  // highest IOVA any byte may have
+};
+
+// A DMA buffer: host memory with one contiguous IOVA range. Freed (returned
+// for reuse) by its destructor.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(dmakit_buffer* h) : h_(h) {}
+  Buffer(Buffer&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+  ~Buffer() { reset(); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  explicit operator bool() const { return h_ != nullptr; }
+  uint64_t iova() const { return dmakit_buffer_iova(h_); }
+  uint64_t size() const { return dmakit_buffer_size(h_); }
+  void* vaddr() const { return dmakit_buffer_vaddr(h_); }
+  // Host address of byte offset; nullptr past the end.
+  void* at(uint64_t offset) const { return dmakit_buffer_at(h_, offset); }
+  // Pieces contiguous in host memory and IOVA, in IOVA order.
+  Result<std::vector<dmakit_segment>> segments() const {
+    size_t n = 0;
+    int rc = dmakit_buffer_segments(h_, nullptr, 0, &n);
+    if (rc != DMAKIT_OK && rc != DMAKIT_ENOSPC) return std::unexpected(detail::c_error(rc));
+    std::vector<dmakit_segment> out(n);
+    rc = dmakit_buffer_segments(h_, out.data(), out.size(), &n);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return out;
+  }
+  // Frees the buffer now; the device must no longer use its IOVA.
+  Status free() {
+    if (h_ == nullptr) return {};
+    int rc = dmakit_buffer_free(std::exchange(h_, nullptr));
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return {};
+  }
+  dmakit_buffer* c_handle() const { return h_; }
+
+ private:
+  void reset() {
+    if (h_ != nullptr) (void)dmakit_buffer_free(std::exchange(h_, nullptr));
+  }
+  dmakit_buffer* h_ = nullptr;
+};
+
+// A DMA pool of fixed-size blocks (the kernel's dma_pool semantics).
+// Destroyed by its destructor; blocks still allocated then stay reserved.
+class Pool {
+ public:
+  Pool() = default;
+  explicit Pool(dmakit_pool* h) : h_(h) {}
+  Pool(Pool&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Pool& operator=(Pool&& o) noexcept {
+    if (this != &o) {
+      reset();
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+  ~Pool() { reset(); }
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  explicit operator bool() const { return h_ != nullptr; }
+  // O(1), no lock or allocation on the common path; any thread.
+  Result<Block> alloc() {
+    Block b;
+    int rc = dmakit_pool_alloc(h_, &b.vaddr, &b.iova);
+    if (rc != DMAKIT_OK) [[unlikely]]
+      return std::unexpected(detail::c_error(rc));
+    return b;
+  }
+  Result<Block> alloc_zeroed() {
+    Block b;
+    int rc = dmakit_pool_alloc_zeroed(h_, &b.vaddr, &b.iova);
+    if (rc != DMAKIT_OK) [[unlikely]]
+      return std::unexpected(detail::c_error(rc));
+    return b;
+  }
+  // Validated: a double free, foreign address or wrong IOVA is
+  // Errc::corrupted and changes nothing.
+  Status free(const Block& b) { return free(b.vaddr, b.iova); }
+  Status free(void* vaddr, uint64_t iova) {
+    int rc = dmakit_pool_free(h_, vaddr, iova);
+    if (rc != DMAKIT_OK) [[unlikely]]
+      return std::unexpected(detail::c_error(rc));
+    return {};
+  }
+  Result<dmakit_pool_stats> stats() const {
+    dmakit_pool_stats s{};
+    s.struct_size = sizeof s;
+    int rc = dmakit_pool_get_stats(h_, &s);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return s;
+  }
+  dmakit_pool* c_handle() const { return h_; }
+
+ private:
+  void reset() {
+    if (h_ != nullptr) (void)dmakit_pool_destroy(std::exchange(h_, nullptr));
+  }
+  dmakit_pool* h_ = nullptr;
+};
+
+// One IOMMU domain and everything allocated in it.
+class Context {
+ public:
+  // From a settings struct (fill it with dmakit_settings_init first).
+  static Result<Context> create(const dmakit_settings& s) {
+    dmakit_ctx* h = nullptr;
+    int rc = dmakit_ctx_create_with(&s, &h);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return Context(h);
+  }
+  // From a TOML file ("" for the defaults) plus overrides such as
+  // {"--iommu.backend", "sim"}.
+  static Result<Context> create(const std::string& config_file, std::span<const std::string> overrides = {}) {
+    std::vector<const char*> argv;
+    argv.reserve(overrides.size());
+    for (const auto& o : overrides) argv.push_back(o.c_str());
+    dmakit_ctx* h = nullptr;
+    int rc = dmakit_ctx_create(config_file.empty() ? nullptr : config_file.c_str(), static_cast<int>(argv.size()),
+                               argv.empty() ? nullptr : argv.data(), &h);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return Context(h);
+  }
+
+  Context(Context&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Context& operator=(Context&& o) noexcept {
+    if (this != &o) {
+      reset();
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+  ~Context() { reset(); }
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  // "sim", "vfio-type1v2" or "vfio-type1".
+  std::string_view backend() const {
+    const char* b = dmakit_ctx_backend(h_);
+    return b != nullptr ? b : "";
+  }
+
+  Result<Buffer> alloc_buffer(uint64_t len, const BufferOptions& o = {}) {
+    if (!o.device_read && !o.device_write)
+      return std::unexpected(Error{Errc::invalid_argument, 0,
+                                   "alloc_buffer: BufferOptions lets the device neither read nor write"});
+    uint32_t flags = (o.zeroed ? DMAKIT_BUF_ZEROED : 0u) | (o.device_read ? DMAKIT_BUF_DEVICE_READ : 0u) |
+                     (o.device_write ? DMAKIT_BUF_DEVICE_WRITE : 0u);
+    dmakit_buffer* b = nullptr;
+    int rc = dmakit_buffer_alloc(h_, len, o.align, flags, o.dma_limit, &b);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return Buffer(b);
+  }
+
+  // A pool of size-byte blocks aligned to align, none crossing a multiple of
+  // boundary (0 = none).
+  Result<Pool> create_pool(const std::string& name, size_t size, size_t align = 0, size_t boundary = 0) {
+    dmakit_pool_params p;
+    dmakit_pool_params_init(&p, name.c_str(), size);
+    p.align = align;
+    p.boundary = boundary;
+    return create_pool(p);
+  }
+  Result<Pool> create_pool(const dmakit_pool_params& p) {
+    dmakit_pool* h = nullptr;
+    int rc = dmakit_pool_create_with(h_, &p, &h);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return Pool(h);
+  }
+
+  // The IOVA of any host address this context maps (as spdk_vtophys).
+  Result<Translation> vtophys(const void* vaddr) const {
+    Translation t;
+    int rc = dmakit_vtophys(h_, vaddr, &t.iova, &t.len);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return t;
+  }
+
+  // Maps caller memory for the device: one mapping entry per call; see
+  // dmakit_mem_map. Returns the IOVA of vaddr.
+  Result<uint64_t> map_memory(void* vaddr, uint64_t len, uint64_t dma_limit = UINT64_MAX) {
+    uint64_t iova = 0;
+    int rc = dmakit_mem_map(h_, vaddr, len, 0, dma_limit, &iova);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return iova;
+  }
+  // Unmapped when it returns: the memory may be freed.
+  Status unmap_memory(void* vaddr) {
+    int rc = dmakit_mem_unmap(h_, vaddr);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return {};
+  }
+
+  // Unmaps every lazily freed IOVA range now.
+  Status flush() {
+    int rc = dmakit_ctx_flush(h_);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return {};
+  }
+
+  Result<dmakit_ctx_stats> stats() const {
+    dmakit_ctx_stats s{};
+    s.struct_size = sizeof s;
+    int rc = dmakit_ctx_get_stats(h_, &s);
+    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return s;
+  }
+
+  dmakit_ctx* c_handle() const { return h_; }
+
+ private:
+  explicit Context(dmakit_ctx* h) : h_(h) {}
+  void reset() {
+    if (h_ != nullptr) (void)dmakit_ctx_destroy(std::exchange(h_, nullptr));
+  }
+  dmakit_ctx* h_ = nullptr;
+};
+
+}  // namespace dmakit
+
+#endif  // DMAKIT_DMAKIT_HPP
