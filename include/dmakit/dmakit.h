@@ -15,6 +15,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <dmakit/export.h>
+#include <dmakit/version.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -42,33 +45,42 @@ typedef struct dmakit_ctx dmakit_ctx;
 typedef struct dmakit_buffer dmakit_buffer;
 typedef struct dmakit_pool dmakit_pool;
 
+/**
+ * @brief The version of the dmakit library loaded at run time.
+ *
+ * @return "MAJOR.MINOR.PATCH", a static string. Compare it with
+ *         DMAKIT_VERSION_STRING (dmakit/version.h), the version of the
+ *         headers compiled against.
+ */
+DMAKIT_API const char* dmakit_version(void);
+
 /* The message of the last failed call on this thread ("" if none). */
-const char* dmakit_last_error(void);
+DMAKIT_API const char* dmakit_last_error(void);
 
 /* config_path: a TOML file as config/dmakit.toml, or NULL for the defaults.
  * argv-style overrides ("--arena.strict", "true", ...) may follow: argc/argv
  * may be 0/NULL. */
-int dmakit_ctx_create(const char* config_path, int argc, const char* const* argv, dmakit_ctx** out);
-void dmakit_ctx_destroy(dmakit_ctx* ctx);
+DMAKIT_API int dmakit_ctx_create(const char* config_path, int argc, const char* const* argv, dmakit_ctx** out);
+DMAKIT_API void dmakit_ctx_destroy(dmakit_ctx* ctx);
 
 #define DMAKIT_BUF_ZEROED 0x1u
 
 /* A DMA buffer of len bytes with one contiguous IOVA range; dma_limit is the
  * highest IOVA any byte may have (UINT64_MAX for none). */
-int dmakit_buffer_alloc(dmakit_ctx* ctx, uint64_t len, uint32_t flags, uint64_t dma_limit,
-                        dmakit_buffer** out);
-uint64_t dmakit_buffer_iova(const dmakit_buffer* b);
-uint64_t dmakit_buffer_size(const dmakit_buffer* b);
+DMAKIT_API int dmakit_buffer_alloc(dmakit_ctx* ctx, uint64_t len, uint32_t flags, uint64_t dma_limit,
+                                   dmakit_buffer** out);
+DMAKIT_API uint64_t dmakit_buffer_iova(const dmakit_buffer* b);
+DMAKIT_API uint64_t dmakit_buffer_size(const dmakit_buffer* b);
 /* Host address of byte `offset`, or NULL past the end. */
-void* dmakit_buffer_at(const dmakit_buffer* b, uint64_t offset);
-void dmakit_buffer_free(dmakit_buffer* b);
+DMAKIT_API void* dmakit_buffer_at(const dmakit_buffer* b, uint64_t offset);
+DMAKIT_API void dmakit_buffer_free(dmakit_buffer* b);
 
-int dmakit_pool_create(dmakit_ctx* ctx, const char* name, size_t size, size_t align, size_t boundary,
-                       dmakit_pool** out);
-int dmakit_pool_alloc(dmakit_pool* pool, void** vaddr, uint64_t* iova);
+DMAKIT_API int dmakit_pool_create(dmakit_ctx* ctx, const char* name, size_t size, size_t align,
+                                  size_t boundary, dmakit_pool** out);
+DMAKIT_API int dmakit_pool_alloc(dmakit_pool* pool, void** vaddr, uint64_t* iova);
 /* Validated: a double free, foreign pointer or wrong IOVA returns DMAKIT_ECORRUPTED. */
-int dmakit_pool_free(dmakit_pool* pool, void* vaddr, uint64_t iova);
-void dmakit_pool_destroy(dmakit_pool* pool);
+DMAKIT_API int dmakit_pool_free(dmakit_pool* pool, void* vaddr, uint64_t iova);
+DMAKIT_API void dmakit_pool_destroy(dmakit_pool* pool);
 
 #ifdef __cplusplus
 }
