@@ -15,8 +15,7 @@ set(DMAKIT_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/dmakit)
 install(TARGETS dmakit dmakit_static EXPORT dmakitTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
           COMPONENT dmakit_runtime NAMELINK_COMPONENT dmakit_development
-  ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT dmakit_development
-  INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+  ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT dmakit_development)
 
 # Public headers: include/dmakit/ alone (never src/), plus the generated version.h.
 file(GLOB dmakit_public_headers CONFIGURE_DEPENDS
