@@ -7,6 +7,7 @@
 #     libdmakit.a with `pkg-config --static --libs dmakit`;
 #   - cxx/, a CMake project with find_package(dmakit): dmakit::dmakit and
 #     dmakit::dmakit_static.
+# With --tool, the dmakit command must be installed (bin/dmakit) and run.
 # Each consumer runs on the simulated IOMMU without hugepages and must print
 # its ok line. No compile or link line may name the source or build tree, or
 # carry DPDK's compile flags.
@@ -14,7 +15,7 @@ set -euo pipefail
 
 die() { echo "install_consumers: FAIL: $*" >&2; exit 1; }
 
-build= source= consumers= cmake=cmake cc=cc shared= static=
+build= source= consumers= cmake=cmake cc=cc shared= static= tool=0
 while [ $# -gt 0 ]; do
   case $1 in
     --build) build=$2; shift 2 ;;
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
     --cc) cc=$2; shift 2 ;;
     --shared) shared=$2; shift 2 ;;
     --static) static=$2; shift 2 ;;
+    --tool) tool=1; shift ;;  # the build has the dmakit tool: it must be installed too
     *) die "unknown argument $1" ;;
   esac
 done
@@ -69,6 +71,9 @@ for f in "$libdir/libdmakit.a" "$libdir/libdmakit.so" "$libdir/cmake/dmakit/dmak
          "$prefix/include/dmakit/version.h" "$prefix/share/dmakit/dmakit.toml"; do
   [ -e "$f" ] || die "$f not installed"
 done
+if [ $tool -eq 1 ]; then
+  "$prefix/bin/dmakit" --version | grep -q '^dmakit [0-9]' || die "$prefix/bin/dmakit --version fails"
+fi
 ls "$libdir"/libdmakit.so.[0-9]* >/dev/null 2>&1 || die "no libdmakit.so.<major> in $libdir"
 [ -L "$libdir/libdmakit.so" ] || die "$libdir/libdmakit.so is not the development symlink"
 # Only include/dmakit's public headers: nothing from src/.
