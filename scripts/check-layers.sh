@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks that calls go down only: base <- iommu <- alloc_buffer <- pool <- core <- tools,
-# that ioctls stay in src/iommu and DPDK calls in the memory sources and the EAL owner.
+# that ioctls stay in src/iommu and DPDK calls in the memory sources and the EAL owner,
+# and that the public headers (include/dmakit/) do not reach into src/.
 set -euo pipefail
 root=${1:-$(cd "$(dirname "$0")/.." && pwd)}
 cd "$root"
@@ -23,6 +24,11 @@ fi
 # bench/ may use rte_mempool as a baseline.
 if hits=$(grep -rnE '#include <rte_' src tools | grep -vE '^src/base/(eal|log)\.cpp:|^src/alloc_buffer/'); then
   echo "DPDK include outside the EAL owner and memory sources:"; echo "$hits"; fail=1
+fi
+# include/dmakit/ is what gets installed: public headers include each other and
+# outside headers only, never the internal ones under src/.
+if hits=$(grep -rnE '#include\s*[<"](base|iommu|alloc_buffer|pool|core)/' include); then
+  echo "public header includes an internal one:"; echo "$hits"; fail=1
 fi
 [ $fail -eq 0 ] && echo "layers: ok"
 exit $fail

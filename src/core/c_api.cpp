@@ -166,8 +166,6 @@ const char* dmakit_errc_name(int errc) {
   return errc <= 0 && -errc < static_cast<int>(std::size(kNames)) ? kNames[-errc] : "unknown";
 }
 
-const char* dmakit_version(void) { return DMAKIT_VERSION_STRING; }
-
 int dmakit_set_log_callback(dmakit_log_fn fn, void* user) {
   return guarded("dmakit_set_log_callback", [&]() -> int {
     base::LogCallback cb;
