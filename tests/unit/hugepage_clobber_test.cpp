@@ -15,7 +15,9 @@
 // Needs root: reserves 16 2 MiB pages on demand (nr_overcommit_hugepages) and
 // puts the old value back at exit. Its own binary: the EAL starts once per
 // process, and the filled address space must not meet other tests.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -64,12 +66,38 @@ size_t fill_gaps_above(uintptr_t from) {
   return filled;
 }
 
+// The value to put back into nr_overcommit_hugepages if the test crashes.
+char g_overcommit_before[24];
+size_t g_overcommit_before_len = 0;
+
+// A crash - the failure this binary exists to catch - skips destructors, and
+// the reservation would stay raised: put the old value back first, then let
+// the signal end the process.
+void restore_and_die(int sig) {
+  const int fd = ::open(test::HugepageReservation::kOvercommit, O_WRONLY);
+  if (fd >= 0) {
+    [[maybe_unused]] ssize_t n = ::write(fd, g_overcommit_before, g_overcommit_before_len);
+    ::close(fd);
+  }
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
 class ClobberEnv : public ::testing::Environment {
  public:
   void SetUp() override {
     ASSERT_EQ(::geteuid(), 0u) << "this test reserves hugepages and must run as root";
     reservation_ = std::make_unique<test::HugepageReservation>(kPages);
     ASSERT_TRUE(reservation_->ok()) << "could not set " << test::HugepageReservation::kOvercommit;
+    {
+      std::ifstream in(test::HugepageReservation::kOvercommit);
+      uint64_t now = 0;
+      in >> now;
+      const std::string before = std::to_string(now - kPages);
+      g_overcommit_before_len = before.copy(g_overcommit_before, sizeof g_overcommit_before - 1);
+      ::signal(SIGSEGV, restore_and_die);
+      ::signal(SIGBUS, restore_and_die);
+    }
     // The EAL's hint lands inside this reservation, so it is taken (every
     // retry too: they step by at most 1 GiB) and the kernel places the lists.
     constexpr uint64_t kHintArea = 64ull << 30;
@@ -85,7 +113,11 @@ class ClobberEnv : public ::testing::Environment {
     ASSERT_FALSE(lists_.empty());
     ASSERT_GT(fill_gaps_above(lists_.front().base), 0u);
   }
-  void TearDown() override { reservation_.reset(); }
+  void TearDown() override {
+    ::signal(SIGSEGV, SIG_DFL);
+    ::signal(SIGBUS, SIG_DFL);
+    reservation_.reset();
+  }
 
   static const std::vector<AddressRange>& lists() { return lists_; }
 
@@ -189,7 +221,7 @@ class PageHog {
 };
 
 TEST_F(ClobberTest, AnonymousBuffersSurviveHugepageExhaustion) {
-  constexpr int kThreads = 4, kOps = 1500, kHeld = 4;
+  constexpr int kThreads = 4, kOps = 500, kHeld = 4;
   PageHog hog(8);  // 16 MiB of hugepages for buffers of up to 4 MiB, up to 5 held per thread
   std::atomic<uint64_t> alloc_failures{0}, corrupt{0}, anon_in_eal{0}, anon_chunks{0};
   auto work = [&](int t) {
