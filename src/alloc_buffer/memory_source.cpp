@@ -137,6 +137,10 @@ class AnonSource final : public MemorySource {
       }
       region = *fresh;
       at = fit(regions_.at(region), len);
+      if (at == 0) {  // the region was sized for this take
+        ++failures_;
+        return fail(Errc::internal, "{}: a new region at {:#x} has no room for {}", name_, region, size_name(len));
+      }
     }
     Region& r = regions_.at(region);
     void* p = reinterpret_cast<void*>(at);
