@@ -5,6 +5,7 @@
 #include <rte_memzone.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstring>
 #include <map>
@@ -29,17 +30,84 @@ namespace {
 
 bool pow2(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+// An EAL memory list: the address range it reserves and its page size.
+struct EalList {
+  uintptr_t base = 0;
+  uint64_t len = 0;
+  uint64_t page = 0;
+};
+
+// The EAL's memory lists, lowest first; none when the EAL is not started.
+std::vector<EalList> eal_lists() {
+  std::vector<EalList> out;
+  if (base::eal_info() == nullptr) return out;
+  out.reserve(RTE_MAX_MEMSEG_LISTS);  // the walk below must not allocate (it runs inside C code)
+  rte_memseg_list_walk(
+      [](const rte_memseg_list* msl, void* arg) {
+        static_cast<std::vector<EalList>*>(arg)->push_back(
+            EalList{reinterpret_cast<uintptr_t>(msl->base_va), msl->len, msl->page_sz});
+        return 0;
+      },
+      &out);
+  std::sort(out.begin(), out.end(), [](const EalList& a, const EalList& b) { return a.base < b.base; });
+  return out;
+}
+
 // ---------------------------------------------------------------------------
-// AnonSource: one mmap per take. Orders above 4 KiB over-map by order - 4K
-// and trim both ends so the run starts on an order boundary.
+// AnonSource: anonymous memory committed inside regions of address space the
+// source reserves for itself.
+//
+// Why not one mmap(NULL) per take: when the EAL cannot get a hugepage (the
+// hugetlb mmap fails, or the first touch raises SIGBUS), DPDK 22.11's
+// alloc_seg() is left with a one-page hole in its memory list - the failed
+// MAP_FIXED mmap, or its own munmap, removed the reservation there - and then
+// maps PROT_NONE over the same address again with MAP_FIXED. An mmap(NULL)
+// from another thread in between can be placed in that hole, and the EAL's
+// MAP_FIXED replaces it without a word: a live buffer turns PROT_NONE (SEGV)
+// under its owner. The kernel picks such a hole whenever the memory lists sit
+// among the process's other mappings (when the EAL's 4 GiB hint is taken, as
+// under ASan), and hugepage exhaustion opens one at every failed attempt.
+//
+// So regions are reserved PROT_NONE by mmap(NULL), each strictly larger than
+// the largest page the EAL may use, so that none fits in such a hole; a
+// region the kernel placed over the edge of a memory list anyway (a hole next
+// to a free gap) is given up where it covers the list. take() makes a piece
+// of a region read-write with mprotect, which never unmaps anything, so even
+// a failed commit leaves no hole; give() maps fresh PROT_NONE over the piece
+// with MAP_FIXED, which replaces the mapping in one step and returns the
+// pages to the kernel (the next commit reads zeros). A piece is never
+// unmapped. Reservations are not MAP_NORESERVE: PROT_NONE private memory is
+// not charged, and a commit is charged (and refused under strict overcommit)
+// as any writable private mapping.
+//
+// Data structure: regions by base address; in each, its free ranges by start
+// (coalesced). take is first fit - lowest region, lowest address, start
+// aligned to the order - so consecutive takes are consecutive in VA; the scan
+// is linear in the free ranges, fine for the slow path. Taken runs by start,
+// so give() accepts exactly what take() returned. One mutex.
+//
+// A region that becomes wholly free is released (munmap of all of it: no
+// piece lives there, so nothing can be lost in the hole), except the last
+// one left, which stays so that a take/give cycle does not reserve and
+// release a region each time. stats().reserved_bytes counts committed bytes:
+// a reservation holds no memory.
 class AnonSource final : public MemorySource {
  public:
+  // Regions are this large unless the kernel refuses (RLIMIT_AS) or the EAL
+  // uses larger pages.
+  static constexpr uint64_t kRegionBytes = kPage1G;
+
   AnonSource(uint64_t order, bool runs)
       : order_(order), runs_(runs), name_("anon-" + size_name(order)) {}
 
   ~AnonSource() override {
-    if (uint64_t live = live_.load(); live != 0)
-      base::log().warn("{}: destroyed with {} bytes still taken; leaving them mapped", name_, live);
+    std::lock_guard lock(mu_);
+    if (live_ != 0)
+      base::log().warn("{}: destroyed with {} bytes still taken; leaving their regions mapped", name_, live_);
+    for (const auto& [base, r] : regions_)
+      if (r.used == 0) ::munmap(reinterpret_cast<void*>(base), r.len);
   }
 
   std::string_view name() const override { return name_; }
@@ -48,50 +116,199 @@ class AnonSource final : public MemorySource {
   bool fresh_zero() const override { return true; }
 
   Result<void*> take(uint64_t len) override {
+    std::lock_guard lock(mu_);
     if (len == 0 || len % order_ != 0 || len > max_run()) {
-      failures_.fetch_add(1, std::memory_order_relaxed);
+      ++failures_;
       return fail(Errc::invalid_argument, "{}: take of {} bytes is not a multiple of {} within one run",
                   name_, len, size_name(order_));
     }
-    const uint64_t slack = order_ - kPage4K;
-    void* raw = ::mmap(nullptr, len + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED) {
-      int err = errno;
-      failures_.fetch_add(1, std::memory_order_relaxed);
-      return fail_errno(err, "{}: mmap of {} bytes", name_, len + slack);
+    uintptr_t region = 0, at = 0;
+    for (const auto& [base, r] : regions_) {
+      if ((at = fit(r, len)) != 0) {
+        region = base;
+        break;
+      }
     }
-    auto base = reinterpret_cast<uintptr_t>(raw);
-    uintptr_t start = (base + order_ - 1) & ~(order_ - 1);
-    if (start > base) ::munmap(raw, start - base);
-    if (uintptr_t tail = base + len + slack - (start + len); tail != 0)
-      ::munmap(reinterpret_cast<void*>(start + len), tail);
-    live_.fetch_add(len, std::memory_order_relaxed);
-    takes_.fetch_add(1, std::memory_order_relaxed);
-    return reinterpret_cast<void*>(start);
+    if (at == 0) {
+      auto fresh = reserve_region(len + order_ - kPage4K);  // room to align the start
+      if (!fresh) {
+        ++failures_;
+        return std::unexpected(std::move(fresh).error());
+      }
+      region = *fresh;
+      at = fit(regions_.at(region), len);
+      if (at == 0) {  // the region was sized for this take
+        ++failures_;
+        return fail(Errc::internal, "{}: a new region at {:#x} has no room for {}", name_, region, size_name(len));
+      }
+    }
+    Region& r = regions_.at(region);
+    void* p = reinterpret_cast<void*>(at);
+    if (::mprotect(p, len, PROT_READ | PROT_WRITE) != 0) {
+      const int err = errno;
+      ++failures_;
+      // mprotect may have changed part of the range; put all of it back to
+      // a fresh reservation (best effort: it is not handed out either way).
+      ::mmap(p, len, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0);
+      release_if_idle(region);
+      return fail_errno(err, "{}: committing {} at {}", name_, size_name(len), p);
+    }
+    carve(r, at, len);
+    taken_.emplace(at, len);
+    live_ += len;
+    ++takes_;
+    return p;
   }
 
   void give(void* p, uint64_t len) override {
-    if (::munmap(p, len) != 0) {
-      base::log().error("{}: munmap({}, {}) failed: {}", name_, p, len, std::strerror(errno));
+    std::lock_guard lock(mu_);
+    const auto at = reinterpret_cast<uintptr_t>(p);
+    auto t = taken_.find(at);
+    if (t == taken_.end() || t->second != len) {
+      base::log().error("{}: give of {} bytes at {}: not a run it handed out", name_, len, p);
       return;
     }
-    live_.fetch_sub(len, std::memory_order_relaxed);
+    // Fresh PROT_NONE over the piece in one step: its pages go back to the
+    // kernel and its addresses stay reserved.
+    if (::mmap(p, len, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0) == MAP_FAILED) {
+      base::log().error("{}: give of {} at {}: mapping PROT_NONE over it failed: {}; it stays committed", name_,
+                        size_name(len), p, std::strerror(errno));
+      return;
+    }
+    taken_.erase(t);
+    auto region = std::prev(regions_.upper_bound(at));
+    unmark(region->second, at, len);
+    live_ -= len;
+    release_if_idle(region->first);
   }
 
   SourceStats stats() const override {
-    SourceStats s;
-    s.live_bytes = live_.load(std::memory_order_relaxed);
-    s.reserved_bytes = s.live_bytes;
-    s.takes = takes_.load(std::memory_order_relaxed);
-    s.failures = failures_.load(std::memory_order_relaxed);
-    return s;
+    std::lock_guard lock(mu_);
+    return SourceStats{live_, live_, takes_, failures_};
+  }
+
+  std::vector<AddressRange> regions() const {
+    std::lock_guard lock(mu_);
+    std::vector<AddressRange> out;
+    for (const auto& [base, r] : regions_) out.push_back({base, r.len});
+    return out;
   }
 
  private:
+  static constexpr int kReserveFlags = MAP_PRIVATE | MAP_ANONYMOUS;
+
+  struct Region {
+    uint64_t len = 0;
+    uint64_t used = 0;                    // bytes taken
+    std::map<uintptr_t, uintptr_t> free;  // start -> end of each free range, coalesced
+  };
+
+  // First fit inside r: the lowest start aligned to the order with len free
+  // bytes behind it, or 0.
+  uintptr_t fit(const Region& r, uint64_t len) const {
+    for (const auto& [start, end] : r.free) {
+      const uintptr_t at = (start + order_ - 1) & ~(order_ - 1);
+      if (at < end && end - at >= len) return at;
+    }
+    return 0;
+  }
+
+  // [at, at + len), inside one free range of r, becomes taken.
+  static void carve(Region& r, uintptr_t at, uint64_t len) {
+    auto it = std::prev(r.free.upper_bound(at));
+    const uintptr_t start = it->first, end = it->second;
+    r.free.erase(it);
+    if (start < at) r.free.emplace(start, at);
+    if (at + len < end) r.free.emplace(at + len, end);
+    r.used += len;
+  }
+
+  // [at, at + len) becomes free again, merged with free neighbours.
+  static void unmark(Region& r, uintptr_t at, uint64_t len) {
+    uintptr_t start = at, end = at + len;
+    auto next = r.free.lower_bound(end);
+    if (next != r.free.end() && next->first == end) {
+      end = next->second;
+      next = r.free.erase(next);
+    }
+    if (next != r.free.begin()) {
+      if (auto prev = std::prev(next); prev->second == start) {
+        start = prev->first;
+        r.free.erase(prev);
+      }
+    }
+    r.free.emplace(start, end);
+    r.used -= len;
+  }
+
+  // A wholly free region goes back to the kernel unless it is the last one.
+  void release_if_idle(uintptr_t base) {
+    auto it = regions_.find(base);
+    if (it == regions_.end() || it->second.used != 0 || regions_.size() == 1) return;
+    ::munmap(reinterpret_cast<void*>(base), it->second.len);
+    regions_.erase(it);
+  }
+
+  // Slow path: a new region of at least `need` bytes. The preferred size
+  // first, halved when the kernel refuses (RLIMIT_AS), but never down to the
+  // largest EAL page: a region must not fit in a hole of one page.
+  Result<uintptr_t> reserve_region(uint64_t need) {
+    const std::vector<EalList> lists = eal_lists();
+    uint64_t eal_page = kPage2M;  // the EAL may start later: assume 2 MiB pages at least
+    for (const EalList& l : lists) eal_page = std::max(eal_page, l.page);
+    const uint64_t smallest = std::max(need, eal_page + kPage4K);
+    uint64_t size = std::max({kRegionBytes, 2 * eal_page, round_up(need, kRegionBytes)});
+    int err = 0;
+    for (int over_eal = 0;;) {
+      void* p = ::mmap(nullptr, size, PROT_NONE, kReserveFlags, -1, 0);
+      if (p != MAP_FAILED) {
+        const auto base = reinterpret_cast<uintptr_t>(p);
+        if (!give_up_eal_parts(base, size, lists)) {
+          Region r;
+          r.len = size;
+          r.free.emplace(base, base + size);
+          regions_.emplace(base, std::move(r));
+          return base;
+        }
+        if (++over_eal < 4) continue;
+        return fail(Errc::no_memory, "{}: {} regions of {} in a row were placed over EAL memory lists", name_,
+                    over_eal, size_name(size));
+      }
+      err = errno;
+      if (size <= smallest) break;
+      size = std::max(smallest, (size / 2) & ~(kPage4K - 1));
+    }
+    return fail_errno(err, "{}: reserving {} of address space (down from {})", name_, size_name(size),
+                      size_name(std::max({kRegionBytes, 2 * eal_page, round_up(need, kRegionBytes)})));
+  }
+
+  // A region the kernel placed in an EAL hole at the edge of a memory list
+  // overlaps the list: the EAL maps over that part at any time. Unmaps the
+  // rest and leaves that part to the EAL; false when there is no overlap.
+  bool give_up_eal_parts(uintptr_t base, uint64_t len, const std::vector<EalList>& lists) {
+    const uintptr_t end = base + len;
+    uintptr_t cursor = base;
+    bool overlap = false;
+    for (const EalList& l : lists) {
+      const uintptr_t lo = std::max(base, l.base), hi = std::min(end, l.base + l.len);
+      if (lo >= hi) continue;
+      base::log().warn("{}: region {:#x}+{} overlaps the EAL memory list at {:#x} by {}; leaving that part to the EAL",
+                       name_, base, size_name(len), l.base, size_name(hi - lo));
+      overlap = true;
+      if (cursor < lo) ::munmap(reinterpret_cast<void*>(cursor), lo - cursor);
+      cursor = hi;
+    }
+    if (overlap && cursor < end) ::munmap(reinterpret_cast<void*>(cursor), end - cursor);
+    return overlap;
+  }
+
   const uint64_t order_;
   const bool runs_;
   const std::string name_;
-  std::atomic<uint64_t> live_{0}, takes_{0}, failures_{0};
+  mutable std::mutex mu_;
+  std::map<uintptr_t, Region> regions_;  // by base
+  std::map<uintptr_t, uint64_t> taken_;  // start -> length of each run handed out
+  uint64_t live_ = 0, takes_ = 0, failures_ = 0;
 };
 
 // ---------------------------------------------------------------------------
@@ -398,6 +615,18 @@ bool eal_has_page_size(uint64_t page_size) {
                return msl->page_sz == *static_cast<uint64_t*>(arg) ? 1 : 0;
              },
              &want) == 1;
+}
+
+std::vector<AddressRange> eal_memory_lists() {
+  std::vector<AddressRange> out;
+  for (const EalList& l : eal_lists()) out.push_back({l.base, l.len});
+  return out;
+}
+
+std::vector<AddressRange> anon_regions(const MemorySource& source) {
+  if (const auto* fault = dynamic_cast<const FaultSource*>(&source)) return anon_regions(fault->inner());
+  if (const auto* anon = dynamic_cast<const AnonSource*>(&source)) return anon->regions();
+  return {};
 }
 
 FaultSource::FaultSource(std::unique_ptr<MemorySource> inner)

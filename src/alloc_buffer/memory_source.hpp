@@ -17,8 +17,11 @@
 //   CarvedSource    1 MiB / 64 KiB pieces split from the pages of a parent
 //                   source (the 2 MiB hugepage source); a parent page goes
 //                   back to the parent when all its pieces are back.
-//   AnonSource      ordinary anonymous memory (mmap), any multiple of its
-//                   order in one run; VFIO pins it when it is mapped.
+//   AnonSource      ordinary anonymous memory, any multiple of its order in
+//                   one run, committed inside address-space regions the
+//                   source reserves for itself (never placed by mmap(NULL),
+//                   where the EAL may map over it); VFIO pins it when it is
+//                   mapped.
 //   FaultSource     wraps another source and fails on command (after K
 //                   successful takes, or always): for tests and benchmarks.
 //
@@ -32,6 +35,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/error.hpp"
 
@@ -69,9 +73,18 @@ class MemorySource {
   virtual SourceStats stats() const = 0;
 };
 
-// Anonymous private memory (mmap). order >= 4 KiB; chunks are aligned to
-// order. runs: serve any multiple of order in one mmap.
+// Anonymous private memory. order >= 4 KiB; chunks are aligned to order.
+// runs: serve any multiple of order as one virtually contiguous run.
 Result<std::unique_ptr<MemorySource>> make_anon_source(uint64_t order, bool runs = true);
+
+struct AddressRange {
+  uintptr_t base = 0;
+  uint64_t len = 0;
+};
+
+// The address-space regions an anonymous source (or a FaultSource around
+// one) holds reserved for its pieces, lowest first; empty for other sources.
+std::vector<AddressRange> anon_regions(const MemorySource& source);
 
 // EAL hugepage memory of page size page_size (2 MiB or 1 GiB), reserved in
 // slabs of slab_pages pages (fewer when a slab cannot be had). Fails with
@@ -93,6 +106,7 @@ class FaultSource final : public MemorySource {
   uint64_t attempts() const { return attempts_.load(std::memory_order_relaxed); }
   uint64_t injected() const { return injected_.load(std::memory_order_relaxed); }
   MemorySource& inner() { return *inner_; }
+  const MemorySource& inner() const { return *inner_; }
 
   std::string_view name() const override { return name_; }
   uint64_t order() const override { return inner_->order(); }
@@ -112,6 +126,11 @@ class FaultSource final : public MemorySource {
 
 // The EAL is started in hugepage mode and has memory lists of this page size.
 bool eal_has_page_size(uint64_t page_size);
+
+// The address ranges the EAL's memory lists reserve, lowest first; empty
+// when the EAL is not started. The EAL maps pages (and, when a page cannot
+// be had, PROT_NONE) with MAP_FIXED anywhere inside them.
+std::vector<AddressRange> eal_memory_lists();
 
 // Formats 4096 as "4K", 2097152 as "2M".
 std::string size_name(uint64_t bytes);
