@@ -41,7 +41,7 @@ Status bench_fragmented(core::Context& ctx, base::Json& results) {
   {
     std::vector<FaultSource*> fault;
     auto sources = DMAKIT_TRY(fragmented_sources(fault));
-    base::BufferSettings s = ctx.config().buffer;
+    alloc_buffer::BufferSettings s = ctx.config().buffer;
     s.recycle_high_mb = 0;
     s.prezero = false;
     s.psi = false;
@@ -118,7 +118,7 @@ Status bench_fragmented(core::Context& ctx, base::Json& results) {
 
 // Mapping entries for a sample of 4 MiB buffers, scaled to 1 GiB.
 Status entries_case(core::Context& ctx, bool hugepages, base::Json& results) {
-  base::BufferSettings s = ctx.config().buffer;
+  alloc_buffer::BufferSettings s = ctx.config().buffer;
   s.recycle_high_mb = 0;
   s.prezero = false;
   s.psi = false;
@@ -170,7 +170,7 @@ Status bench_entries(core::Context& ctx, base::Json& results) {
 // by the zeroing thread's work (prezeroed) or memset on the caller's path.
 Status bench_zeroed(core::Context& ctx, bool prezero, base::Json& results) {
   const uint64_t bytes = 2 * kM;
-  base::BufferSettings s = ctx.config().buffer;
+  alloc_buffer::BufferSettings s = ctx.config().buffer;
   s.prezero = prezero;
   s.psi = false;
   s.recycle_high_mb = std::max<uint64_t>(s.recycle_high_mb, 8);

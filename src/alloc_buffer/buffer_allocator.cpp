@@ -17,6 +17,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "base/config.hpp"
 #include "base/eal.hpp"
 #include "base/log.hpp"
 
@@ -116,7 +117,7 @@ class Allocator final : public BufferAllocator {
     std::atomic<int64_t> retry_at{0};  // steady ns; the order is skipped before this
   };
 
-  Allocator(iommu::IovaArena& arena, const base::BufferSettings& s,
+  Allocator(iommu::IovaArena& arena, const BufferSettings& s,
             std::vector<std::unique_ptr<MemorySource>> sources, std::vector<std::pair<uint64_t, MemorySource*>> orders)
       : arena_(arena),
         domain_(arena.domain()),
@@ -755,7 +756,7 @@ namespace {
 
 // The real sources for the orders: hugepages for >= 2M, pieces carved from
 // 2M hugepages below that, anonymous memory for the smallest order.
-Status default_sources(const base::BufferSettings& s, std::vector<uint64_t> orders,
+Status default_sources(const BufferSettings& s, std::vector<uint64_t> orders,
                        std::vector<std::unique_ptr<MemorySource>>& out,
                        std::vector<std::pair<uint64_t, MemorySource*>>& chosen) {
   const base::EalInfo* eal = base::eal_info();
@@ -796,7 +797,7 @@ Status default_sources(const base::BufferSettings& s, std::vector<uint64_t> orde
 }  // namespace
 
 Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaArena& arena,
-                                                                 const base::BufferSettings& s,
+                                                                 const BufferSettings& s,
                                                                  std::vector<std::unique_ptr<MemorySource>> sources) {
   const uint64_t min_page = arena.domain().info().min_page();
   std::vector<std::pair<uint64_t, MemorySource*>> chosen;

@@ -52,7 +52,7 @@
 #include <vector>
 
 #include "alloc_buffer/memory_source.hpp"
-#include "base/config.hpp"
+#include "alloc_buffer/settings.hpp"
 #include "dmakit/error.hpp"
 #include "iommu/iova_arena.hpp"
 
@@ -157,7 +157,7 @@ class BufferAllocator {
 // orders without a source (all hugepage ones under --no-huge) are left out.
 // Given sources define the order list, one source per order.
 Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(
-    iommu::IovaArena& arena, const base::BufferSettings& s,
+    iommu::IovaArena& arena, const BufferSettings& s,
     std::vector<std::unique_ptr<MemorySource>> sources = {});
 
 // Parses buffer.orders ("2M,1M,64K,4K") into sizes, largest first.

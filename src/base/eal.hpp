@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "base/config.hpp"
+#include "base/settings.hpp"
 #include "dmakit/error.hpp"
 
 namespace dmakit::base {

@@ -842,7 +842,7 @@ Status PooledArena::check() const {
 
 }  // namespace
 
-ArenaConfig ArenaConfig::from_settings(const base::ArenaSettings& s) {
+ArenaConfig ArenaConfig::from_settings(const ArenaSettings& s) {
   ArenaConfig c;
   c.pools = s.pools;
   c.large_share = s.large_share;

@@ -73,7 +73,7 @@
 #include <span>
 #include <vector>
 
-#include "base/config.hpp"
+#include "iommu/settings.hpp"
 #include "dmakit/error.hpp"
 #include "iommu/domain.hpp"
 
@@ -94,7 +94,7 @@ struct ArenaConfig {
   uint64_t iova_end = 0;                // inclusive; 0 = end of the last window
   uint64_t max_pages = 1ull << 27;      // cap on the space (512 GiB of 4K pages), from its low end
 
-  static ArenaConfig from_settings(const base::ArenaSettings& s);
+  static ArenaConfig from_settings(const ArenaSettings& s);
 };
 
 struct IovaRequest {

@@ -97,7 +97,7 @@ class BufferTest : public ::testing::Test {
   std::unique_ptr<iommu::SimDomain> sim_;
   std::unique_ptr<buftest::FailingDomain> domain_;
   std::unique_ptr<iommu::IovaArena> arena_;
-  base::BufferSettings settings_;
+  alloc_buffer::BufferSettings settings_;
   std::vector<FaultSource*> fault_;  // 2M, 1M, 64K, 4K
   std::unique_ptr<BufferAllocator> alloc_;
 };

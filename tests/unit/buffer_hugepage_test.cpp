@@ -51,7 +51,7 @@ class HugeBufferTest : public ::testing::Test {
     auto a = iommu::IovaArena::create(*sim_, iommu::ArenaConfig{});
     ASSERT_TRUE(a);
     arena_ = std::move(*a);
-    base::BufferSettings s;
+    alloc_buffer::BufferSettings s;
     s.psi = false;
     s.prezero = false;
     auto b = create_buffer_allocator(*arena_, s);

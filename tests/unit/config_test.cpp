@@ -5,7 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "base/config.hpp"
+#include "core/config_cli.hpp"
 
 using namespace dmakit;
 
@@ -30,17 +30,17 @@ class TempFile {
 
 TEST(Config, ShippedFileListsEverySettingWithItsDefault) {
   const std::string shipped = std::string(DMAKIT_SOURCE_DIR) + "/config/dmakit.toml";
-  auto cfg = base::load_config_file(shipped);
+  auto cfg = core::load_config_file(shipped);
   ASSERT_TRUE(cfg) << cfg.error().message;
-  const base::Config defaults;
-  for (const auto& s : base::settings()) {
+  const core::Config defaults;
+  for (const auto& s : core::settings()) {
     EXPECT_EQ(s.show(*cfg), s.show(defaults)) << "config/dmakit.toml and the compiled default differ for " << s.key;
   }
   // Every setting must appear in the file: a key missing from it would also
   // compare equal above, so check the text.
   std::ifstream in(shipped);
   std::string text((std::istreambuf_iterator<char>(in)), {});
-  for (const auto& s : base::settings()) {
+  for (const auto& s : core::settings()) {
     auto dot = s.key.find('.');
     std::string section = "[" + s.key.substr(0, dot) + "]";
     std::string name = s.key.substr(dot + 1) + " =";
@@ -52,18 +52,18 @@ TEST(Config, ShippedFileListsEverySettingWithItsDefault) {
 
 TEST(Config, ValuesAreRead) {
   TempFile f("[arena]\npools = 4\nstrict = true\n[log]\nlevel = \"debug\"\n[buffer]\norders = \"2M,4K\"\n");
-  auto cfg = base::load_config_file(f.path());
+  auto cfg = core::load_config_file(f.path());
   ASSERT_TRUE(cfg) << cfg.error().message;
   EXPECT_EQ(cfg->arena.pools, 4u);
   EXPECT_TRUE(cfg->arena.strict);
   EXPECT_EQ(cfg->log.level, "debug");
   EXPECT_EQ(cfg->buffer.orders, "2M,4K");
-  EXPECT_EQ(cfg->arena.stale_max_pages, base::Config{}.arena.stale_max_pages);
+  EXPECT_EQ(cfg->arena.stale_max_pages, core::Config{}.arena.stale_max_pages);
 }
 
 TEST(Config, UnknownKeyNamesFileAndKey) {
   TempFile f("[arena]\npoolz = 4\n");
-  auto cfg = base::load_config_file(f.path());
+  auto cfg = core::load_config_file(f.path());
   ASSERT_FALSE(cfg);
   EXPECT_EQ(cfg.error().code, Errc::invalid_argument);
   EXPECT_EQ(cfg.error().message, f.path() + ": key 'arena.poolz': unknown setting");
@@ -84,7 +84,7 @@ TEST(Config, MalformedValuesNameFileKeyAndReason) {
   };
   for (const auto& c : cases) {
     TempFile f(c.text);
-    auto cfg = base::load_config_file(f.path());
+    auto cfg = core::load_config_file(f.path());
     ASSERT_FALSE(cfg) << c.text;
     EXPECT_EQ(cfg.error().message.rfind(f.path() + ": ", 0), 0u) << cfg.error().message;
     EXPECT_NE(cfg.error().message.find(c.expect), std::string::npos) << cfg.error().message;
@@ -92,7 +92,7 @@ TEST(Config, MalformedValuesNameFileKeyAndReason) {
 }
 
 TEST(Config, MissingFileIsNamed) {
-  auto cfg = base::load_config_file("/nonexistent/dmakit.toml");
+  auto cfg = core::load_config_file("/nonexistent/dmakit.toml");
   ASSERT_FALSE(cfg);
   EXPECT_EQ(cfg.error().code, Errc::not_found);
   EXPECT_NE(cfg.error().message.find("/nonexistent/dmakit.toml"), std::string::npos);
@@ -100,9 +100,9 @@ TEST(Config, MissingFileIsNamed) {
 
 TEST(Config, FlagsOverrideTheFile) {
   TempFile f("[arena]\npools = 4\n[stress]\nthreads = 3\n");
-  base::Config cfg;
+  core::Config cfg;
   CLI::App app{"t"};
-  base::add_config_options(app, cfg, "");
+  core::add_config_options(app, cfg, "");
   std::vector<std::string> args = {"8", "--arena.pools", f.path(), "--config"};  // reversed
   app.parse(args);
   EXPECT_EQ(cfg.arena.pools, 8u) << "the flag wins over the file";

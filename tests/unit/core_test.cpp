@@ -17,8 +17,8 @@ using namespace dmakit;
 
 namespace {
 
-base::Config sim_config() {
-  base::Config c;
+core::Config sim_config() {
+  core::Config c;
   c.iommu.backend = "sim";
   c.eal.mode = "nohuge";
   c.eal.memory_mb = 256;
@@ -83,7 +83,7 @@ TEST(Context, BadBackendSettingsAreClearErrors) {
 TEST(Stress, ShortRunFindsNoFailuresAndLeavesNoMappings) {
   auto ctx = core::Context::create(sim_config());
   ASSERT_TRUE(ctx) << ctx.error().what();
-  base::StressSettings s;
+  core::StressSettings s;
   s.seconds = 0.5;
   s.threads = 2;
   s.max_bytes = 1 << 20;

@@ -113,7 +113,7 @@ TEST(IovaArena, ConfigErrors) {
 }
 
 TEST(IovaArena, ConfigFromSettings) {
-  base::ArenaSettings s;
+  iommu::ArenaSettings s;
   s.pools = 4;
   s.strict = true;
   s.stale_max_age_ms = 7;

@@ -112,7 +112,7 @@ class BufferVfio : public ::testing::Test {
     auto arena = IovaArena::create(*r.domain, iommu::ArenaConfig{});
     if (!arena) return arena.error().what();
     r.arena = std::move(*arena);
-    auto buffers = alloc_buffer::create_buffer_allocator(*r.arena, base::BufferSettings{});
+    auto buffers = alloc_buffer::create_buffer_allocator(*r.arena, alloc_buffer::BufferSettings{});
     if (!buffers) return buffers.error().what();
     r.buffers = std::move(*buffers);
 
