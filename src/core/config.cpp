@@ -44,12 +44,12 @@ const std::vector<Entry>& entries() {
       DMAKIT_SETTING(iommu, sim_address_bits, "simulated IOMMU address width in bits"),
       DMAKIT_SETTING(iommu, sim_dma_entry_limit, "simulated IOMMU mapping-entry limit"),
       DMAKIT_SETTING(iommu, sim_page_sizes, "simulated IOMMU page sizes, e.g. 4K,2M,1G"),
-      DMAKIT_SETTING(arena, pools, "IOVA pools (power of two <= 16; 0 = from CPU count)"),
-      DMAKIT_SETTING(arena, large_share, "share of IOVA space for the large-request pool (0..0.9)"),
-      DMAKIT_SETTING(arena, large_threshold_pages, "requests above this many pages use the large pool"),
+      DMAKIT_SETTING(arena, shards, "IOVA arena shards (power of two <= 16; 0 = from CPU count)"),
+      DMAKIT_SETTING(arena, large_share, "share of IOVA space for the large-request shard (0..0.9)"),
+      DMAKIT_SETTING(arena, large_threshold_pages, "requests above this many pages use the large shard"),
       DMAKIT_SETTING(arena, strict, "unmap at free instead of lazily"),
-      DMAKIT_SETTING(arena, stale_max_pages, "flush a pool when it holds this many stale pages"),
-      DMAKIT_SETTING(arena, stale_max_age_ms, "flush a pool when its oldest stale range is this old (ms)"),
+      DMAKIT_SETTING(arena, stale_max_pages, "flush a shard when it holds this many stale pages"),
+      DMAKIT_SETTING(arena, stale_max_age_ms, "flush a shard when its oldest stale range is this old (ms)"),
       DMAKIT_SETTING(arena, iova_start, "lowest IOVA the arena may use"),
       DMAKIT_SETTING(arena, iova_end, "highest IOVA the arena may use (0 = end of windows)"),
       DMAKIT_SETTING(buffer, orders, "chunk orders, largest first, e.g. 2M,1M,64K,4K"),
@@ -121,8 +121,8 @@ Status validate(const Config& c) {
   if (c.iommu.sim_dma_entry_limit == 0)
     return fail(Errc::invalid_argument, "key 'iommu.sim_dma_entry_limit': must be at least 1");
   DMAKIT_TRY(check_size_list("iommu.sim_page_sizes", c.iommu.sim_page_sizes));
-  if (c.arena.pools > 16 || (c.arena.pools & (c.arena.pools - 1)) != 0)
-    return fail(Errc::invalid_argument, "key 'arena.pools': {} is not 0 or a power of two up to 16", c.arena.pools);
+  if (c.arena.shards > 16 || (c.arena.shards & (c.arena.shards - 1)) != 0)
+    return fail(Errc::invalid_argument, "key 'arena.shards': {} is not 0 or a power of two up to 16", c.arena.shards);
   if (!(c.arena.large_share >= 0.0 && c.arena.large_share <= 0.9))
     return fail(Errc::invalid_argument, "key 'arena.large_share': {} is outside 0..0.9", c.arena.large_share);
   if (c.arena.iova_end != 0 && c.arena.iova_end <= c.arena.iova_start)

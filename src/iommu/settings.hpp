@@ -19,11 +19,11 @@ struct IommuSettings {
 };
 
 struct ArenaSettings {
-  uint32_t pools = 0;                  // 0 = from hardware threads (power of two, <= 16)
-  double large_share = 0.25;           // share of the IOVA space for the large pool
-  uint64_t large_threshold_pages = 64; // requests above this page count use the large pool
+  uint32_t shards = 0;                 // 0 = from hardware threads (power of two, <= 16)
+  double large_share = 0.25;           // share of the IOVA space for the large shard
+  uint64_t large_threshold_pages = 64; // requests above this page count use the large shard
   bool strict = false;                 // unmap at free instead of lazily
-  uint64_t stale_max_pages = 8192;     // flush a pool when this many pages are stale
+  uint64_t stale_max_pages = 8192;     // flush a shard when this many pages are stale
   uint32_t stale_max_age_ms = 50;      // ... or when its oldest stale range is this old
   uint64_t iova_start = 0;             // narrow the space to [iova_start, iova_end]
   uint64_t iova_end = 0;               // 0 = up to the end of the last window

@@ -51,10 +51,10 @@ TEST(Config, ShippedFileListsEverySettingWithItsDefault) {
 }
 
 TEST(Config, ValuesAreRead) {
-  TempFile f("[arena]\npools = 4\nstrict = true\n[log]\nlevel = \"debug\"\n[buffer]\norders = \"2M,4K\"\n");
+  TempFile f("[arena]\nshards = 4\nstrict = true\n[log]\nlevel = \"debug\"\n[buffer]\norders = \"2M,4K\"\n");
   auto cfg = core::load_config_file(f.path());
   ASSERT_TRUE(cfg) << cfg.error().message;
-  EXPECT_EQ(cfg->arena.pools, 4u);
+  EXPECT_EQ(cfg->arena.shards, 4u);
   EXPECT_TRUE(cfg->arena.strict);
   EXPECT_EQ(cfg->log.level, "debug");
   EXPECT_EQ(cfg->buffer.orders, "2M,4K");
@@ -62,22 +62,22 @@ TEST(Config, ValuesAreRead) {
 }
 
 TEST(Config, UnknownKeyNamesFileAndKey) {
-  TempFile f("[arena]\npoolz = 4\n");
+  TempFile f("[arena]\nshardz = 4\n");
   auto cfg = core::load_config_file(f.path());
   ASSERT_FALSE(cfg);
   EXPECT_EQ(cfg.error().code, Errc::invalid_argument);
-  EXPECT_EQ(cfg.error().message, f.path() + ": key 'arena.poolz': unknown setting");
+  EXPECT_EQ(cfg.error().message, f.path() + ": key 'arena.shardz': unknown setting");
 }
 
 TEST(Config, MalformedValuesNameFileKeyAndReason) {
   struct Case {
     std::string text, expect;
   } cases[] = {
-      {"[arena]\npools = four\n", "key 'arena.pools': 'four' is not a non-negative integer"},
+      {"[arena]\nshards = four\n", "key 'arena.shards': 'four' is not a non-negative integer"},
       {"[arena]\nstrict = maybe\n", "key 'arena.strict': 'maybe' is not a boolean"},
       {"[arena]\nlarge_share = lots\n", "key 'arena.large_share': 'lots' is not a number"},
-      {"[arena]\npools = -1\n", "key 'arena.pools': '-1' is not a non-negative integer"},
-      {"[arena]\npools = 3\n", "key 'arena.pools': 3 is not 0 or a power of two up to 16"},
+      {"[arena]\nshards = -1\n", "key 'arena.shards': '-1' is not a non-negative integer"},
+      {"[arena]\nshards = 3\n", "key 'arena.shards': 3 is not 0 or a power of two up to 16"},
       {"[eal]\nmode = \"fast\"\n", "key 'eal.mode': 'fast' is not auto, huge or nohuge"},
       {"[buffer]\norders = \"2M,3K\"\n", "key 'buffer.orders': '3K' is not a power of two"},
       {"[log]\nlevel = \"loud\"\n", "key 'log.level': unknown level 'loud'"},
@@ -99,12 +99,12 @@ TEST(Config, MissingFileIsNamed) {
 }
 
 TEST(Config, FlagsOverrideTheFile) {
-  TempFile f("[arena]\npools = 4\n[stress]\nthreads = 3\n");
+  TempFile f("[arena]\nshards = 4\n[stress]\nthreads = 3\n");
   core::Config cfg;
   CLI::App app{"t"};
   core::add_config_options(app, cfg, "");
-  std::vector<std::string> args = {"8", "--arena.pools", f.path(), "--config"};  // reversed
+  std::vector<std::string> args = {"8", "--arena.shards", f.path(), "--config"};  // reversed
   app.parse(args);
-  EXPECT_EQ(cfg.arena.pools, 8u) << "the flag wins over the file";
+  EXPECT_EQ(cfg.arena.shards, 8u) << "the flag wins over the file";
   EXPECT_EQ(cfg.stress.threads, 3u) << "the file wins over the default";
 }

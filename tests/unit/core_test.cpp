@@ -125,8 +125,8 @@ TEST(CApi, BuffersAndPoolsWithErrorsAsCodes) {
   EXPECT_NE(std::string(dmakit_last_error()).find("3"), std::string::npos) << dmakit_last_error();
   dmakit_ctx_destroy(ctx);
 
-  const char* bad[] = {"--arena.pools", "7"};
+  const char* bad[] = {"--arena.shards", "7"};
   EXPECT_EQ(dmakit_ctx_create(nullptr, 2, bad, &ctx), DMAKIT_EINVAL);
-  EXPECT_NE(std::string(dmakit_last_error()).find("arena.pools"), std::string::npos) << dmakit_last_error();
+  EXPECT_NE(std::string(dmakit_last_error()).find("arena.shards"), std::string::npos) << dmakit_last_error();
   EXPECT_EQ(ctx, nullptr);
 }
