@@ -194,7 +194,7 @@ Status bench_zeroed(core::Context& ctx, bool prezero, base::Json& results) {
     auto b = a->alloc({.len = bytes, .zeroed = true});
     uint64_t t1 = now_ns();
     if (!b) return std::unexpected(b.error());
-    if (!b->recycled()) return fail(Errc::internal, "bench buffer zeroed: not served from the recycling pool");
+    if (!b->recycled()) return fail(Errc::internal, "bench buffer zeroed: not served from the recycler");
     if (prezero == (a->stats().memset_fallbacks != memsets))
       return fail(Errc::internal, "bench buffer zeroed: {} path not taken", prezero ? "prezeroed" : "memset");
     for (const auto& c : b->chunks()) {

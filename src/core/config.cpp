@@ -57,7 +57,7 @@ const std::vector<Entry>& entries() {
       DMAKIT_SETTING(buffer, backoff_ms, "skip an order this long after it failed (ms)"),
       DMAKIT_SETTING(buffer, recycle_high_mb, "recycled memory above this (MiB) is released"),
       DMAKIT_SETTING(buffer, prezero, "zero recycled memory in a background thread"),
-      DMAKIT_SETTING(buffer, psi, "shrink the recycle pool on memory pressure (PSI)"),
+      DMAKIT_SETTING(buffer, psi, "shrink the recycler on memory pressure (PSI)"),
       DMAKIT_SETTING(pool, cache_size, "blocks held in each per-thread cache"),
       DMAKIT_SETTING(pool, poison, "poison blocks on free and check on alloc (no per-thread caches)"),
       DMAKIT_SETTING(pool, presets, "pools `info --pools` shows: name:size:align:boundary,..."),
