@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks that calls go down only: base <- iommu <- alloc_buffer <- pool <- core <- tools,
-# that ioctls stay in src/iommu and DPDK calls in the memory sources and the EAL owner.
+# that ioctls stay in src/iommu and DPDK calls in the memory sources and the EAL owner,
+# and that no header under src/ but the config_cli ones brings in CLI11.
 set -euo pipefail
 root=${1:-$(cd "$(dirname "$0")/.." && pwd)}
 cd "$root"
@@ -23,6 +24,12 @@ fi
 # bench/ may use rte_mempool as a baseline.
 if hits=$(grep -rnE '#include <rte_' src tools | grep -vE '^src/base/(eal|log)\.cpp:|^src/alloc_buffer/'); then
   echo "DPDK include outside the EAL owner and memory sources:"; echo "$hits"; fail=1
+fi
+# CLI11 stays out of every layer's interface: under src/ only base/config_cli.hpp
+# includes it, and only .cpp files (and core/config_cli.hpp) include a config_cli.hpp.
+if hits=$(grep -rnE '#include <CLI/|#include "[a-z_]+/config_cli\.hpp"' src --include='*.hpp' |
+          grep -vE '^src/base/config_cli\.hpp:[0-9]+:#include <CLI/|^src/core/config_cli\.hpp:[0-9]+:#include "base/config_cli\.hpp"'); then
+  echo "CLI11 in a header under src/:"; echo "$hits"; fail=1
 fi
 [ $fail -eq 0 ] && echo "layers: ok"
 exit $fail
