@@ -41,7 +41,7 @@ Status bench_fragmented(core::Context& ctx, base::Json& results) {
   {
     std::vector<FaultSource*> fault;
     auto sources = DMAKIT_TRY(fragmented_sources(fault));
-    base::BufferSettings s = ctx.config().buffer;
+    alloc_buffer::BufferSettings s = ctx.config().buffer;
     s.recycle_high_mb = 0;
     s.prezero = false;
     s.psi = false;
@@ -118,7 +118,7 @@ Status bench_fragmented(core::Context& ctx, base::Json& results) {
 
 // Mapping entries for a sample of 4 MiB buffers, scaled to 1 GiB.
 Status entries_case(core::Context& ctx, bool hugepages, base::Json& results) {
-  base::BufferSettings s = ctx.config().buffer;
+  alloc_buffer::BufferSettings s = ctx.config().buffer;
   s.recycle_high_mb = 0;
   s.prezero = false;
   s.psi = false;
@@ -170,7 +170,7 @@ Status bench_entries(core::Context& ctx, base::Json& results) {
 // by the zeroing thread's work (prezeroed) or memset on the caller's path.
 Status bench_zeroed(core::Context& ctx, bool prezero, base::Json& results) {
   const uint64_t bytes = 2 * kM;
-  base::BufferSettings s = ctx.config().buffer;
+  alloc_buffer::BufferSettings s = ctx.config().buffer;
   s.prezero = prezero;
   s.psi = false;
   s.recycle_high_mb = std::max<uint64_t>(s.recycle_high_mb, 8);
@@ -194,7 +194,7 @@ Status bench_zeroed(core::Context& ctx, bool prezero, base::Json& results) {
     auto b = a->alloc({.len = bytes, .zeroed = true});
     uint64_t t1 = now_ns();
     if (!b) return std::unexpected(b.error());
-    if (!b->recycled()) return fail(Errc::internal, "bench buffer zeroed: not served from the recycling pool");
+    if (!b->recycled()) return fail(Errc::internal, "bench buffer zeroed: not served from the recycler");
     if (prezero == (a->stats().memset_fallbacks != memsets))
       return fail(Errc::internal, "bench buffer zeroed: {} path not taken", prezero ? "prezeroed" : "memset");
     for (const auto& c : b->chunks()) {

@@ -378,7 +378,7 @@ Result<Sample> time_mempool(const Shape& s, uint32_t blocks, uint32_t threads, c
 
 }  // namespace
 
-Result<base::Json> run_dmapool(const base::Config& cfg, const DmapoolBenchOptions& o, const BackingFactory& backing) {
+Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOptions& o, const BackingFactory& backing) {
   if (o.rounds == 0 || o.repeats == 0)
     return fail(Errc::invalid_argument, "dmapool bench: rounds {} and repeats {} must be positive", o.rounds,
                 o.repeats);

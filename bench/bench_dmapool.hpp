@@ -6,7 +6,7 @@
 #include <functional>
 #include <memory>
 
-#include "base/config.hpp"
+#include "core/config.hpp"
 #include "base/json.hpp"
 #include "base/error.hpp"
 #include "pool/dma_pool.hpp"
@@ -25,7 +25,7 @@ struct DmapoolBenchOptions {
 
 using BackingFactory = std::function<std::unique_ptr<pool::Backing>()>;
 
-Result<base::Json> run_dmapool(const base::Config& cfg, const DmapoolBenchOptions& opts,
+Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOptions& opts,
                                const BackingFactory& backing);
 
 }  // namespace dmakit::bench

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks that calls go down only: base <- iommu <- alloc_buffer <- pool <- core <- tools,
 # that ioctls stay in src/iommu and DPDK calls in the memory sources and the EAL owner,
-# and that the public headers (include/dmakit/) do not reach into src/.
+# that the public headers (include/dmakit/) do not reach into src/,
+# and that no header under src/ but the config_cli ones brings in CLI11.
 set -euo pipefail
 root=${1:-$(cd "$(dirname "$0")/.." && pwd)}
 cd "$root"
@@ -29,6 +30,12 @@ fi
 # outside headers only, never the internal ones under src/.
 if hits=$(grep -rnE '#include\s*[<"](base|iommu|alloc_buffer|pool|core)/' include); then
   echo "public header includes an internal one:"; echo "$hits"; fail=1
+fi
+# CLI11 stays out of every layer's interface: under src/ only base/config_cli.hpp
+# includes it, and only .cpp files (and core/config_cli.hpp) include a config_cli.hpp.
+if hits=$(grep -rnE '#include <CLI/|#include "[a-z_]+/config_cli\.hpp"' src --include='*.hpp' |
+          grep -vE '^src/base/config_cli\.hpp:[0-9]+:#include <CLI/|^src/core/config_cli\.hpp:[0-9]+:#include "base/config_cli\.hpp"'); then
+  echo "CLI11 in a header under src/:"; echo "$hits"; fail=1
 fi
 [ $fail -eq 0 ] && echo "layers: ok"
 exit $fail

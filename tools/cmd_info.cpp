@@ -121,7 +121,7 @@ int run_info(Tool& tool, bool pools) {
   j.add("backend", use_vfio ? "vfio" : "sim");
   std::optional<iommu::DomainInfo> sim_info;  // the simulated IOMMU the sim backend would use
   if (!use_vfio) {
-    base::Config c = tool.cfg;
+    core::Config c = tool.cfg;
     c.iommu.backend = "sim";
     if (auto sim = core::Context::make_domain(c)) sim_info = (*sim)->info();
     if (sim_info) j.add("sim_iommu", iommu_json(*sim_info));

@@ -10,7 +10,7 @@
 namespace dmakit::tool {
 
 bool prepare(Tool& tool) {
-  if (auto st = base::validate(tool.cfg); !st) {
+  if (auto st = core::validate(tool.cfg); !st) {
     report_error(tool, "config: " + st.error().message, kExitUsage);
     return false;
   }
@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
   app.add_flag("--json", tool.json, "print one JSON object");
   app.add_option("--log-level", tool.log_level,
                  "trace|debug|info|warn|error|critical|off (overrides DMAKIT_LOG and log.level)");
-  base::add_config_options(app, tool.cfg, base::default_config_path());
+  core::add_config_options(app, tool.cfg, base::default_config_path());
 
   tool::add_info(app, tool);
   tool::add_bind(app, tool);

@@ -2,17 +2,15 @@
 // Each subcommand lives in its own cmd_*.cpp and registers itself here.
 #pragma once
 
-#include <CLI/CLI.hpp>
-
 #include <functional>
 #include <string>
 
-#include "base/config.hpp"
+#include "core/config_cli.hpp"
 
 namespace dmakit::tool {
 
 struct Tool {
-  base::Config cfg;
+  core::Config cfg;
   bool json = false;
   std::string log_level;  // --log-level; overrides DMAKIT_LOG and log.level
   int exit_code = 0;

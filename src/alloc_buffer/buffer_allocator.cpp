@@ -17,6 +17,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "base/config.hpp"
 #include "base/eal.hpp"
 #include "base/log.hpp"
 
@@ -51,7 +52,7 @@ struct Buffer::Impl {
   bool contiguous = false;
   bool zero = false;            // contents known to be zero
   bool recycled = false;
-  std::vector<Chunk> chunks;    // IOVA order
+  std::vector<BufferChunk> chunks;  // IOVA order
   std::vector<MemorySource*> from;  // source of each chunk
 };
 
@@ -75,7 +76,7 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
 uint64_t Buffer::iova() const { return impl_->span.iova; }
 uint64_t Buffer::size() const { return impl_->size; }
 uint64_t Buffer::span() const { return impl_->span.len; }
-std::span<const Chunk> Buffer::chunks() const { return impl_->chunks; }
+std::span<const BufferChunk> Buffer::chunks() const { return impl_->chunks; }
 void* Buffer::vaddr() const { return impl_->chunks.front().vaddr; }
 bool Buffer::virtually_contiguous() const { return impl_->contiguous; }
 uint32_t Buffer::mappings() const { return impl_->mappings; }
@@ -86,7 +87,7 @@ void* Buffer::at(uint64_t offset) const {
   if (impl_ == nullptr || offset >= impl_->size) return nullptr;
   const uint64_t iova = impl_->span.iova + offset;
   auto& cs = impl_->chunks;
-  auto it = std::upper_bound(cs.begin(), cs.end(), iova, [](uint64_t v, const Chunk& c) { return v < c.iova; });
+  auto it = std::upper_bound(cs.begin(), cs.end(), iova, [](uint64_t v, const BufferChunk& c) { return v < c.iova; });
   --it;  // chunks start at span.iova, so one precedes any offset inside
   return static_cast<char*>(it->vaddr) + (iova - it->iova);
 }
@@ -94,7 +95,7 @@ void* Buffer::at(uint64_t offset) const {
 Result<uint64_t> Buffer::iova_of(const void* p) const {
   if (impl_ == nullptr) return fail(Errc::invalid_argument, "iova_of({}): empty buffer", p);
   auto a = reinterpret_cast<uintptr_t>(p);
-  for (const Chunk& c : impl_->chunks) {
+  for (const BufferChunk& c : impl_->chunks) {
     auto base = reinterpret_cast<uintptr_t>(c.vaddr);
     if (a >= base && a - base < c.len) {
       uint64_t iova = c.iova + (a - base);
@@ -116,7 +117,7 @@ class Allocator final : public BufferAllocator {
     std::atomic<int64_t> retry_at{0};  // steady ns; the order is skipped before this
   };
 
-  Allocator(iommu::IovaArena& arena, const base::BufferSettings& s,
+  Allocator(iommu::IovaArena& arena, const BufferSettings& s,
             std::vector<std::unique_ptr<MemorySource>> sources, std::vector<std::pair<uint64_t, MemorySource*>> orders)
       : arena_(arena),
         domain_(arena.domain()),
@@ -346,7 +347,7 @@ Result<Allocator::ImplPtr> Allocator::build(const BufferRequest& req, uint64_t s
   }
   b->span = *span;
   uint64_t off = 0;
-  for (Chunk& c : b->chunks) {
+  for (BufferChunk& c : b->chunks) {
     c.iova = b->span.iova + off;
     off += c.len;
   }
@@ -395,7 +396,7 @@ Status Allocator::gather(Impl& b, uint64_t need) {
         tried += fmt::format("{}: failed after {} chunks ({}); ", size_name(o.size), got, p.error().what());
         break;
       }
-      b.chunks.push_back(Chunk{*p, 0, want, o.size, o.src->name()});
+      b.chunks.push_back(BufferChunk{*p, 0, want, o.size, o.src->name()});
       b.from.push_back(o.src);
       all_fresh_zero = all_fresh_zero && o.src->fresh_zero();
       remaining -= want;
@@ -466,12 +467,12 @@ void Allocator::give_back(Impl& b) {
 }
 
 void Allocator::zero_memory(Impl& b) {
-  for (const Chunk& c : b.chunks) std::memset(c.vaddr, 0, c.len);
+  for (const BufferChunk& c : b.chunks) std::memset(c.vaddr, 0, c.len);
   b.zero = true;
 }
 
 // ---------------------------------------------------------------------------
-// Free: into the recycling pool (mapping kept), or retired when the pool is
+// Free: into the recycler (mapping kept), or retired when the recycler is
 // off or the buffer alone exceeds the watermark.
 
 void Allocator::release(ImplPtr b) {
@@ -755,7 +756,7 @@ namespace {
 
 // The real sources for the orders: hugepages for >= 2M, pieces carved from
 // 2M hugepages below that, anonymous memory for the smallest order.
-Status default_sources(const base::BufferSettings& s, std::vector<uint64_t> orders,
+Status default_sources(const BufferSettings& s, std::vector<uint64_t> orders,
                        std::vector<std::unique_ptr<MemorySource>>& out,
                        std::vector<std::pair<uint64_t, MemorySource*>>& chosen) {
   const base::EalInfo* eal = base::eal_info();
@@ -796,7 +797,7 @@ Status default_sources(const base::BufferSettings& s, std::vector<uint64_t> orde
 }  // namespace
 
 Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaArena& arena,
-                                                                 const base::BufferSettings& s,
+                                                                 const BufferSettings& s,
                                                                  std::vector<std::unique_ptr<MemorySource>> sources) {
   const uint64_t min_page = arena.domain().info().min_page();
   std::vector<std::pair<uint64_t, MemorySource*>> chosen;

@@ -18,7 +18,7 @@
 // that are also contiguous in virtual memory form a run; each run is mapped
 // with one Domain::map, so mapping entries grow with runs, not pages.
 //
-// Recycling page pool. A freed buffer keeps its IOVA and mapping and goes to
+// Recycler. A freed buffer keeps its IOVA and mapping and goes to
 // the free list of its size (span length), "dirty"; re-allocation of that size
 // costs no ioctl. A background thread zeroes dirty buffers and moves them to
 // the "clean" list, so zeroed requests are served without a memset on the
@@ -52,13 +52,17 @@
 #include <vector>
 
 #include "alloc_buffer/memory_source.hpp"
-#include "base/config.hpp"
+#include "alloc_buffer/settings.hpp"
 #include "base/error.hpp"
 #include "iommu/iova_arena.hpp"
 
 namespace dmakit::alloc_buffer {
 
-struct Chunk {
+// One piece of a buffer: memory a source gave at one order, and its IOVA.
+// Named BufferChunk rather than Chunk to keep it apart from the DMA pool's
+// pool::DmaPool::Chunk (the region a pool carves blocks from), while keeping
+// the "chunk" of this allocator's vocabulary (orders, Buffer::chunks()).
+struct BufferChunk {
   void* vaddr = nullptr;
   uint64_t iova = 0;
   uint64_t len = 0;         // bytes: the order size, or a multiple of it for a run
@@ -95,12 +99,12 @@ class Buffer {
   uint64_t iova() const;
   uint64_t size() const;                // requested bytes
   uint64_t span() const;                // IOVA bytes (size rounded to the smallest order)
-  std::span<const Chunk> chunks() const;  // in IOVA order
+  std::span<const BufferChunk> chunks() const;  // in IOVA order
   void* vaddr() const;                  // first chunk
   bool virtually_contiguous() const;    // all chunks form one VA run
   uint32_t mappings() const;            // Domain::map calls (runs) behind this buffer
   uint32_t attempts() const;            // source calls made to build it (0 when recycled)
-  bool recycled() const;                // served from the recycling pool
+  bool recycled() const;                // served from the recycler
   // Host address of byte `offset` of the buffer, or nullptr past size().
   void* at(uint64_t offset) const;
   // IOVA of a host address inside the buffer; Errc::invalid_argument otherwise.
@@ -118,7 +122,7 @@ class Buffer {
 struct BufferStats {
   uint64_t buffers_live = 0;
   uint64_t bytes_live = 0;            // span bytes of live buffers
-  uint64_t recycled_bytes = 0;        // in the recycling pool (clean + dirty + being zeroed)
+  uint64_t recycled_bytes = 0;        // in the recycler (clean + dirty + being zeroed)
   uint64_t prezeroed_bytes = 0;       // clean, ready for zeroed requests
   uint64_t pending_flush_bytes = 0;   // retired, waiting for the arena to unmap them
   uint64_t chunk_attempts = 0;        // source calls, all requests
@@ -126,7 +130,7 @@ struct BufferStats {
   uint64_t backoff_skips = 0;         // an order skipped because it failed recently
   uint64_t map_calls = 0;             // Domain::map calls
   uint64_t fresh_allocs = 0;          // buffers built from sources
-  uint64_t recycle_hits = 0;          // buffers served from the recycling pool
+  uint64_t recycle_hits = 0;          // buffers served from the recycler
   uint64_t memset_fallbacks = 0;      // zeroed requests memset on the caller's path
   uint64_t shrinks = 0;               // buffers retired by the shrinker
   uint64_t psi_events = 0;            // memory-pressure events handled
@@ -157,7 +161,7 @@ class BufferAllocator {
 // orders without a source (all hugepage ones under --no-huge) are left out.
 // Given sources define the order list, one source per order.
 Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(
-    iommu::IovaArena& arena, const base::BufferSettings& s,
+    iommu::IovaArena& arena, const BufferSettings& s,
     std::vector<std::unique_ptr<MemorySource>> sources = {});
 
 // Parses buffer.orders ("2M,1M,64K,4K") into sizes, largest first.

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "base/config.hpp"
+#include "base/settings.hpp"
 #include "base/error.hpp"
 
 namespace dmakit::base {

@@ -6,14 +6,12 @@
 // handle (a bounds test, two loads, a compare), then call straight into the
 // C++ object. No exception frame, string or allocation unless the call fails;
 // failures leave through cold functions.
-#include <CLI/CLI.hpp>
-
 #include <cstring>
 #include <new>
 #include <string>
 
-#include "base/config.hpp"
 #include "base/log.hpp"
+#include "core/config_cli.hpp"
 #include "core/context.hpp"
 #include "core/handles.hpp"
 #include "dmakit/dmakit.h"
@@ -135,7 +133,7 @@ uint32_t prot_of(uint32_t flags) {
   return prot != 0 ? prot : uint32_t{iommu::kReadWrite};
 }
 
-int create_context(const base::Config& cfg, dmakit_ctx** out) {
+int create_context(const core::Config& cfg, dmakit_ctx** out) {
   auto* slot = ctxs().acquire();
   if (slot == nullptr) return report({Errc::no_space, 0, "dmakit: every context handle is in use"});
   auto ctx = core::Context::create(cfg);
@@ -188,7 +186,7 @@ int dmakit_set_log_level(int level) {
 
 void dmakit_settings_init(dmakit_settings* s) {
   if (s == nullptr) return;
-  const base::Config d;  // the defaults, kept equal to config/dmakit.toml by a test
+  const core::Config d;  // the defaults, kept equal to config/dmakit.toml by a test
   *s = dmakit_settings{};
   s->struct_size = sizeof(dmakit_settings);
   s->eal_memory_mb = d.eal.memory_mb;
@@ -214,7 +212,7 @@ int dmakit_ctx_create_with(const dmakit_settings* s, dmakit_ctx** out) {
                     fmt::format("settings.struct_size is {}, this library's dmakit_settings has {} bytes: fill it "
                                 "with dmakit_settings_init()",
                                 s->struct_size, sizeof(dmakit_settings)));
-    base::Config c;
+    core::Config c;
     auto text = [](const char* v, std::string& dst) {
       if (v != nullptr) dst = v;
     };
@@ -240,7 +238,7 @@ int dmakit_ctx_create_with(const dmakit_settings* s, dmakit_ctx** out) {
       if (auto st = base::set_log_level(c.log.level); !st)
         return report(with_context(st.error(), "settings.log_level"));
     }
-    if (auto st = base::validate(c); !st) return report(st.error());
+    if (auto st = core::validate(c); !st) return report(st.error());
     return create_context(c, out);
   });
 }
@@ -252,10 +250,10 @@ int dmakit_ctx_create(const char* config_path, int argc, const char* const* argv
     if (argc < 0) return misuse("dmakit_ctx_create", fmt::format("argc is {}", argc));
     if (argc > 0 && argv == nullptr)
       return misuse("dmakit_ctx_create", fmt::format("argc is {} but argv is NULL", argc));
-    base::Config cfg;
+    core::Config cfg;
     CLI::App app{"dmakit"};
     app.set_help_flag();  // "--help" is an unknown override here, not a request
-    base::add_config_options(app, cfg, "");
+    core::add_config_options(app, cfg, "");
     std::vector<std::string> args;
     for (int i = argc - 1; i >= 0; --i) {  // CLI11 takes them reversed
       if (argv[i] == nullptr) return misuse("dmakit_ctx_create", fmt::format("argv[{}] is NULL", i));
@@ -270,7 +268,7 @@ int dmakit_ctx_create(const char* config_path, int argc, const char* const* argv
     } catch (const CLI::Error& e) {
       return report({Errc::invalid_argument, 0, base::describe_parse_error(e)});
     }
-    if (auto st = base::validate(cfg); !st) return report(st.error());
+    if (auto st = core::validate(cfg); !st) return report(st.error());
     return create_context(cfg, out);
   });
 }

@@ -13,7 +13,7 @@
 
 namespace dmakit::core {
 
-Context::Context(Key, const base::Config& cfg) : cfg_(cfg) {}
+Context::Context(Key, const Config& cfg) : cfg_(cfg) {}
 
 Context::~Context() {
   {
@@ -31,7 +31,7 @@ Context::~Context() {
 
 const std::string& Context::backend() const { return domain_->info().backend; }
 
-Result<std::unique_ptr<iommu::Domain>> Context::make_domain(const base::Config& cfg) {
+Result<std::unique_ptr<iommu::Domain>> Context::make_domain(const Config& cfg) {
   std::string backend = cfg.iommu.backend;
   if (backend == "auto")
     backend = std::filesystem::exists("/dev/vfio/vfio") && !cfg.iommu.device.empty() ? "vfio" : "sim";
@@ -51,8 +51,8 @@ Result<std::unique_ptr<iommu::Domain>> Context::make_domain(const base::Config& 
   return fail(Errc::invalid_argument, "key 'iommu.backend': '{}' is not auto, vfio or sim", backend);
 }
 
-Result<std::unique_ptr<Context>> Context::create(const base::Config& cfg) {
-  DMAKIT_TRY(base::validate(cfg));
+Result<std::unique_ptr<Context>> Context::create(const Config& cfg) {
+  DMAKIT_TRY(validate(cfg));
   DMAKIT_TRY(base::ensure_eal(cfg.eal));
   auto ctx = std::make_unique<Context>(Key{}, cfg);
   ctx->domain_ = DMAKIT_TRY(make_domain(cfg));

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "base/config.hpp"
+#include "core/config.hpp"
 #include "base/error.hpp"
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "iommu/domain.hpp"
@@ -34,19 +34,19 @@ class Context {
  public:
   // Validates cfg, starts (or reuses) the EAL, opens the domain chosen by
   // iommu.backend, builds the arena and the buffer allocator.
-  static Result<std::unique_ptr<Context>> create(const base::Config& cfg);
+  static Result<std::unique_ptr<Context>> create(const Config& cfg);
 
   // Only create() can make the key, so a Context is always fully wired.
   class Key {
     friend class Context;
     Key() = default;
   };
-  Context(Key, const base::Config& cfg);
+  Context(Key, const Config& cfg);
   ~Context();
   Context(const Context&) = delete;
   Context& operator=(const Context&) = delete;
 
-  const base::Config& config() const { return cfg_; }
+  const Config& config() const { return cfg_; }
   iommu::Domain& domain() { return *domain_; }
   iommu::IovaArena& arena() { return *arena_; }
   alloc_buffer::BufferAllocator& buffers() { return *buffers_; }
@@ -88,10 +88,10 @@ class Context {
   // model from the iommu.sim_* settings; "vfio" opens a container with the
   // group of iommu.device; "auto" picks vfio when /dev/vfio/vfio exists and
   // iommu.device is set, else sim.
-  static Result<std::unique_ptr<iommu::Domain>> make_domain(const base::Config& cfg);
+  static Result<std::unique_ptr<iommu::Domain>> make_domain(const Config& cfg);
 
  private:
-  base::Config cfg_;
+  Config cfg_;
   std::unique_ptr<iommu::Domain> domain_;
   std::unique_ptr<iommu::IovaArena> arena_;
   std::unique_ptr<alloc_buffer::BufferAllocator> buffers_;

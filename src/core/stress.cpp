@@ -86,7 +86,7 @@ uint64_t check(const void* p, uint64_t len, uint64_t tag, uint64_t word_offset =
 
 class Worker {
  public:
-  Worker(Shared& sh, const base::StressSettings& s, unsigned id)
+  Worker(Shared& sh, const StressSettings& s, unsigned id)
       : sh_(sh), s_(s), rng_{s.seed * 0x100000001B3ULL + id + 1}, id_(id) {}
 
   void run(StressReport& r) {
@@ -264,7 +264,7 @@ class Worker {
   }
 
   Shared& sh_;
-  const base::StressSettings& s_;
+  const StressSettings& s_;
   Rng rng_;
   unsigned id_;
   std::vector<LiveBuffer> bufs_;
@@ -273,7 +273,7 @@ class Worker {
 
 }  // namespace
 
-Result<StressReport> run_stress(Context& ctx, const base::StressSettings& s, const std::atomic<bool>* stop) {
+Result<StressReport> run_stress(Context& ctx, const StressSettings& s, const std::atomic<bool>* stop) {
   StressReport total;
   total.backend = ctx.backend();
   Shared sh{ctx, dynamic_cast<iommu::SimDomain*>(&ctx.domain())};

@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <string>
 
-#include "base/config.hpp"
+#include "core/settings.hpp"
 #include "core/context.hpp"
 #include "base/error.hpp"
 
@@ -33,7 +33,7 @@ struct StressReport {
 
 // Runs for s.seconds, or until *stop (when given) turns true; either way
 // everything is freed and checked before it returns.
-Result<StressReport> run_stress(Context& ctx, const base::StressSettings& s,
+Result<StressReport> run_stress(Context& ctx, const StressSettings& s,
                                 const std::atomic<bool>* stop = nullptr);
 
 }  // namespace dmakit::core

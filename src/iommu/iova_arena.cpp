@@ -22,7 +22,7 @@ Result<PageBits> PageBits::create(uint64_t first_pn, uint64_t end_pn) {
   PageBits b;
   b.base_word_ = first_pn >> 6;
   const uint64_t words = ((end_pn + 63) >> 6) - b.base_word_;
-  b.bytes_ = words * sizeof(Group);
+  b.bytes_ = words * sizeof(WordGroup);
   // Reserved, not committed: the kernel materialises a page of groups on
   // first touch, so a large space costs memory only where it is used.
   void* p = mmap(nullptr, b.bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
@@ -30,7 +30,7 @@ Result<PageBits> PageBits::create(uint64_t first_pn, uint64_t end_pn) {
   if (p == MAP_FAILED)
     return fail_errno(errno, "mmap of {} bytes for the IOVA arena's bitmaps ({} pages)", b.bytes_,
                       end_pn - first_pn);
-  b.groups_ = static_cast<Group*>(p);
+  b.groups_ = static_cast<WordGroup*>(p);
   return b;
 }
 
@@ -57,19 +57,19 @@ namespace {
 
 using detail::Counter;
 using detail::Field;
-using detail::Group;
+using detail::WordGroup;
 using detail::PageBits;
 using detail::SpinLock;
 
 constexpr uint64_t kNone = ~0ull;
 constexpr uint64_t kBusy = ~0ull - 1;
-// Smallest small pool: below this, splitting costs more locality than it buys.
-constexpr uint64_t kMinPoolPages = 512;
+// Smallest small shard: below this, splitting costs more locality than it buys.
+constexpr uint64_t kMinShardPages = 512;
 
-constexpr Field kUsed = &Group::used;
-constexpr Field kStale = &Group::stale;
-constexpr Field kHead = &Group::head;
-constexpr Field kTail = &Group::tail;
+constexpr Field kUsed = &WordGroup::used;
+constexpr Field kStale = &WordGroup::stale;
+constexpr Field kHead = &WordGroup::head;
+constexpr Field kTail = &WordGroup::tail;
 
 // CLOCK_MONOTONIC_COARSE is read from the vDSO without touching the clock
 // source (a few ns); its tick-sized resolution is ample for a stale age bound.
@@ -80,7 +80,7 @@ int64_t coarse_now_ns() {
 }
 
 // A stable per-thread number, handed out in order of first use: N threads
-// land on N different pools, where a hash of the thread id could collide.
+// land on N different shards, where a hash of the thread id could collide.
 // Constant-initialised (0 = not numbered yet), so reading it needs no TLS
 // init guard call on the fast path.
 uint32_t thread_number() {
@@ -101,11 +101,11 @@ struct Run {
   bool ok;
 };
 
-// One pool: pages [first, end). Everything but the counters and `runs` is
+// One shard: pages [first, end). Everything but the counters and `runs` is
 // guarded by `lock`; `runs` by `flush_mu`, which is taken before `lock`.
 // The fast paths touch the first cache line (lock, countdown, hint, extent,
 // stale range, two counters) and the page's bitmap group, nothing else.
-struct alignas(64) Pool {
+struct alignas(64) Shard {
   SpinLock lock;
   uint32_t check_in = 1;          // operations until the flush bounds are checked again
   uint64_t hint = 0;              // next-fit: where the next search starts
@@ -119,7 +119,7 @@ struct alignas(64) Pool {
   int64_t oldest_ns = 0;          // coarse time when the oldest stale range was freed; 0 = none yet
   uint64_t hole_pages = 0;        // reserved pages inside [first, end)
   Counter unmapping, flushes, unmap_calls, ranges_flushed, borrows, flush_errors;
-  std::mutex flush_mu;            // one flush at a time per pool
+  std::mutex flush_mu;            // one flush at a time per shard
   std::vector<Run> runs;          // scratch of the running flush
 };
 
@@ -129,10 +129,10 @@ struct Need {
   uint64_t limit_end;  // first page number the range may not reach
 };
 
-class PooledArena final : public IovaArena {
+class ShardedArena final : public IovaArena {
  public:
-  PooledArena(Domain& domain, const ArenaConfig& cfg) : domain_(domain), cfg_(cfg) {}
-  ~PooledArena() override;
+  ShardedArena(Domain& domain, const ArenaConfig& cfg) : domain_(domain), cfg_(cfg) {}
+  ~ShardedArena() override;
 
   Status init();
 
@@ -148,33 +148,33 @@ class PooledArena final : public IovaArena {
   ArenaStats stats() const override;
   uint64_t page_size() const override { return page_; }
   Domain& domain() override { return domain_; }
-  std::vector<IovaSpan> pool_spans() const override;
+  std::vector<IovaSpan> shard_spans() const override;
   Status check() const override;
 
  private:
-  uint32_t pool_count() const { return nsmall_ + (has_large_ ? 1u : 0u); }
-  // Small pool i covers base_pn_ + [i, i+1) << small_shift_ and the large
-  // pool starts right above the last one, so a shift and a clamp find any
-  // page's pool.
-  uint32_t pool_of(uint64_t pn) const {
-    return static_cast<uint32_t>(std::min<uint64_t>((pn - base_pn_) >> small_shift_, last_pool_));
+  uint32_t shard_count() const { return nsmall_ + (has_large_ ? 1u : 0u); }
+  // Small shard i covers base_pn_ + [i, i+1) << small_shift_ and the large
+  // shard starts right above the last one, so a shift and a clamp find any
+  // page's shard.
+  uint32_t shard_of(uint64_t pn) const {
+    return static_cast<uint32_t>(std::min<uint64_t>((pn - base_pn_) >> small_shift_, last_shard_));
   }
   [[gnu::always_inline]] uint64_t find(uint64_t from, uint64_t to, const Need& need) const;
-  uint64_t take(Pool& p, const Need& need, bool wait, bool borrow);
-  uint64_t take_locked(Pool& p, const Need& need, bool borrow);
-  [[gnu::always_inline]] void commit(Pool& p, uint64_t pn, uint64_t n);
-  [[gnu::always_inline]] void mark_stale(Pool& p, uint64_t pn, uint64_t n);
-  [[gnu::always_inline]] bool tick(Pool& p);
-  bool check_bounds(Pool& p);
-  void rearm(Pool& p);
-  [[gnu::noinline]] Result<IovaSpan> alloc_checked(Pool& p, uint64_t pn);
-  [[gnu::noinline]] Result<IovaSpan> alloc_home_slow(Pool& p, const IovaRequest& req);
-  [[gnu::noinline]] Status free_checked(Pool& p);
-  Status flush_pool(Pool& p, bool notify_listener);
-  Status unmap_strict(Pool& p, uint64_t pn, uint64_t n);
+  uint64_t take(Shard& p, const Need& need, bool wait, bool borrow);
+  uint64_t take_locked(Shard& p, const Need& need, bool borrow);
+  [[gnu::always_inline]] void commit(Shard& p, uint64_t pn, uint64_t n);
+  [[gnu::always_inline]] void mark_stale(Shard& p, uint64_t pn, uint64_t n);
+  [[gnu::always_inline]] bool tick(Shard& p);
+  bool check_bounds(Shard& p);
+  void rearm(Shard& p);
+  [[gnu::noinline]] Result<IovaSpan> alloc_checked(Shard& p, uint64_t pn);
+  [[gnu::noinline]] Result<IovaSpan> alloc_home_slow(Shard& p, const IovaRequest& req);
+  [[gnu::noinline]] Status free_checked(Shard& p);
+  Status flush_shard(Shard& p, bool notify_listener);
+  Status unmap_strict(Shard& p, uint64_t pn, uint64_t n);
   void notify(std::span<const IovaSpan> done);
-  void unlock_then_flush_if(Pool& p, bool due);
-  Status check_pool(const Pool& p) const;
+  void unlock_then_flush_if(Shard& p, bool due);
+  Status check_shard(const Shard& p) const;
 
   Domain& domain_;
   const ArenaConfig cfg_;
@@ -184,31 +184,31 @@ class PooledArena final : public IovaArena {
   uint64_t base_pn_ = 0;           // lo_ rounded down to 64 pages
   uint64_t total_pages_ = 0;       // usable pages
   uint32_t nsmall_ = 1;
-  unsigned small_shift_ = 63;      // small pool i covers base_pn_ + [i, i+1) << small_shift_
-  uint64_t large_first_ = kNone;   // first page of the large pool
+  unsigned small_shift_ = 63;      // small shard i covers base_pn_ + [i, i+1) << small_shift_
+  uint64_t large_first_ = kNone;   // first page of the large shard
   bool has_large_ = false;
-  uint32_t last_pool_ = 0;         // index of the topmost pool
+  uint32_t last_shard_ = 0;        // index of the topmost shard
   int64_t max_age_ns_ = 0;
   uint64_t last_iova_ = 0;         // last byte of the space: a dma_limit at or above it limits nothing
   uint64_t fast_len_ = 0;          // len - 1 below this takes the 1-page fast alloc (0 = never)
   uint64_t fast_free_len_ = 0;     // the same for the fast free
   PageBits bits_;
-  std::unique_ptr<Pool[]> pools_;
+  std::unique_ptr<Shard[]> shards_;
   std::vector<std::pair<uint64_t, uint64_t>> holes_;  // [pn, n) reserved between windows
   std::atomic<uint64_t> failures_{0};
   std::mutex listener_mu_;
   FlushListener listener_;
 };
 
-Status PooledArena::init() {
+Status ShardedArena::init() {
   const DomainInfo& info = domain_.info();
   page_ = info.min_page();
   if (page_ == 0 || info.windows.empty())
     return fail(Errc::invalid_argument, "IOVA arena: the '{}' domain reports no page sizes or no IOVA windows",
                 info.backend);
   shift_ = static_cast<unsigned>(std::countr_zero(page_));
-  if (cfg_.pools > 16 || (cfg_.pools & (cfg_.pools - 1)) != 0)
-    return fail(Errc::invalid_argument, "IOVA arena: pools = {} is not 0 or a power of two up to 16", cfg_.pools);
+  if (cfg_.shards > 16 || (cfg_.shards & (cfg_.shards - 1)) != 0)
+    return fail(Errc::invalid_argument, "IOVA arena: shards = {} is not 0 or a power of two up to 16", cfg_.shards);
   if (!(cfg_.large_share >= 0.0 && cfg_.large_share <= 0.9))
     return fail(Errc::invalid_argument, "IOVA arena: large_share = {} is outside 0..0.9", cfg_.large_share);
   if (cfg_.iova_end != 0 && cfg_.iova_end < cfg_.iova_start)
@@ -251,39 +251,39 @@ Status PooledArena::init() {
   if (!bits) return std::unexpected(bits.error());
   bits_ = std::move(*bits);
 
-  // Pool layout: N equal power-of-two small pools from the bottom, the large
-  // pool above them.
-  uint32_t n = cfg_.pools;
+  // Shard layout: N equal power-of-two small shards from the bottom, the large
+  // shard above them.
+  uint32_t n = cfg_.shards;
   if (n == 0) n = std::bit_floor(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
   const uint64_t span = hi_ - lo_;
-  uint64_t pool_pages = 0;
+  uint64_t shard_pages = 0;
   for (;;) {
     const auto target =
         static_cast<uint64_t>(static_cast<double>(span) * (1.0 - cfg_.large_share)) / n;
-    pool_pages = target != 0 ? std::bit_floor(target) : 0;
-    if (pool_pages >= kMinPoolPages || n == 1) break;
+    shard_pages = target != 0 ? std::bit_floor(target) : 0;
+    if (shard_pages >= kMinShardPages || n == 1) break;
     n /= 2;
   }
-  if (pool_pages < kMinPoolPages) {
-    nsmall_ = 1;  // a small space: one pool over all of it
+  if (shard_pages < kMinShardPages) {
+    nsmall_ = 1;  // a small space: one shard over all of it
     small_shift_ = 63;
     large_first_ = kNone;
     has_large_ = false;
   } else {
     nsmall_ = n;
-    small_shift_ = static_cast<unsigned>(std::countr_zero(pool_pages));
-    const uint64_t top = base_pn_ + uint64_t{n} * pool_pages;
-    has_large_ = top < hi_ && hi_ - top >= kMinPoolPages;
-    large_first_ = has_large_ ? top : kNone;  // else the last small pool takes the rest
+    small_shift_ = static_cast<unsigned>(std::countr_zero(shard_pages));
+    const uint64_t top = base_pn_ + uint64_t{n} * shard_pages;
+    has_large_ = top < hi_ && hi_ - top >= kMinShardPages;
+    large_first_ = has_large_ ? top : kNone;  // else the last small shard takes the rest
   }
-  // 1-page requests start at the caller's small pool unless the large pool
+  // 1-page requests start at the caller's small shard unless the large shard
   // takes every size; in strict mode every free goes the general way.
   fast_len_ = has_large_ && cfg_.large_threshold_pages == 0 ? 0 : page_;
   fast_free_len_ = cfg_.strict ? 0 : page_;
-  last_pool_ = pool_count() - 1;
-  pools_ = std::make_unique<Pool[]>(pool_count());
-  for (uint32_t i = 0; i < pool_count(); ++i) {
-    Pool& p = pools_[i];
+  last_shard_ = shard_count() - 1;
+  shards_ = std::make_unique<Shard[]>(shard_count());
+  for (uint32_t i = 0; i < shard_count(); ++i) {
+    Shard& p = shards_[i];
     if (i == nsmall_) {
       p.first = large_first_;
       p.end = hi_;
@@ -300,28 +300,28 @@ Status PooledArena::init() {
   for (auto [pn, len] : holes_) {
     bits_.assign(kUsed, pn, len, true);
     for (uint64_t left = len, at = pn; left > 0;) {
-      Pool& p = pools_[pool_of(at)];
+      Shard& p = shards_[shard_of(at)];
       const uint64_t k = std::min(left, p.end - at);
       p.hole_pages += k;
       at += k;
       left -= k;
     }
   }
-  base::log().debug("IOVA arena: {:#x}-{:#x}, {} pages of {:#x}, {} small pools of {} pages{}",
+  base::log().debug("IOVA arena: {:#x}-{:#x}, {} pages of {:#x}, {} small shards of {} pages{}",
                     lo_ << shift_, (hi_ << shift_) - 1, total_pages_, page_, nsmall_,
                     small_shift_ == 63 ? span : 1ull << small_shift_,
-                    has_large_ ? fmt::format(", large pool from {:#x}", large_first_ << shift_) : "");
+                    has_large_ ? fmt::format(", large shard from {:#x}", large_first_ << shift_) : "");
   return ok();
 }
 
-PooledArena::~PooledArena() {
-  if (!pools_) return;
-  for (uint32_t i = 0; i < pool_count(); ++i) (void)flush_pool(pools_[i], false);
+ShardedArena::~ShardedArena() {
+  if (!shards_) return;
+  for (uint32_t i = 0; i < shard_count(); ++i) (void)flush_shard(shards_[i], false);
 }
 
 // First page of a free run of need.n pages aligned to need.align inside
-// [from, to), or kNone. Caller holds the pool lock.
-inline uint64_t PooledArena::find(uint64_t from, uint64_t to, const Need& need) const {
+// [from, to), or kNone. Caller holds the shard lock.
+inline uint64_t ShardedArena::find(uint64_t from, uint64_t to, const Need& need) const {
   if (need.n == 1 && need.align == 1) {
     // Fast path: a free page in the hint's word; else scan on.
     const uint64_t free_bits = ~bits_.word(from).used & (~0ull << (from & 63));
@@ -341,7 +341,7 @@ inline uint64_t PooledArena::find(uint64_t from, uint64_t to, const Need& need) 
   }
 }
 
-inline void PooledArena::commit(Pool& p, uint64_t pn, uint64_t n) {
+inline void ShardedArena::commit(Shard& p, uint64_t pn, uint64_t n) {
   if (n == 1) {
     bits_.set1(kUsed, pn);
   } else {
@@ -353,7 +353,7 @@ inline void PooledArena::commit(Pool& p, uint64_t pn, uint64_t n) {
   p.hint = pn + n < p.end ? pn + n : p.first;
 }
 
-inline void PooledArena::mark_stale(Pool& p, uint64_t pn, uint64_t n) {
+inline void ShardedArena::mark_stale(Shard& p, uint64_t pn, uint64_t n) {
   if (n == 1) {
     bits_.set1(kStale, pn);
   } else {
@@ -365,12 +365,12 @@ inline void PooledArena::mark_stale(Pool& p, uint64_t pn, uint64_t n) {
   p.stale_hi = std::max(p.stale_hi, pn + n);
 }
 
-// The flush bounds, checked when a pool's countdown runs out. Re-arms the
+// The flush bounds, checked when a shard's countdown runs out. Re-arms the
 // countdown to the next operation at which a bound can be reached: the age
 // every kStaleAgeCheckEvery operations, the stale pages when they can reach
 // stale_max_pages (a fast free adds one page, so the countdown never
 // overshoots; the general path compares the count itself). Under the lock.
-bool PooledArena::check_bounds(Pool& p) {
+bool ShardedArena::check_bounds(Shard& p) {
   const uint64_t s = p.stale.get();
   const bool bounded = cfg_.stale_max_pages != 0;
   bool due = false;
@@ -394,24 +394,24 @@ bool PooledArena::check_bounds(Pool& p) {
 
 // One operation of the general path: counts down like the fast paths, and
 // checks the stale-page bound directly because a free here adds many pages.
-inline bool PooledArena::tick(Pool& p) {
+inline bool ShardedArena::tick(Shard& p) {
   if (--p.check_in == 0 || (cfg_.stale_max_pages != 0 && p.stale.get() >= p.flush_at)) return check_bounds(p);
   return false;
 }
 
 // After a flush: ranges whose unmap failed do not re-trigger a flush on
 // every operation; they are retried once the bounds are reached again.
-void PooledArena::rearm(Pool& p) {
+void ShardedArena::rearm(Shard& p) {
   p.flush_at = p.stale.get() + cfg_.stale_max_pages;
   p.oldest_ns = p.stale.get() != 0 ? coarse_now_ns() : 0;
   p.check_in = 1;
 }
 
-// Serves `need` from pool p: search from the hint; on failure flush the
-// pool's stale pages (this is both "wrap-around" and "cannot serve") and
+// Serves `need` from shard p: search from the hint; on failure flush the
+// shard's stale pages (this is both "wrap-around" and "cannot serve") and
 // search it whole. Returns the first page, kNone, or kBusy when !wait and
-// the pool is locked.
-uint64_t PooledArena::take(Pool& p, const Need& need, bool wait, bool borrow) {
+// the shard is locked.
+uint64_t ShardedArena::take(Shard& p, const Need& need, bool wait, bool borrow) {
   if (wait) {
     p.lock.lock();
   } else if (!p.lock.try_lock()) {
@@ -421,16 +421,16 @@ uint64_t PooledArena::take(Pool& p, const Need& need, bool wait, bool borrow) {
 }
 
 // take() once p.lock is held; releases it.
-uint64_t PooledArena::take_locked(Pool& p, const Need& need, bool borrow) {
+uint64_t ShardedArena::take_locked(Shard& p, const Need& need, bool borrow) {
   const uint64_t to = std::min(p.end, need.limit_end);
   const uint64_t from = p.hint >= p.first && p.hint < to ? p.hint : p.first;
   uint64_t pn = find(from, to, need);
   if (pn == kNone) {
     // Waiting for a concurrent flush (unmapping != 0) also goes through
-    // flush_pool: its mutex returns once that flush has finished.
+    // flush_shard: its mutex returns once that flush has finished.
     if (p.stale.get() != 0 || p.unmapping.get() != 0) {
       p.lock.unlock();
-      (void)flush_pool(p, true);  // an error is logged and counted; the pages stay reserved
+      (void)flush_shard(p, true);  // an error is logged and counted; the pages stay reserved
       p.lock.lock();
     }
     pn = find(p.first, to, need);
@@ -446,17 +446,17 @@ uint64_t PooledArena::take_locked(Pool& p, const Need& need, bool borrow) {
 }
 
 // Fast path, one page (page alignment, no DMA limit inside the space; about
-// 40 instructions and one try-lock): the caller's home pool, the first free
+// 40 instructions and one try-lock): the caller's home shard, the first free
 // bit of the hint's word, used/head/tail set in that one group, the
-// countdown to the next bounds check. Anything else (pool busy, word full,
+// countdown to the next bounds check. Anything else (shard busy, word full,
 // a bounds check due) continues out of line with no side effect repeated.
-Result<IovaSpan> PooledArena::alloc(const IovaRequest& req) {
+Result<IovaSpan> ShardedArena::alloc(const IovaRequest& req) {
   if (req.len - 1 < fast_len_ && req.align <= page_ && (req.align & (req.align - 1)) == 0 &&
       req.dma_limit >= last_iova_) [[likely]] {
-    Pool& p = pools_[thread_number() & (nsmall_ - 1)];
+    Shard& p = shards_[thread_number() & (nsmall_ - 1)];
     if (p.lock.try_lock()) [[likely]] {
       const uint64_t from = p.hint;  // always inside [first, end)
-      Group& g = bits_.word(from);
+      WordGroup& g = bits_.word(from);
       const uint64_t free_bits = ~g.used & (~0ull << (from & 63));
       const uint64_t pn = (from & ~63ull) + static_cast<uint64_t>(std::countr_zero(free_bits));
       if (free_bits != 0 && pn < p.end) [[likely]] {
@@ -479,20 +479,20 @@ Result<IovaSpan> PooledArena::alloc(const IovaRequest& req) {
 
 // The fast alloc's page is taken and the countdown ran out: check the
 // bounds, then flush if one was reached.
-Result<IovaSpan> PooledArena::alloc_checked(Pool& p, uint64_t pn) {
+Result<IovaSpan> ShardedArena::alloc_checked(Shard& p, uint64_t pn) {
   unlock_then_flush_if(p, check_bounds(p));
   return IovaSpan{pn << shift_, page_};
 }
 
-// The home pool is locked but its hint's word is full: search the pool
+// The home shard is locked but its hint's word is full: search the shard
 // (flushing it if that is what it takes), else borrow on the general path.
-Result<IovaSpan> PooledArena::alloc_home_slow(Pool& p, const IovaRequest& req) {
+Result<IovaSpan> ShardedArena::alloc_home_slow(Shard& p, const IovaRequest& req) {
   const uint64_t got = take_locked(p, Need{1, 1, hi_}, false);
   if (got != kNone) return IovaSpan{got << shift_, page_};
   return alloc_general(req);
 }
 
-Result<IovaSpan> PooledArena::alloc_general(const IovaRequest& req) {
+Result<IovaSpan> ShardedArena::alloc_general(const IovaRequest& req) {
   if (req.len == 0) return fail(Errc::invalid_argument, "IOVA request of 0 bytes");
   if ((req.align & (req.align - 1)) != 0)
     return fail(Errc::invalid_argument, "IOVA request of {:#x} bytes: alignment {:#x} is not a power of two",
@@ -518,29 +518,29 @@ Result<IovaSpan> PooledArena::alloc_general(const IovaRequest& req) {
   const uint32_t slot = thread_number() & (nsmall_ - 1);
   const bool large = has_large_ && need.n > cfg_.large_threshold_pages;
   const uint32_t home = large ? nsmall_ : slot;
-  const uint32_t count = pool_count();
-  // Order of pools to try: home first; small requests borrow from the other
-  // small pools, then the large pool; large requests from the small pools.
-  auto pool_at = [&](uint32_t k) -> uint32_t {
+  const uint32_t count = shard_count();
+  // Order of shards to try: home first; small requests borrow from the other
+  // small shards, then the large shard; large requests from the small shards.
+  auto shard_at = [&](uint32_t k) -> uint32_t {
     if (large) return k == 0 ? nsmall_ : (slot + k - 1) & (nsmall_ - 1);
     return k < nsmall_ ? (slot + k) & (nsmall_ - 1) : nsmall_;
   };
   uint32_t busy = 0;
   for (uint32_t k = 0; k < count; ++k) {
-    const uint32_t i = pool_at(k);
-    if (pools_[i].first >= need.limit_end) continue;
-    const uint64_t pn = take(pools_[i], need, false, i != home);
+    const uint32_t i = shard_at(k);
+    if (shards_[i].first >= need.limit_end) continue;
+    const uint64_t pn = take(shards_[i], need, false, i != home);
     if (pn == kBusy) {
       busy |= 1u << i;
     } else if (pn != kNone) {
       return IovaSpan{pn << shift_, need.n << shift_};
     }
   }
-  // Every eligible pool was busy or full: wait for the busy ones.
+  // Every eligible shard was busy or full: wait for the busy ones.
   for (uint32_t k = 0; k < count && busy != 0; ++k) {
-    const uint32_t i = pool_at(k);
+    const uint32_t i = shard_at(k);
     if ((busy & (1u << i)) == 0) continue;
-    const uint64_t pn = take(pools_[i], need, true, i != home);
+    const uint64_t pn = take(shards_[i], need, true, i != home);
     if (pn != kNone) return IovaSpan{pn << shift_, need.n << shift_};
   }
   failures_.fetch_add(1, std::memory_order_relaxed);
@@ -554,14 +554,14 @@ Result<IovaSpan> PooledArena::alloc_general(const IovaRequest& req) {
 
 // Fast path, one page in lazy mode (about 40 instructions, one try-lock):
 // validate (head and tail set in the page's group), mark stale, count down.
-// Anything else - a busy pool, every refusal - takes the general path, which
+// Anything else - a busy shard, every refusal - takes the general path, which
 // locks, validates again and reports; nothing has changed by then. No call
 // but tail calls, so the fast path saves no registers.
-Status PooledArena::free(IovaSpan range) {
+Status ShardedArena::free(IovaSpan range) {
   const uint64_t pn = range.iova >> shift_;
   if (range.len - 1 < fast_free_len_ && (range.iova & (page_ - 1)) == 0 && pn - lo_ < hi_ - lo_) [[likely]] {
-    Pool& p = pools_[pool_of(pn)];
-    Group& g = bits_.word(pn);
+    Shard& p = shards_[shard_of(pn)];
+    WordGroup& g = bits_.word(pn);
     const uint64_t bit = 1ull << (pn & 63);
     if (p.lock.try_lock()) [[likely]] {
       if ((g.head & g.tail & bit) != 0) [[likely]] {
@@ -586,12 +586,12 @@ Status PooledArena::free(IovaSpan range) {
   return free_general(range);
 }
 
-Status PooledArena::free_checked(Pool& p) {
+Status ShardedArena::free_checked(Shard& p) {
   unlock_then_flush_if(p, check_bounds(p));
   return ok();
 }
 
-Status PooledArena::free_general(IovaSpan range) {
+Status ShardedArena::free_general(IovaSpan range) {
   if (range.len == 0 || (range.iova & (page_ - 1)) != 0)
     return fail(Errc::corrupted,
                 "free of IOVA {:#x} len {:#x}: not a range from this arena (zero length or not page aligned)",
@@ -601,9 +601,9 @@ Status PooledArena::free_general(IovaSpan range) {
   if (pn < lo_ || pn >= hi_ || n > hi_ - pn)
     return fail(Errc::corrupted, "free of IOVA {:#x} len {:#x}: outside the arena's space {:#x}-{:#x}",
                 range.iova, range.len, lo_ << shift_, (hi_ << shift_) - 1);
-  Pool& p = pools_[pool_of(pn)];
+  Shard& p = shards_[shard_of(pn)];
   if (n > p.end - pn)
-    return fail(Errc::corrupted, "free of IOVA {:#x} len {:#x}: crosses a pool boundary, so it was never allocated",
+    return fail(Errc::corrupted, "free of IOVA {:#x} len {:#x}: crosses a shard boundary, so it was never allocated",
                 range.iova, range.len);
   const uint64_t last = pn + n - 1;
   p.lock.lock();
@@ -628,7 +628,7 @@ Status PooledArena::free_general(IovaSpan range) {
   return ok();
 }
 
-Status PooledArena::unmap_strict(Pool& p, uint64_t pn, uint64_t n) {
+Status ShardedArena::unmap_strict(Shard& p, uint64_t pn, uint64_t n) {
   auto st = domain_.unmap(pn << shift_, n << shift_);
   // Report before the pages become allocatable: the owner of the memory
   // behind them hears of the unmap before anyone can be handed these IOVAs.
@@ -656,7 +656,7 @@ Status PooledArena::unmap_strict(Pool& p, uint64_t pn, uint64_t n) {
   return ok();
 }
 
-Status PooledArena::flush_pool(Pool& p, bool notify_listener) {
+Status ShardedArena::flush_shard(Shard& p, bool notify_listener) {
   std::vector<IovaSpan> done;
   Status first = ok();
   {
@@ -737,12 +737,12 @@ Status PooledArena::flush_pool(Pool& p, bool notify_listener) {
 // Releases p.lock, then flushes p when a bound was reached (its unmap calls
 // run without the lock; an error is logged and counted, the pages stay
 // reserved).
-void PooledArena::unlock_then_flush_if(Pool& p, bool due) {
+void ShardedArena::unlock_then_flush_if(Shard& p, bool due) {
   p.lock.unlock();
-  if (due) (void)flush_pool(p, true);
+  if (due) (void)flush_shard(p, true);
 }
 
-void PooledArena::notify(std::span<const IovaSpan> done) {
+void ShardedArena::notify(std::span<const IovaSpan> done) {
   FlushListener l;
   {
     std::lock_guard lk(listener_mu_);
@@ -751,19 +751,19 @@ void PooledArena::notify(std::span<const IovaSpan> done) {
   if (l) l(done);
 }
 
-Status PooledArena::flush() {
+Status ShardedArena::flush() {
   Status first = ok();
-  for (uint32_t i = 0; i < pool_count(); ++i) {
-    auto st = flush_pool(pools_[i], true);
+  for (uint32_t i = 0; i < shard_count(); ++i) {
+    auto st = flush_shard(shards_[i], true);
     if (!st && first) first = st;
   }
   return first;
 }
 
-ArenaStats PooledArena::stats() const {
+ArenaStats ShardedArena::stats() const {
   ArenaStats s;
-  for (uint32_t i = 0; i < pool_count(); ++i) {
-    const Pool& p = pools_[i];
+  for (uint32_t i = 0; i < shard_count(); ++i) {
+    const Shard& p = shards_[i];
     s.pages_in_use += p.in_use.get();
     s.stale_pages += p.stale.get() + p.unmapping.get();
     s.flushes += p.flushes.get();
@@ -774,31 +774,31 @@ ArenaStats PooledArena::stats() const {
   }
   s.failures = failures_.load(std::memory_order_relaxed);
   s.total_pages = total_pages_;
-  s.pools = nsmall_;
-  s.large_pool = has_large_;
+  s.shards = nsmall_;
+  s.large_shard = has_large_;
   return s;
 }
 
-std::vector<IovaSpan> PooledArena::pool_spans() const {
+std::vector<IovaSpan> ShardedArena::shard_spans() const {
   std::vector<IovaSpan> out;
-  for (uint32_t i = 0; i < pool_count(); ++i)
-    out.push_back({pools_[i].first << shift_, (pools_[i].end - pools_[i].first) << shift_});
+  for (uint32_t i = 0; i < shard_count(); ++i)
+    out.push_back({shards_[i].first << shift_, (shards_[i].end - shards_[i].first) << shift_});
   return out;
 }
 
-Status PooledArena::check_pool(const Pool& p) const {
+Status ShardedArena::check_shard(const Shard& p) const {
   const uint64_t n = p.end - p.first;
   const uint64_t used = bits_.count(kUsed, p.first, n);
   const uint64_t stale = bits_.count(kStale, p.first, n);
   const uint64_t expect_used = p.in_use.get() + p.stale.get() + p.unmapping.get() + p.hole_pages;
   if (used != expect_used)
-    return fail(Errc::internal, "IOVA arena pool {:#x}: {} used pages, counters say {}", p.first << shift_, used,
+    return fail(Errc::internal, "IOVA arena shard {:#x}: {} used pages, counters say {}", p.first << shift_, used,
                 expect_used);
   if (stale != p.stale.get())
-    return fail(Errc::internal, "IOVA arena pool {:#x}: {} stale pages, counter says {}", p.first << shift_, stale,
+    return fail(Errc::internal, "IOVA arena shard {:#x}: {} stale pages, counter says {}", p.first << shift_, stale,
                 p.stale.get());
   for (uint64_t pn = p.first & ~63ull; pn < p.end; pn += 64) {
-    const Group& g = bits_.word(pn);
+    const WordGroup& g = bits_.word(pn);
     if ((g.stale & ~g.used) != 0 || ((g.head | g.tail) & (~g.used | g.stale)) != 0)
       return fail(Errc::internal, "IOVA arena: inconsistent bits at IOVA {:#x}", pn << shift_);
   }
@@ -808,7 +808,7 @@ Status PooledArena::check_pool(const Pool& p) const {
     const uint64_t h = bits_.next(kHead, true, pn, p.end);
     if (h == p.end) {
       if (bits_.next(kTail, true, pn, p.end) != p.end)
-        return fail(Errc::internal, "IOVA arena pool {:#x}: tail without head", p.first << shift_);
+        return fail(Errc::internal, "IOVA arena shard {:#x}: tail without head", p.first << shift_);
       break;
     }
     const uint64_t t = bits_.next(kTail, true, h, p.end);
@@ -820,20 +820,20 @@ Status PooledArena::check_pool(const Pool& p) const {
     pn = t + 1;
   }
   if (live != p.in_use.get())
-    return fail(Errc::internal, "IOVA arena pool {:#x}: allocations cover {} pages, counter says {}",
+    return fail(Errc::internal, "IOVA arena shard {:#x}: allocations cover {} pages, counter says {}",
                 p.first << shift_, live, p.in_use.get());
   return ok();
 }
 
-Status PooledArena::check() const {
+Status ShardedArena::check() const {
   for (auto [pn, len] : holes_)
     if (bits_.count(kUsed, pn, len) != len || bits_.count(kHead, pn, len) != 0 || bits_.count(kStale, pn, len) != 0)
       return fail(Errc::internal, "IOVA arena: the hole at IOVA {:#x} is not reserved", pn << shift_);
-  for (uint32_t i = 0; i < pool_count(); ++i) {
-    Pool& p = pools_[i];
+  for (uint32_t i = 0; i < shard_count(); ++i) {
+    Shard& p = shards_[i];
     std::lock_guard fl(p.flush_mu);
     p.lock.lock();
-    auto st = check_pool(p);
+    auto st = check_shard(p);
     p.lock.unlock();
     if (!st) return st;
   }
@@ -842,9 +842,9 @@ Status PooledArena::check() const {
 
 }  // namespace
 
-ArenaConfig ArenaConfig::from_settings(const base::ArenaSettings& s) {
+ArenaConfig ArenaConfig::from_settings(const ArenaSettings& s) {
   ArenaConfig c;
-  c.pools = s.pools;
+  c.shards = s.shards;
   c.large_share = s.large_share;
   c.large_threshold_pages = s.large_threshold_pages;
   c.strict = s.strict;
@@ -856,7 +856,7 @@ ArenaConfig ArenaConfig::from_settings(const base::ArenaSettings& s) {
 }
 
 Result<std::unique_ptr<IovaArena>> IovaArena::create(Domain& domain, const ArenaConfig& cfg) {
-  auto arena = std::make_unique<PooledArena>(domain, cfg);
+  auto arena = std::make_unique<ShardedArena>(domain, cfg);
   DMAKIT_TRY(arena->init());
   return std::unique_ptr<IovaArena>(std::move(arena));
 }

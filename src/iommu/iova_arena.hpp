@@ -13,39 +13,39 @@
 // only for the parts in use (next-fit restarts low after each flush, so the
 // touched part follows the working set).
 //
-// The space is split into N small pools (N a power of two, equal size, each a
-// power-of-two page count) from the low end, and one large pool above them
+// The space is split into N small shards (N a power of two, equal size, each a
+// power-of-two page count) from the low end, and one large shard above them
 // (at least large_share of the space; it also takes what the power-of-two
-// rounding leaves). Each pool has its own spinlock, next-fit hint and
-// counters. A thread's home pool is its per-thread number (handed out in
-// order of first use) modulo N; if the home pool is locked, the thread tries
-// the next pool with try_lock, and blocks only when every eligible pool was
-// busy. Requests above large_threshold_pages start at the large pool. Any
-// pool can serve any request; one served outside its home pool counts as a
+// rounding leaves). Each shard has its own spinlock, next-fit hint and
+// counters. A thread's home shard is its per-thread number (handed out in
+// order of first use) modulo N; if the home shard is locked, the thread tries
+// the next shard with try_lock, and blocks only when every eligible shard was
+// busy. Requests above large_threshold_pages start at the large shard. Any
+// shard can serve any request; one served outside its home shard counts as a
 // borrow.
 //
 // Fast path (1 page, lazy mode; budget 20 ns for an alloc+free pair on one
 // thread, about 70 instructions each way and one try-lock): alloc takes the
-// home pool's lock, the first zero bit of the hint's word (ctz), sets
+// home shard's lock, the first zero bit of the hint's word (ctz), sets
 // used/head/tail in that one 32-byte group, moves the hint, counts down to
-// the next bounds check, unlocks. free finds the page's pool with a shift,
+// the next bounds check, unlocks. free finds the page's shard with a shift,
 // tests head and tail, sets stale, counts down, unlocks. No heap allocation,
 // no call but tail calls, no system call. Everything else (other sizes,
-// alignments or limits, a busy pool, a full hint word, strict mode, any
+// alignments or limits, a busy shard, a full hint word, strict mode, any
 // refusal, a bounds check) goes to the general code out of line, which checks
 // again before it changes anything.
 //
 // Lazy flush: free() marks a range stale and leaves its IOMMU mapping in
-// place. A pool flushes - collects its stale runs (adjacent ranges merged),
+// place. A shard flushes - collects its stale runs (adjacent ranges merged),
 // unmaps each run with one Domain::unmap, then clears the pages from the used
 // bitmap and reports the runs to the flush listener - when it cannot serve a
-// request (before anyone borrows from another pool), when its next-fit hint
+// request (before anyone borrows from another shard), when its next-fit hint
 // wraps around, when its stale pages reach stale_max_pages, and when its
-// oldest stale range is older than stale_max_age. Each pool counts its
+// oldest stale range is older than stale_max_age. Each shard counts its
 // operations down to the next point a bound can be reached: the page bound
 // exactly (a fast free adds one stale page; the general path compares the
 // count itself), the age on every kStaleAgeCheckEvery-th operation (even the
-// coarse clock costs a third of a fast alloc+free pair). The pool lock is not
+// coarse clock costs a third of a fast alloc+free pair). The shard lock is not
 // held during the unmap calls; the pages stay marked used meanwhile, so an
 // IOVA is never handed out again before its unmap returned. A run whose unmap
 // fails stays stale (never handed out, retried by later flushes) and the
@@ -54,14 +54,14 @@
 //
 // Exposure window: after free() in lazy mode a device can still reach the
 // freed IOVA (and the memory behind it, which therefore must not change
-// owner before the listener reports the flush) until its pool flushes: at
-// most stale_max_pages pages per pool stay reachable, for at most
-// stale_max_age after the free provided the pool sees kStaleAgeCheckEvery
-// allocs or frees in that time (a quiet pool keeps its stale ranges until
+// owner before the listener reports the flush) until its shard flushes: at
+// most stale_max_pages pages per shard stay reachable, for at most
+// stale_max_age after the free provided the shard sees kStaleAgeCheckEvery
+// allocs or frees in that time (a quiet shard keeps its stale ranges until
 // that many more operations or an explicit flush()). Allocation pressure
 // shortens the window.
 //
-// Owns: the bitmaps and the pool state. Does not own the Domain nor the
+// Owns: the bitmaps and the shard state. Does not own the Domain nor the
 // memory behind mappings. The destructor unmaps remaining stale ranges
 // (without calling the listener); live allocations stay the caller's.
 #pragma once
@@ -73,28 +73,28 @@
 #include <span>
 #include <vector>
 
-#include "base/config.hpp"
+#include "iommu/settings.hpp"
 #include "base/error.hpp"
 #include "iommu/domain.hpp"
 
 namespace dmakit::iommu {
 
-// A pool checks the age of its oldest stale range on every this many of its
+// A shard checks the age of its oldest stale range on every this many of its
 // allocs and frees (see "Exposure window" above).
 inline constexpr uint32_t kStaleAgeCheckEvery = 32;
 
 struct ArenaConfig {
-  uint32_t pools = 0;                   // 0 = from hardware threads; power of two <= 16
-  double large_share = 0.25;            // minimum share of the space for the large pool, 0..0.9
-  uint64_t large_threshold_pages = 64;  // requests above this go to the large pool
+  uint32_t shards = 0;                  // 0 = from hardware threads; power of two <= 16
+  double large_share = 0.25;            // minimum share of the space for the large shard, 0..0.9
+  uint64_t large_threshold_pages = 64;  // requests above this go to the large shard
   bool strict = false;                  // unmap at free
-  uint64_t stale_max_pages = 8192;      // per pool; 0 = no bound (flush on pressure only)
+  uint64_t stale_max_pages = 8192;      // per shard; 0 = no bound (flush on pressure only)
   std::chrono::milliseconds stale_max_age{50};  // 0 = no age bound
   uint64_t iova_start = 0;              // narrow the space (0/0 = all windows)
   uint64_t iova_end = 0;                // inclusive; 0 = end of the last window
   uint64_t max_pages = 1ull << 27;      // cap on the space (512 GiB of 4K pages), from its low end
 
-  static ArenaConfig from_settings(const base::ArenaSettings& s);
+  static ArenaConfig from_settings(const ArenaSettings& s);
 };
 
 struct IovaRequest {
@@ -109,12 +109,12 @@ struct ArenaStats {
   uint64_t flushes = 0;        // flushes that unmapped at least one run
   uint64_t unmap_calls = 0;    // Domain::unmap calls issued by the arena
   uint64_t ranges_flushed = 0; // stale ranges before merging (strict mode: ranges unmapped)
-  uint64_t borrows = 0;        // served by a pool other than the caller's
+  uint64_t borrows = 0;        // served by a shard other than the caller's
   uint64_t failures = 0;       // requests refused for lack of space
   uint64_t flush_errors = 0;   // unmap calls that failed (their runs stay stale)
   uint64_t total_pages = 0;    // usable pages (holes excluded)
-  uint32_t pools = 0;          // small pools
-  bool large_pool = false;
+  uint32_t shards = 0;         // small shards
+  bool large_shard = false;
 };
 
 class IovaArena {
@@ -122,7 +122,7 @@ class IovaArena {
   // Called after a flush unmapped these ranges (unmap returned) and before
   // their IOVAs can be handed out again: memory that stood behind them may
   // now be given to a new owner. Called from whichever thread flushed, with
-  // no bitmap lock held but inside the pool's flush, so it must not call
+  // no bitmap lock held but inside the shard's flush, so it must not call
   // back into the arena.
   using FlushListener = std::function<void(std::span<const IovaSpan>)>;
 
@@ -141,7 +141,7 @@ class IovaArena {
   // (Errc::corrupted) and nothing changes.
   virtual Status free(IovaSpan range) = 0;
 
-  // Flushes every pool now; returns the first unmap error.
+  // Flushes every shard now; returns the first unmap error.
   virtual Status flush() = 0;
 
   virtual void set_flush_listener(FlushListener listener) = 0;
@@ -150,8 +150,8 @@ class IovaArena {
   virtual uint64_t page_size() const = 0;
   virtual Domain& domain() = 0;
 
-  // The IOVA span of each pool: small pools in order, then the large pool.
-  virtual std::vector<IovaSpan> pool_spans() const = 0;
+  // The IOVA span of each shard: small shards in order, then the large shard.
+  virtual std::vector<IovaSpan> shard_spans() const = 0;
 
   // Recounts every bitmap against the counters and checks the invariants
   // (stale implies used, heads and tails pair up, holes stay reserved).

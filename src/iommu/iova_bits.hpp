@@ -1,6 +1,6 @@
-// Internals of IovaArena: the page bitmaps and the pool lock.
+// Internals of IovaArena: the page bitmaps and the shard lock.
 //
-// PageBits owns one anonymous mapping holding a Group (four 64-bit words:
+// PageBits owns one anonymous mapping holding a WordGroup (four 64-bit words:
 // used, stale, head, tail) per 64 pages of the arena's space. Page numbers
 // are absolute (iova >> page shift), so alignment tests on page numbers are
 // alignment tests on IOVAs. The mapping is reserved, not committed: untouched
@@ -17,14 +17,16 @@
 
 namespace dmakit::iommu::detail {
 
-struct Group {
+// The four bitmap words of one 64-page group (named apart from vfio::Group,
+// a VFIO group fd).
+struct WordGroup {
   uint64_t used;   // allocated, stale, being unmapped, or a hole
   uint64_t stale;  // freed; the IOMMU mapping may still be in place
   uint64_t head;   // first page of a live allocation
   uint64_t tail;   // last page of a live allocation
 };
 
-using Field = uint64_t Group::*;
+using Field = uint64_t WordGroup::*;
 
 class PageBits {
  public:
@@ -78,23 +80,23 @@ class PageBits {
   // Bits set in f over [pn, pn + n).
   uint64_t count(Field f, uint64_t pn, uint64_t n) const;
 
-  Group& word(uint64_t pn) { return groups_[(pn >> 6) - base_word_]; }
-  const Group& word(uint64_t pn) const { return groups_[(pn >> 6) - base_word_]; }
+  WordGroup& word(uint64_t pn) { return groups_[(pn >> 6) - base_word_]; }
+  const WordGroup& word(uint64_t pn) const { return groups_[(pn >> 6) - base_word_]; }
 
  private:
-  const Group& word_at(uint64_t wi) const { return groups_[wi - base_word_]; }
+  const WordGroup& word_at(uint64_t wi) const { return groups_[wi - base_word_]; }
   void swap(PageBits& o) noexcept {
     std::swap(groups_, o.groups_);
     std::swap(bytes_, o.bytes_);
     std::swap(base_word_, o.base_word_);
   }
 
-  Group* groups_ = nullptr;
+  WordGroup* groups_ = nullptr;
   size_t bytes_ = 0;
   uint64_t base_word_ = 0;
 };
 
-// Test-and-test-and-set lock. Pool critical sections are a few word
+// Test-and-test-and-set lock. Shard critical sections are a few word
 // operations (a flush drops the lock around its unmap calls), so spinning
 // beats a futex round trip; a long wait yields the CPU.
 class SpinLock {
@@ -123,7 +125,7 @@ class SpinLock {
   std::atomic<bool> held_{false};
 };
 
-// A counter written only under its pool's lock and read without it.
+// A counter written only under its shard's lock and read without it.
 class Counter {
  public:
   [[gnu::always_inline]] void add(uint64_t d) {

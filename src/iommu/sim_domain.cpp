@@ -6,6 +6,8 @@
 #include <sstream>
 #include <string>
 
+#include "base/config.hpp"
+
 namespace dmakit::iommu {
 
 namespace {
@@ -24,7 +26,7 @@ constexpr uint64_t kMsiLast = 0xfeefffff;
 
 }  // namespace
 
-Result<SimConfig> SimConfig::from_settings(const base::IommuSettings& s) {
+Result<SimConfig> SimConfig::from_settings(const IommuSettings& s) {
   SimConfig cfg;
   cfg.address_bits = s.sim_address_bits;
   cfg.dma_entry_limit = s.sim_dma_entry_limit;

@@ -19,7 +19,7 @@
 #include <span>
 #include <vector>
 
-#include "base/config.hpp"
+#include "iommu/settings.hpp"
 #include "base/error.hpp"
 #include "iommu/domain.hpp"
 
@@ -35,7 +35,7 @@ struct SimConfig {
   std::vector<IovaWindow> windows;
 
   // From the iommu.sim_* settings; sim_page_sizes is a list like "4K,2M,1G".
-  static Result<SimConfig> from_settings(const base::IommuSettings& s);
+  static Result<SimConfig> from_settings(const IommuSettings& s);
 };
 
 class SimDomain final : public Domain {

@@ -127,7 +127,7 @@ TEST_P(ArenaStress, ThreadsKeepTheInvariants) {
   auto dom = SimDomain::create({});
   ASSERT_TRUE(dom);
   ArenaConfig cfg;
-  cfg.pools = 4;
+  cfg.shards = 4;
   cfg.strict = strict;
   cfg.iova_start = kStart;
   cfg.iova_end = kStart + kPages * K4 - 1;

@@ -97,7 +97,7 @@ class BufferTest : public ::testing::Test {
   std::unique_ptr<iommu::SimDomain> sim_;
   std::unique_ptr<buftest::FailingDomain> domain_;
   std::unique_ptr<iommu::IovaArena> arena_;
-  base::BufferSettings settings_;
+  alloc_buffer::BufferSettings settings_;
   std::vector<FaultSource*> fault_;  // 2M, 1M, 64K, 4K
   std::unique_ptr<BufferAllocator> alloc_;
 };
@@ -106,7 +106,7 @@ class BufferTest : public ::testing::Test {
 // largest first, each chunk on an IOVA aligned to its order.
 void expect_layout(const Buffer& b) {
   uint64_t off = 0, prev_order = ~0ull;
-  for (const Chunk& c : b.chunks()) {
+  for (const BufferChunk& c : b.chunks()) {
     EXPECT_EQ(c.iova, b.iova() + off) << "IOVA range not contiguous";
     EXPECT_EQ(c.iova % c.order, 0u) << "chunk of order " << c.order << " at IOVA " << c.iova;
     EXPECT_EQ(reinterpret_cast<uintptr_t>(c.vaddr) % c.order, 0u);

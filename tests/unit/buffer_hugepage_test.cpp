@@ -51,7 +51,7 @@ class HugeBufferTest : public ::testing::Test {
     auto a = iommu::IovaArena::create(*sim_, iommu::ArenaConfig{});
     ASSERT_TRUE(a);
     arena_ = std::move(*a);
-    base::BufferSettings s;
+    alloc_buffer::BufferSettings s;
     s.psi = false;
     s.prezero = false;
     auto b = create_buffer_allocator(*arena_, s);
@@ -77,7 +77,7 @@ TEST_F(HugeBufferTest, EveryOrderFromItsRealSource) {
   EXPECT_EQ(src, (std::vector<std::string_view>{"hugepage-2M", "hugepage-2M", "carved-1M", "carved-64K", "anon-4K"}));
   uint64_t runs = 1;
   for (size_t i = 0; i < b->chunks().size(); ++i) {
-    const Chunk& c = b->chunks()[i];
+    const BufferChunk& c = b->chunks()[i];
     EXPECT_EQ(c.iova % c.order, 0u);
     EXPECT_EQ(reinterpret_cast<uintptr_t>(c.vaddr) % c.order, 0u);
     if (i > 0 && static_cast<char*>(b->chunks()[i - 1].vaddr) + b->chunks()[i - 1].len != c.vaddr) ++runs;

@@ -80,9 +80,9 @@ TEST(CApiBasics, ContextCreateRefusesBadArguments) {
   const char* help[] = {"--help"};
   EXPECT_EQ(dmakit_ctx_create(nullptr, 1, help, &ctx), DMAKIT_EINVAL);
   EXPECT_TRUE(says({"--help"}));
-  const char* bad[] = {"--arena.pools", "7"};
+  const char* bad[] = {"--arena.shards", "7"};
   EXPECT_EQ(dmakit_ctx_create(nullptr, 2, bad, &ctx), DMAKIT_EINVAL);
-  EXPECT_TRUE(says({"arena.pools"}));
+  EXPECT_TRUE(says({"arena.shards"}));
   EXPECT_EQ(dmakit_ctx_create("/nonexistent/dmakit.toml", 0, nullptr, &ctx), DMAKIT_EINVAL);
   EXPECT_TRUE(says({"/nonexistent/dmakit.toml"}));
   const char* prefix[] = {"--iommu.backend", "sim", "--eal.file_prefix", "../x"};

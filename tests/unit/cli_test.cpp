@@ -44,11 +44,11 @@ TEST(Cli, Version) {
 
 TEST(Cli, MalformedConfigIsOneLineNamingFileAndKeyExit2) {
   auto path = std::filesystem::temp_directory_path() / ("dmakit-cli-" + std::to_string(::getpid()) + ".toml");
-  std::ofstream(path) << "[arena]\npools = many\n";
+  std::ofstream(path) << "[arena]\nshards = many\n";
   auto r = run("--config " + path.string() + " info");
   std::filesystem::remove(path);
   EXPECT_EQ(r.code, 2);
-  EXPECT_EQ(r.out, "dmakit: " + path.string() + ": key 'arena.pools': 'many' is not a non-negative integer in range\n");
+  EXPECT_EQ(r.out, "dmakit: " + path.string() + ": key 'arena.shards': 'many' is not a non-negative integer in range\n");
 }
 
 TEST(Cli, MissingConfigFileExit2) {
@@ -58,9 +58,9 @@ TEST(Cli, MissingConfigFileExit2) {
 }
 
 TEST(Cli, BadFlagValueExit2) {
-  auto r = run("--arena.pools 5 info");
+  auto r = run("--arena.shards 5 info");
   EXPECT_EQ(r.code, 2);
-  EXPECT_NE(r.out.find("arena.pools"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("arena.shards"), std::string::npos) << r.out;
 }
 
 TEST(Cli, InfoJsonIsOneObject) {

@@ -5,7 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "base/config.hpp"
+#include "core/config_cli.hpp"
 
 using namespace dmakit;
 
@@ -30,17 +30,17 @@ class TempFile {
 
 TEST(Config, ShippedFileListsEverySettingWithItsDefault) {
   const std::string shipped = std::string(DMAKIT_SOURCE_DIR) + "/config/dmakit.toml";
-  auto cfg = base::load_config_file(shipped);
+  auto cfg = core::load_config_file(shipped);
   ASSERT_TRUE(cfg) << cfg.error().message;
-  const base::Config defaults;
-  for (const auto& s : base::settings()) {
+  const core::Config defaults;
+  for (const auto& s : core::settings()) {
     EXPECT_EQ(s.show(*cfg), s.show(defaults)) << "config/dmakit.toml and the compiled default differ for " << s.key;
   }
   // Every setting must appear in the file: a key missing from it would also
   // compare equal above, so check the text.
   std::ifstream in(shipped);
   std::string text((std::istreambuf_iterator<char>(in)), {});
-  for (const auto& s : base::settings()) {
+  for (const auto& s : core::settings()) {
     auto dot = s.key.find('.');
     std::string section = "[" + s.key.substr(0, dot) + "]";
     std::string name = s.key.substr(dot + 1) + " =";
@@ -51,40 +51,40 @@ TEST(Config, ShippedFileListsEverySettingWithItsDefault) {
 }
 
 TEST(Config, ValuesAreRead) {
-  TempFile f("[arena]\npools = 4\nstrict = true\n[log]\nlevel = \"debug\"\n[buffer]\norders = \"2M,4K\"\n");
-  auto cfg = base::load_config_file(f.path());
+  TempFile f("[arena]\nshards = 4\nstrict = true\n[log]\nlevel = \"debug\"\n[buffer]\norders = \"2M,4K\"\n");
+  auto cfg = core::load_config_file(f.path());
   ASSERT_TRUE(cfg) << cfg.error().message;
-  EXPECT_EQ(cfg->arena.pools, 4u);
+  EXPECT_EQ(cfg->arena.shards, 4u);
   EXPECT_TRUE(cfg->arena.strict);
   EXPECT_EQ(cfg->log.level, "debug");
   EXPECT_EQ(cfg->buffer.orders, "2M,4K");
-  EXPECT_EQ(cfg->arena.stale_max_pages, base::Config{}.arena.stale_max_pages);
+  EXPECT_EQ(cfg->arena.stale_max_pages, core::Config{}.arena.stale_max_pages);
 }
 
 TEST(Config, UnknownKeyNamesFileAndKey) {
-  TempFile f("[arena]\npoolz = 4\n");
-  auto cfg = base::load_config_file(f.path());
+  TempFile f("[arena]\nshardz = 4\n");
+  auto cfg = core::load_config_file(f.path());
   ASSERT_FALSE(cfg);
   EXPECT_EQ(cfg.error().code, Errc::invalid_argument);
-  EXPECT_EQ(cfg.error().message, f.path() + ": key 'arena.poolz': unknown setting");
+  EXPECT_EQ(cfg.error().message, f.path() + ": key 'arena.shardz': unknown setting");
 }
 
 TEST(Config, MalformedValuesNameFileKeyAndReason) {
   struct Case {
     std::string text, expect;
   } cases[] = {
-      {"[arena]\npools = four\n", "key 'arena.pools': 'four' is not a non-negative integer"},
+      {"[arena]\nshards = four\n", "key 'arena.shards': 'four' is not a non-negative integer"},
       {"[arena]\nstrict = maybe\n", "key 'arena.strict': 'maybe' is not a boolean"},
       {"[arena]\nlarge_share = lots\n", "key 'arena.large_share': 'lots' is not a number"},
-      {"[arena]\npools = -1\n", "key 'arena.pools': '-1' is not a non-negative integer"},
-      {"[arena]\npools = 3\n", "key 'arena.pools': 3 is not 0 or a power of two up to 16"},
+      {"[arena]\nshards = -1\n", "key 'arena.shards': '-1' is not a non-negative integer"},
+      {"[arena]\nshards = 3\n", "key 'arena.shards': 3 is not 0 or a power of two up to 16"},
       {"[eal]\nmode = \"fast\"\n", "key 'eal.mode': 'fast' is not auto, huge or nohuge"},
       {"[buffer]\norders = \"2M,3K\"\n", "key 'buffer.orders': '3K' is not a power of two"},
       {"[log]\nlevel = \"loud\"\n", "key 'log.level': unknown level 'loud'"},
   };
   for (const auto& c : cases) {
     TempFile f(c.text);
-    auto cfg = base::load_config_file(f.path());
+    auto cfg = core::load_config_file(f.path());
     ASSERT_FALSE(cfg) << c.text;
     EXPECT_EQ(cfg.error().message.rfind(f.path() + ": ", 0), 0u) << cfg.error().message;
     EXPECT_NE(cfg.error().message.find(c.expect), std::string::npos) << cfg.error().message;
@@ -92,19 +92,19 @@ TEST(Config, MalformedValuesNameFileKeyAndReason) {
 }
 
 TEST(Config, MissingFileIsNamed) {
-  auto cfg = base::load_config_file("/nonexistent/dmakit.toml");
+  auto cfg = core::load_config_file("/nonexistent/dmakit.toml");
   ASSERT_FALSE(cfg);
   EXPECT_EQ(cfg.error().code, Errc::not_found);
   EXPECT_NE(cfg.error().message.find("/nonexistent/dmakit.toml"), std::string::npos);
 }
 
 TEST(Config, FlagsOverrideTheFile) {
-  TempFile f("[arena]\npools = 4\n[stress]\nthreads = 3\n");
-  base::Config cfg;
+  TempFile f("[arena]\nshards = 4\n[stress]\nthreads = 3\n");
+  core::Config cfg;
   CLI::App app{"t"};
-  base::add_config_options(app, cfg, "");
-  std::vector<std::string> args = {"8", "--arena.pools", f.path(), "--config"};  // reversed
+  core::add_config_options(app, cfg, "");
+  std::vector<std::string> args = {"8", "--arena.shards", f.path(), "--config"};  // reversed
   app.parse(args);
-  EXPECT_EQ(cfg.arena.pools, 8u) << "the flag wins over the file";
+  EXPECT_EQ(cfg.arena.shards, 8u) << "the flag wins over the file";
   EXPECT_EQ(cfg.stress.threads, 3u) << "the file wins over the default";
 }

@@ -17,8 +17,8 @@ using namespace dmakit;
 
 namespace {
 
-base::Config sim_config() {
-  base::Config c;
+core::Config sim_config() {
+  core::Config c;
   c.iommu.backend = "sim";
   c.eal.mode = "nohuge";
   c.eal.memory_mb = 256;
@@ -83,7 +83,7 @@ TEST(Context, BadBackendSettingsAreClearErrors) {
 TEST(Stress, ShortRunFindsNoFailuresAndLeavesNoMappings) {
   auto ctx = core::Context::create(sim_config());
   ASSERT_TRUE(ctx) << ctx.error().what();
-  base::StressSettings s;
+  core::StressSettings s;
   s.seconds = 0.5;
   s.threads = 2;
   s.max_bytes = 1 << 20;
@@ -125,8 +125,8 @@ TEST(CApi, BuffersAndPoolsWithErrorsAsCodes) {
   EXPECT_NE(std::string(dmakit_last_error()).find("3"), std::string::npos) << dmakit_last_error();
   dmakit_ctx_destroy(ctx);
 
-  const char* bad[] = {"--arena.pools", "7"};
+  const char* bad[] = {"--arena.shards", "7"};
   EXPECT_EQ(dmakit_ctx_create(nullptr, 2, bad, &ctx), DMAKIT_EINVAL);
-  EXPECT_NE(std::string(dmakit_last_error()).find("arena.pools"), std::string::npos) << dmakit_last_error();
+  EXPECT_NE(std::string(dmakit_last_error()).find("arena.shards"), std::string::npos) << dmakit_last_error();
   EXPECT_EQ(ctx, nullptr);
 }

@@ -17,7 +17,7 @@ size_t count(const std::string& hay, const std::string& needle) {
 }
 
 TEST(DmapoolBench, ProducesEveryCaseWithItsFields) {
-  base::Config cfg;
+  core::Config cfg;
   cfg.eal.mode = "nohuge";
   cfg.eal.memory_mb = 256;
   DmapoolBenchOptions o;
@@ -51,7 +51,7 @@ TEST(DmapoolBench, RefusesZeroRounds) {
   DmapoolBenchOptions o;
   o.rounds = 0;
   o.mempool = false;
-  auto j = run_dmapool(base::Config{}, o, [] { return pool::make_host_backing(); });
+  auto j = run_dmapool(core::Config{}, o, [] { return pool::make_host_backing(); });
   ASSERT_FALSE(j.has_value());
   EXPECT_EQ(j.error().code, Errc::invalid_argument);
 }
@@ -61,7 +61,7 @@ TEST(DmapoolBench, FailsWhenThePoolCannotGrow) {
   o.rounds = 1;
   o.repeats = 1;
   o.mempool = false;
-  auto j = run_dmapool(base::Config{}, o, [] {
+  auto j = run_dmapool(core::Config{}, o, [] {
     pool::HostBackingOptions ho;
     ho.max_regions = 1;  // far too little for 8192 blocks of 16 bytes
     return pool::make_host_backing(ho);

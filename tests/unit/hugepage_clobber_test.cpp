@@ -145,7 +145,7 @@ class ClobberTest : public ::testing::Test {
     auto a = iommu::IovaArena::create(*sim_, ac);
     ASSERT_TRUE(a);
     arena_ = std::move(*a);
-    base::BufferSettings s;
+    alloc_buffer::BufferSettings s;
     s.psi = false;
     s.prezero = false;
     s.backoff_ms = 0;       // every request tries hugepages again
@@ -246,7 +246,7 @@ TEST_F(ClobberTest, AnonymousBuffersSurviveHugepageExhaustion) {
         alloc_failures.fetch_add(1);
         continue;
       }
-      for (const Chunk& c : b->chunks()) {
+      for (const BufferChunk& c : b->chunks()) {
         if (!c.source.starts_with("anon")) continue;
         anon_chunks.fetch_add(1);
         if (inside_eal(c.vaddr, c.len)) anon_in_eal.fetch_add(1);
@@ -291,7 +291,7 @@ TEST_F(ClobberTest, AnonymousRegionsKeepClearOfTheEal) {
     EXPECT_FALSE(inside_eal(reinterpret_cast<void*>(r.base), r.len)) << std::hex << r.base;
   }
   for (const Buffer& b : held) {
-    for (const Chunk& c : b.chunks()) {
+    for (const BufferChunk& c : b.chunks()) {
       if (!c.source.starts_with("anon")) continue;
       const auto a = reinterpret_cast<uintptr_t>(c.vaddr);
       EXPECT_TRUE(std::any_of(regions.begin(), regions.end(),

@@ -37,11 +37,11 @@ std::unique_ptr<IovaArena> arena(Domain& d, const ArenaConfig& cfg) {
   return a ? std::move(*a) : nullptr;
 }
 
-// A small lazy arena with one pool and no automatic flush bounds, so only
+// A small lazy arena with one shard and no automatic flush bounds, so only
 // allocation pressure (or wrap-around) flushes.
 ArenaConfig small_cfg(uint64_t start, uint64_t pages) {
   ArenaConfig c;
-  c.pools = 1;
+  c.shards = 1;
   c.iova_start = start;
   c.iova_end = start + pages * K4 - 1;
   c.stale_max_pages = 0;
@@ -69,20 +69,20 @@ class HostPage {
 TEST(IovaArena, LayoutOfTheDefaultSpace) {
   auto d = sim();
   ArenaConfig cfg;
-  cfg.pools = 2;
+  cfg.shards = 2;
   auto a = arena(*d, cfg);
   ArenaStats s = a->stats();
   // 39 bits of 4K pages, minus IOVA 0 and the 1 MiB MSI hole.
   EXPECT_EQ(s.total_pages, (1ull << 27) - 1 - 256);
-  EXPECT_EQ(s.pools, 2u);
-  EXPECT_TRUE(s.large_pool);
+  EXPECT_EQ(s.shards, 2u);
+  EXPECT_TRUE(s.large_shard);
   EXPECT_EQ(a->page_size(), K4);
-  auto spans = a->pool_spans();
+  auto spans = a->shard_spans();
   ASSERT_EQ(spans.size(), 3u);
   EXPECT_EQ(spans[0].iova, K4);
   for (size_t i = 1; i < spans.size(); ++i) EXPECT_EQ(spans[i].iova, spans[i - 1].end());
   EXPECT_EQ(spans.back().end(), 1ull << 39);
-  // The large pool holds at least large_share of the space.
+  // The large shard holds at least large_share of the space.
   EXPECT_GE(static_cast<double>(spans.back().len), 0.25 * static_cast<double>(1ull << 39));
   EXPECT_TRUE(a->check()) << a->check().error().what();
 }
@@ -90,11 +90,11 @@ TEST(IovaArena, LayoutOfTheDefaultSpace) {
 TEST(IovaArena, ConfigErrors) {
   auto d = sim();
   ArenaConfig cfg;
-  cfg.pools = 3;
+  cfg.shards = 3;
   auto a = IovaArena::create(*d, cfg);
   ASSERT_FALSE(a);
   EXPECT_EQ(a.error().code, Errc::invalid_argument);
-  EXPECT_NE(a.error().message.find("pools"), std::string::npos);
+  EXPECT_NE(a.error().message.find("shards"), std::string::npos);
   cfg = {};
   cfg.large_share = 1.5;
   EXPECT_EQ(IovaArena::create(*d, cfg).error().code, Errc::invalid_argument);
@@ -113,13 +113,13 @@ TEST(IovaArena, ConfigErrors) {
 }
 
 TEST(IovaArena, ConfigFromSettings) {
-  base::ArenaSettings s;
-  s.pools = 4;
+  iommu::ArenaSettings s;
+  s.shards = 4;
   s.strict = true;
   s.stale_max_age_ms = 7;
   s.iova_start = 0x1000000;
   ArenaConfig c = ArenaConfig::from_settings(s);
-  EXPECT_EQ(c.pools, 4u);
+  EXPECT_EQ(c.shards, 4u);
   EXPECT_TRUE(c.strict);
   EXPECT_EQ(c.stale_max_age, std::chrono::milliseconds(7));
   EXPECT_EQ(c.iova_start, 0x1000000u);
@@ -129,7 +129,7 @@ TEST(IovaArena, ConfigFromSettings) {
 TEST(IovaArena, BadRequestsAreRefusedWithMessages) {
   auto d = sim();
   ArenaConfig cfg;
-  cfg.pools = 2;
+  cfg.shards = 2;
   cfg.iova_start = 1ull << 32;  // the space starts above 4 GiB
   auto a = arena(*d, cfg);
   auto zero = a->alloc({0, 0, ~0ull});
@@ -158,7 +158,7 @@ TEST(IovaArena, BadRequestsAreRefusedWithMessages) {
 TEST(IovaArena, AlignmentAndDmaLimit) {
   auto d = sim();
   ArenaConfig cfg;
-  cfg.pools = 2;
+  cfg.shards = 2;
   auto a = arena(*d, cfg);
   std::vector<IovaSpan> got;
   for (int i = 0; i < 20; ++i) {
@@ -173,7 +173,7 @@ TEST(IovaArena, AlignmentAndDmaLimit) {
   EXPECT_EQ(gig->iova % G1, 0u);
   got.push_back(*gig);
   // 32-bit device: every byte below 4 GiB, for small and large requests
-  // (the large pool lies above 4 GiB, so the large one must borrow).
+  // (the large shard lies above 4 GiB, so the large one must borrow).
   for (uint64_t len : {K4, 5 * K4, 100 * K4, 64 * M2}) {
     auto r = a->alloc({len, 0, 0xffffffff});
     ASSERT_TRUE(r) << r.error().what();
@@ -192,7 +192,7 @@ TEST(IovaArena, AlignmentAndDmaLimit) {
 TEST(IovaArena, RandomOpsNeverOverlapAndAvoidTheHole) {
   auto d = sim();
   ArenaConfig cfg;
-  cfg.pools = 2;
+  cfg.shards = 2;
   cfg.iova_start = 0xfe000000;  // 17 MiB around the MSI hole
   cfg.iova_end = 0xff0fffff;
   cfg.stale_max_pages = 64;
@@ -400,7 +400,7 @@ TEST(IovaArena, StaleAgeBoundTriggersFlush) {
   std::vector<IovaSpan> more;
   for (uint32_t i = 0; i < 3 * kStaleAgeCheckEvery; ++i) more.push_back(*a->alloc({K4, 0, ~0ull}));
   EXPECT_EQ(a->stats().flushes, 0u);
-  // Well past the bound (the coarse clock ticks every few ms), the pool
+  // Well past the bound (the coarse clock ticks every few ms), the shard
   // notices the age within kStaleAgeCheckEvery operations.
   std::this_thread::sleep_for(std::chrono::milliseconds(400));
   for (uint32_t i = 0; i < kStaleAgeCheckEvery; ++i) more.push_back(*a->alloc({K4, 0, ~0ull}));
@@ -471,12 +471,12 @@ TEST(IovaArena, ExhaustionIsClearAndRecoverable) {
 TEST(IovaArena, NarrowingIsHonoured) {
   auto d = sim();
   ArenaConfig cfg;
-  cfg.pools = 4;
+  cfg.shards = 4;
   cfg.iova_start = 0x10000000;
   cfg.iova_end = 0x1fffffff;
   auto a = arena(*d, cfg);
   EXPECT_EQ(a->stats().total_pages, 0x10000000 / K4);
-  for (auto& s : a->pool_spans()) {
+  for (auto& s : a->shard_spans()) {
     EXPECT_GE(s.iova, cfg.iova_start);
     EXPECT_LE(s.end() - 1, cfg.iova_end);
   }
@@ -491,7 +491,7 @@ TEST(IovaArena, NarrowingIsHonoured) {
   odd.iova_start = 0x300001;
   odd.iova_end = 0x400fff + 0x800;
   auto b = arena(*d, odd);
-  EXPECT_EQ(b->pool_spans().front().iova, 0x301000u);
+  EXPECT_EQ(b->shard_spans().front().iova, 0x301000u);
   EXPECT_EQ(b->stats().total_pages, 0x100u);
 }
 
@@ -563,15 +563,15 @@ TEST(IovaArena, FailedUnmapKeepsTheRangeReserved) {
   ASSERT_TRUE(a->check()) << a->check().error().what();
 }
 
-TEST(IovaArena, BorrowsWhenTheHomePoolIsFull) {
+TEST(IovaArena, BorrowsWhenTheHomeShardIsFull) {
   auto d = sim();
   ArenaConfig cfg;
-  cfg.pools = 2;
+  cfg.shards = 2;
   cfg.large_share = 0;
   cfg.iova_start = 0x1000000;
-  cfg.iova_end = 0x1000000 + 2048 * K4 - 1;  // two pools of 1024 pages
+  cfg.iova_end = 0x1000000 + 2048 * K4 - 1;  // two shards of 1024 pages
   auto a = arena(*d, cfg);
-  auto spans = a->pool_spans();
+  auto spans = a->shard_spans();
   ASSERT_EQ(spans.size(), 2u);
   auto r = a->alloc({K4, 0, ~0ull});
   ASSERT_TRUE(r);
@@ -587,10 +587,10 @@ TEST(IovaArena, BorrowsWhenTheHomePoolIsFull) {
   EXPECT_EQ(a->stats().borrows, 1u);
 }
 
-// The one-page path (lazy mode, home pool, a free bit in the hint's word)
+// The one-page path (lazy mode, home shard, a free bit in the hint's word)
 // keeps every rule of the general path: lengths round up, bad alignments and
 // bad frees are refused with nothing changed, limits and holes are honoured,
-// and large_threshold_pages 0 still sends one page to the large pool.
+// and large_threshold_pages 0 still sends one page to the large shard.
 TEST(IovaArena, OnePagePathKeepsTheRules) {
   auto d = sim();
   auto a = arena(*d, small_cfg(0x2000000, 256));
@@ -621,12 +621,12 @@ TEST(IovaArena, OnePagePathKeepsTheRules) {
   EXPECT_TRUE(a->check()) << a->check().error().what();
 
   ArenaConfig cfg;
-  cfg.pools = 2;
+  cfg.shards = 2;
   cfg.large_threshold_pages = 0;
   auto b = arena(*d, cfg);
   auto one = b->alloc({K4, 0, ~0ull});
   ASSERT_TRUE(one);
-  EXPECT_GE(one->iova, b->pool_spans().back().iova);
+  EXPECT_GE(one->iova, b->shard_spans().back().iova);
   EXPECT_EQ(b->free({kMsiStart, K4}).error().code, Errc::corrupted);  // a page of the hole
   ASSERT_TRUE(b->free(*one));
   EXPECT_TRUE(b->check()) << b->check().error().what();

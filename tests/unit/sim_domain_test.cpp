@@ -86,7 +86,7 @@ TEST(SimDomain, RejectsBadConfig) {
 }
 
 TEST(SimDomain, ConfigFromSettings) {
-  base::IommuSettings s;
+  iommu::IommuSettings s;
   auto cfg = SimConfig::from_settings(s);
   ASSERT_TRUE(cfg) << cfg.error().what();
   EXPECT_EQ(cfg->page_sizes, 0x40201000u);

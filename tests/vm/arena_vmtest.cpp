@@ -46,10 +46,10 @@ bool all_bytes(const std::byte* p, size_t n, uint8_t v) {
 }
 
 // An arena whose stale ranges stay until an explicit flush: no page or age
-// bound, one pool, so what the test sees is what free() and flush() did.
+// bound, one shard, so what the test sees is what free() and flush() did.
 ArenaConfig quiet_config(bool strict) {
   ArenaConfig c;
-  c.pools = 1;
+  c.shards = 1;
   c.strict = strict;
   c.stale_max_pages = 0;
   c.stale_max_age = std::chrono::milliseconds(0);
@@ -212,7 +212,7 @@ TEST_F(ArenaVfio, StrictFreeUnmapsAtOnce) {
   EXPECT_TRUE(arena->check());
 }
 
-// The stale window is bounded: with stale_max_pages = 8 a pool flushes by
+// The stale window is bounded: with stale_max_pages = 8 a shard flushes by
 // itself once 8 pages are stale, without an explicit flush().
 TEST_F(ArenaVfio, StaleWindowIsBoundedByPageCount) {
   ArenaConfig cfg = quiet_config(false);
@@ -234,7 +234,7 @@ TEST_F(ArenaVfio, StaleWindowIsBoundedByPageCount) {
   EXPECT_EQ(kernel_entries(), 8u) << "below the bound every freed IOVA stays mapped";
   ASSERT_TRUE(arena->free(spans[7]));
   const auto s = arena->stats();
-  EXPECT_EQ(s.stale_pages, 0u) << "the 8th stale page must trigger the pool's flush";
+  EXPECT_EQ(s.stale_pages, 0u) << "the 8th stale page must trigger the shard's flush";
   EXPECT_EQ(s.ranges_flushed, 8u);
   EXPECT_EQ(s.unmap_calls, 1u) << "8 adjacent stale pages merge into one unmap";
   EXPECT_EQ(kernel_entries(), 0u);

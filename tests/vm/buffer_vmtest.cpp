@@ -33,7 +33,7 @@ namespace {
 using alloc_buffer::Buffer;
 using alloc_buffer::BufferAllocator;
 using alloc_buffer::BufferRequest;
-using alloc_buffer::Chunk;
+using alloc_buffer::BufferChunk;
 using iommu::IovaArena;
 using iommu::vfio::VfioDomain;
 
@@ -61,7 +61,7 @@ Rig* rig = nullptr;
 // Host address of byte `off` of a buffer, found through its chunk list (an
 // independent path from Buffer::at).
 std::byte* byte_at(const Buffer& b, uint64_t off) {
-  for (const Chunk& c : b.chunks()) {
+  for (const BufferChunk& c : b.chunks()) {
     const uint64_t first = c.iova - b.iova();
     if (off >= first && off < first + c.len) return static_cast<std::byte*>(c.vaddr) + (off - first);
   }
@@ -72,7 +72,7 @@ std::byte* byte_at(const Buffer& b, uint64_t off) {
 uint32_t va_runs(const Buffer& b) {
   uint32_t runs = 0;
   const std::byte* next = nullptr;
-  for (const Chunk& c : b.chunks()) {
+  for (const BufferChunk& c : b.chunks()) {
     if (static_cast<const std::byte*>(c.vaddr) != next) ++runs;
     next = static_cast<const std::byte*>(c.vaddr) + c.len;
   }
@@ -81,7 +81,7 @@ uint32_t va_runs(const Buffer& b) {
 
 std::string describe(const Buffer& b) {
   std::string s = fmt::format("buffer {} bytes at IOVA {:#x}, {} mappings, chunks:", b.size(), b.iova(), b.mappings());
-  for (const Chunk& c : b.chunks())
+  for (const BufferChunk& c : b.chunks())
     s += fmt::format(" [{} {:#x}+{:#x} va {}]", c.source, c.iova, c.len, c.vaddr);
   return s;
 }
@@ -112,7 +112,7 @@ class BufferVfio : public ::testing::Test {
     auto arena = IovaArena::create(*r.domain, iommu::ArenaConfig{});
     if (!arena) return arena.error().what();
     r.arena = std::move(*arena);
-    auto buffers = alloc_buffer::create_buffer_allocator(*r.arena, base::BufferSettings{});
+    auto buffers = alloc_buffer::create_buffer_allocator(*r.arena, alloc_buffer::BufferSettings{});
     if (!buffers) return buffers.error().what();
     r.buffers = std::move(*buffers);
 
@@ -217,14 +217,14 @@ TEST_F(BufferVfio, HugepageBuffersMapByRunsAndReceiveDeviceData) {
     EXPECT_GE(b->span(), len);
     EXPECT_LE(b->mappings(), b->chunks().size());
     uint64_t off = 0;
-    for (const Chunk& c : b->chunks()) {
+    for (const BufferChunk& c : b->chunks()) {
       EXPECT_EQ(c.iova, b->iova() + off) << "chunks must tile the IOVA range in order";
       off += c.len;
     }
     EXPECT_EQ(off, b->span());
     if (len >= k2M) {
       EXPECT_EQ(b->chunks().size(), len / k2M) << describe(*b);
-      for (const Chunk& c : b->chunks()) {
+      for (const BufferChunk& c : b->chunks()) {
         EXPECT_EQ(c.source, "hugepage-2M") << describe(*b);
         EXPECT_EQ(c.len, k2M);
         EXPECT_EQ(c.order, k2M);
@@ -284,7 +284,7 @@ TEST_F(BufferVfio, AnonymousMemoryAfterHugepagesRunOut) {
     auto b = alloc_counted(len, counted);
     ASSERT_TRUE(b) << b.error().what();
     EXPECT_TRUE(counted);
-    for (const Chunk& c : b->chunks()) EXPECT_EQ(c.source, "anon-4K") << describe(*b);
+    for (const BufferChunk& c : b->chunks()) EXPECT_EQ(c.source, "anon-4K") << describe(*b);
     EXPECT_EQ(b->mappings(), 1u) << "anonymous memory comes as one run: " << describe(*b);
     EXPECT_TRUE(read_lands(*b, lba));
     lba += 1000;
@@ -292,7 +292,7 @@ TEST_F(BufferVfio, AnonymousMemoryAfterHugepagesRunOut) {
   }
 }
 
-// Freeing every buffer, trimming the recycling pool and flushing the arena
+// Freeing every buffer, trimming the recycler and flushing the arena
 // leaves the domain as it was with only the control buffer; then, with the
 // controller stopped and that buffer freed too, with no mapping at all.
 TEST_F(BufferVfio, FreeTrimFlushReturnsToBaseline) {

@@ -59,7 +59,7 @@ class PoolVfio : public ::testing::Test {
     auto arena = iommu::IovaArena::create(*domain_, iommu::ArenaConfig{});
     ASSERT_TRUE(arena) << arena.error().what();
     arena_ = std::move(*arena);
-    auto buffers = alloc_buffer::create_buffer_allocator(*arena_, base::BufferSettings{});
+    auto buffers = alloc_buffer::create_buffer_allocator(*arena_, alloc_buffer::BufferSettings{});
     ASSERT_TRUE(buffers) << buffers.error().what();
     buffers_ = std::move(*buffers);
 

@@ -1,0 +1,139 @@
+#include "core/config.hpp"
+
+#include <filesystem>
+
+#include "base/log.hpp"
+#include "base/runtime_dir.hpp"
+#include "core/config_cli.hpp"
+
+namespace dmakit::core {
+
+namespace {
+
+// A table row: the setting and how to add it as a flag bound to a Config.
+struct Entry {
+  Setting setting;
+  std::function<CLI::Option*(CLI::App&, Config&)> add_flag;
+};
+
+template <class T>
+Entry make_entry(std::string key, std::string help, T& (*field)(Config&)) {
+  Entry e;
+  e.setting.key = key;
+  e.setting.help = help;
+  e.setting.check = [key](const std::string& text) { return base::check_value<T>(key, text); };
+  e.setting.show = [field](const Config& cfg) { return base::show_value(field(const_cast<Config&>(cfg))); };
+  e.add_flag = [key, help, field](CLI::App& app, Config& cfg) -> CLI::Option* {
+    return base::add_setting_flag(app, key, help, field(cfg));
+  };
+  return e;
+}
+
+#define DMAKIT_SETTING(sect, name, help) \
+  make_entry(#sect "." #name, help, +[](Config& c) -> auto& { return c.sect.name; })
+
+const std::vector<Entry>& entries() {
+  static const std::vector<Entry> table = {
+      DMAKIT_SETTING(log, level, "log level: trace|debug|info|warn|error|critical|off"),
+      DMAKIT_SETTING(eal, mode, "EAL memory: auto|huge|nohuge"),
+      DMAKIT_SETTING(eal, memory_mb, "MiB of memory for EAL without hugepages (-m)"),
+      DMAKIT_SETTING(eal, file_prefix, "EAL --file-prefix (default unique per process)"),
+      DMAKIT_SETTING(eal, extra_args, "extra EAL arguments, space separated"),
+      DMAKIT_SETTING(iommu, backend, "IOMMU backend: auto|vfio|sim"),
+      DMAKIT_SETTING(iommu, device, "PCI BDF (e.g. 0000:00:03.0) whose group the VFIO container attaches"),
+      DMAKIT_SETTING(iommu, sim_address_bits, "simulated IOMMU address width in bits"),
+      DMAKIT_SETTING(iommu, sim_dma_entry_limit, "simulated IOMMU mapping-entry limit"),
+      DMAKIT_SETTING(iommu, sim_page_sizes, "simulated IOMMU page sizes, e.g. 4K,2M,1G"),
+      DMAKIT_SETTING(arena, shards, "IOVA arena shards (power of two <= 16; 0 = from CPU count)"),
+      DMAKIT_SETTING(arena, large_share, "share of IOVA space for the large-request shard (0..0.9)"),
+      DMAKIT_SETTING(arena, large_threshold_pages, "requests above this many pages use the large shard"),
+      DMAKIT_SETTING(arena, strict, "unmap at free instead of lazily"),
+      DMAKIT_SETTING(arena, stale_max_pages, "flush a shard when it holds this many stale pages"),
+      DMAKIT_SETTING(arena, stale_max_age_ms, "flush a shard when its oldest stale range is this old (ms)"),
+      DMAKIT_SETTING(arena, iova_start, "lowest IOVA the arena may use"),
+      DMAKIT_SETTING(arena, iova_end, "highest IOVA the arena may use (0 = end of windows)"),
+      DMAKIT_SETTING(buffer, orders, "chunk orders, largest first, e.g. 2M,1M,64K,4K"),
+      DMAKIT_SETTING(buffer, hugepage_1g, "also use 1 GiB hugepages"),
+      DMAKIT_SETTING(buffer, backoff_ms, "skip an order this long after it failed (ms)"),
+      DMAKIT_SETTING(buffer, recycle_high_mb, "recycled memory above this (MiB) is released"),
+      DMAKIT_SETTING(buffer, prezero, "zero recycled memory in a background thread"),
+      DMAKIT_SETTING(buffer, psi, "shrink the recycler on memory pressure (PSI)"),
+      DMAKIT_SETTING(pool, cache_size, "blocks held in each per-thread cache"),
+      DMAKIT_SETTING(pool, poison, "poison blocks on free and check on alloc (no per-thread caches)"),
+      DMAKIT_SETTING(pool, presets, "pools `info --pools` shows: name:size:align:boundary,..."),
+      DMAKIT_SETTING(stress, seconds, "stress run length in seconds"),
+      DMAKIT_SETTING(stress, threads, "stress threads"),
+      DMAKIT_SETTING(stress, max_bytes, "largest buffer a stress operation requests"),
+      DMAKIT_SETTING(stress, seed, "random seed for the stress run"),
+  };
+  return table;
+}
+
+#undef DMAKIT_SETTING
+
+}  // namespace
+
+const std::vector<Setting>& settings() {
+  static const std::vector<Setting> table = [] {
+    std::vector<Setting> t;
+    for (const auto& e : entries()) t.push_back(e.setting);
+    return t;
+  }();
+  return table;
+}
+
+void add_config_options(CLI::App& app, Config& cfg, std::string default_path) {
+  std::vector<base::SettingCheck> keys;
+  for (const auto& s : settings()) keys.push_back({s.key, s.check});
+  base::add_config_file_option(app, std::move(default_path), std::move(keys));
+  for (const auto& e : entries()) e.add_flag(app, cfg);
+}
+
+Result<Config> load_config_file(const std::string& path) {
+  if (!std::filesystem::exists(path)) return fail(Errc::not_found, "{}: config file not found", path);
+  Config cfg;
+  CLI::App app{"dmakit-config"};
+  add_config_options(app, cfg, "");
+  std::vector<std::string> args = {path, "--config"};  // CLI11 parses a reversed vector
+  try {
+    app.parse(args);
+  } catch (const CLI::Error& e) {
+    return fail(Errc::invalid_argument, "{}", base::describe_parse_error(e));
+  }
+  if (auto st = validate(cfg); !st) return fail(Errc::invalid_argument, "{}: {}", path, st.error().message);
+  return cfg;
+}
+
+Status validate(const Config& c) {
+  using base::check_size_list;
+  using base::one_of;
+  if (!base::parse_log_level(c.log.level))
+    return fail(Errc::invalid_argument, "key 'log.level': unknown level '{}'", c.log.level);
+  if (!one_of(c.eal.mode, {"auto", "huge", "nohuge"}))
+    return fail(Errc::invalid_argument, "key 'eal.mode': '{}' is not auto, huge or nohuge", c.eal.mode);
+  if (c.eal.memory_mb < 16)
+    return fail(Errc::invalid_argument, "key 'eal.memory_mb': {} is below the 16 MiB minimum", c.eal.memory_mb);
+  if (!c.eal.file_prefix.empty()) DMAKIT_TRY(base::check_file_prefix(c.eal.file_prefix));
+  if (!one_of(c.iommu.backend, {"auto", "vfio", "sim"}))
+    return fail(Errc::invalid_argument, "key 'iommu.backend': '{}' is not auto, vfio or sim", c.iommu.backend);
+  if (c.iommu.sim_address_bits < 32 || c.iommu.sim_address_bits > 64)
+    return fail(Errc::invalid_argument, "key 'iommu.sim_address_bits': {} is outside 32..64", c.iommu.sim_address_bits);
+  if (c.iommu.sim_dma_entry_limit == 0)
+    return fail(Errc::invalid_argument, "key 'iommu.sim_dma_entry_limit': must be at least 1");
+  DMAKIT_TRY(check_size_list("iommu.sim_page_sizes", c.iommu.sim_page_sizes));
+  if (c.arena.shards > 16 || (c.arena.shards & (c.arena.shards - 1)) != 0)
+    return fail(Errc::invalid_argument, "key 'arena.shards': {} is not 0 or a power of two up to 16", c.arena.shards);
+  if (!(c.arena.large_share >= 0.0 && c.arena.large_share <= 0.9))
+    return fail(Errc::invalid_argument, "key 'arena.large_share': {} is outside 0..0.9", c.arena.large_share);
+  if (c.arena.iova_end != 0 && c.arena.iova_end <= c.arena.iova_start)
+    return fail(Errc::invalid_argument, "key 'arena.iova_end': {:#x} is not above arena.iova_start {:#x}",
+                c.arena.iova_end, c.arena.iova_start);
+  DMAKIT_TRY(check_size_list("buffer.orders", c.buffer.orders));
+  if (c.stress.threads == 0 || c.stress.threads > 256)
+    return fail(Errc::invalid_argument, "key 'stress.threads': {} is outside 1..256", c.stress.threads);
+  if (!(c.stress.seconds > 0.0))
+    return fail(Errc::invalid_argument, "key 'stress.seconds': {} is not positive", c.stress.seconds);
+  return ok();
+}
+
+}  // namespace dmakit::core

@@ -1,0 +1,17 @@
+// The settings of the stress workload (core/stress.hpp, `dmakit stress`):
+// [stress]. Defaults are kept identical to config/dmakit.toml (a unit test
+// checks).
+#pragma once
+
+#include <cstdint>
+
+namespace dmakit::core {
+
+struct StressSettings {
+  double seconds = 3.0;
+  uint32_t threads = 2;
+  uint64_t max_bytes = 4 << 20;        // largest buffer a stress op asks for
+  uint64_t seed = 1;
+};
+
+}  // namespace dmakit::core
