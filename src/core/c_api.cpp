@@ -14,6 +14,7 @@
 
 #include "base/config.hpp"
 #include "base/log.hpp"
+#include "core/c_handles.hpp"
 #include "core/context.hpp"
 #include "core/handles.hpp"
 #include "dmakit/dmakit.h"
@@ -23,7 +24,8 @@ namespace {
 using namespace dmakit;
 
 struct CtxEntry {
-  std::unique_ptr<core::Context> ctx;
+  core::Context* ctx = nullptr;
+  std::unique_ptr<core::Context> owned;  // null for a handle of a context C++ code owns (borrow_c_handle)
 };
 struct PoolEntry {
   pool::DmaPool* pool = nullptr;
@@ -112,7 +114,7 @@ constexpr const char* kDeadCtx = "the buffer's context was destroyed";
 
 core::Context* ctx_of(const dmakit_ctx* h) {
   auto* s = ctxs().find(h);
-  return s != nullptr ? s->value.ctx.get() : nullptr;
+  return s != nullptr ? s->value.ctx : nullptr;
 }
 
 // A live buffer of a live context, or nullptr with *why set.
@@ -143,7 +145,8 @@ int create_context(const base::Config& cfg, dmakit_ctx** out) {
     ctxs().recycle(slot);
     return report(ctx.error());
   }
-  slot->value.ctx = std::move(*ctx);
+  slot->value.ctx = ctx->get();
+  slot->value.owned = std::move(*ctx);
   *out = static_cast<dmakit_ctx*>(ctxs().publish(slot));
   return DMAKIT_OK;
 }
@@ -154,6 +157,13 @@ int create_context(const base::Config& cfg, dmakit_ctx** out) {
 }
 
 }  // namespace
+
+dmakit_ctx* dmakit::core::borrow_c_handle(Context& ctx) noexcept {
+  auto* slot = ctxs().acquire();
+  if (slot == nullptr) return nullptr;
+  slot->value.ctx = &ctx;
+  return static_cast<dmakit_ctx*>(ctxs().publish(slot));
+}
 
 extern "C" {
 
@@ -287,7 +297,12 @@ int dmakit_ctx_destroy(dmakit_ctx* h) {
       uint32_t gen = p.gen.load(std::memory_order_relaxed);
       if (p.value.ctx_handle == h && p.gen.compare_exchange_strong(gen, gen + 1)) dead.push_back(&p);
     });
-    slot->value.ctx.reset();
+    // An owned context takes its pools with it; a borrowed one stays, without
+    // the pools made through this handle.
+    const bool borrowed = slot->value.owned == nullptr;
+    for (auto* p : dead)
+      if (borrowed) (void)p->value.ctx->destroy_pool(p->value.pool);
+    slot->value = CtxEntry{};
     ctxs().recycle(slot);
     for (auto* p : dead) {
       p->value = PoolEntry{};
