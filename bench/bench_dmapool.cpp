@@ -21,6 +21,14 @@
 // get/put reading each object's IOVA, which a DMA user needs and dmakit
 // returns ("rte_mempool+iova").
 //
+// "dmakit-c" is the one-thread dmakit loop through the C API, as a C driver
+// runs it: pools from dmakit_pool_create_with in the context the bench runs
+// on (same cache size, same buffer allocator as the C++ pools), blocks from
+// dmakit_pool_alloc written straight into the caller's array, frees through
+// dmakit_pool_free; the calls go to the library's exported functions, so
+// every call looks up its handle. vs_dmakit is its time over the one-thread
+// dmakit case's, paired within each turn.
+//
 // Two threads run three ways: dmakit sharing one pool, dmakit with a pool
 // per thread (nothing shared: how far two threads scale on this machine at
 // all), and rte_mempool with an explicit cache per thread. Each carries its
@@ -49,10 +57,12 @@
 #include <atomic>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "base/eal.hpp"
 #include "bench.hpp"
+#include "core/c_handles.hpp"
 #include "timing.hpp"
 
 namespace dmakit::bench {
@@ -266,6 +276,96 @@ Status verify_dmakit(const Shape& s, uint32_t blocks, const DmapoolBenchOptions&
   return ok();
 }
 
+// The C API's pools: one per timed run (as time_dmakit), destroyed with its handle.
+class CPool {
+ public:
+  static Result<CPool> create(dmakit_ctx* ctx, const Shape& s, uint32_t cache_size) {
+    static std::atomic<uint32_t> seq{0};
+    const std::string name = fmt::format("dmakit-bench-c-{}", seq++);
+    dmakit_pool_params p;
+    dmakit_pool_params_init(&p, name.c_str(), s.size);
+    p.align = s.align;
+    p.boundary = s.boundary;
+    p.cache_size = cache_size;
+    dmakit_pool* pool = nullptr;
+    if (const int rc = dmakit_pool_create_with(ctx, &p, &pool); rc != DMAKIT_OK)
+      return fail(static_cast<Errc>(-rc), "dmapool bench (dmakit-c {}/{}/{}): {}", s.size, s.align, s.boundary,
+                  dmakit_last_error());
+    return CPool(pool);
+  }
+  CPool(CPool&& o) noexcept : pool_(std::exchange(o.pool_, nullptr)) {}
+  CPool& operator=(CPool&&) = delete;
+  ~CPool() {
+    if (pool_ != nullptr) (void)dmakit_pool_destroy(pool_);
+  }
+  dmakit_pool* get() const { return pool_; }
+  // Refused frees and blocks still allocated: a run that did not leave the pool as it found it.
+  Status check_idle(const Shape& s) const {
+    dmakit_pool_stats st{};
+    st.struct_size = sizeof st;
+    if (dmakit_pool_get_stats(pool_, &st) != DMAKIT_OK)
+      return fail(Errc::internal, "dmapool bench (dmakit-c): {}", dmakit_last_error());
+    if (st.active != 0 || st.validation_failures != 0)
+      return fail(Errc::internal, "dmapool bench (dmakit-c {}/{}/{}): {} blocks still active, {} validation failures",
+                  s.size, s.align, s.boundary, st.active, st.validation_failures);
+    return ok();
+  }
+
+ private:
+  explicit CPool(dmakit_pool* p) : pool_(p) {}
+  dmakit_pool* pool_;
+};
+
+// The kernel's pattern through the C API; a function of its own, as alloc_free_rounds.
+[[gnu::noinline]] bool c_api_rounds(dmakit_pool* pool, std::vector<pool::DmaBlock>& held, uint32_t rounds) {
+  for (uint32_t r = 0; r < rounds; ++r) {
+    for (auto& b : held)
+      if (dmakit_pool_alloc(pool, &b.vaddr, &b.iova) != DMAKIT_OK) [[unlikely]] return false;
+    for (const auto& b : held)
+      if (dmakit_pool_free(pool, b.vaddr, b.iova) != DMAKIT_OK) [[unlikely]] return false;
+  }
+  return true;
+}
+
+Result<Sample> time_dmakit_c(const Shape& s, uint32_t blocks, const DmapoolBenchOptions& o) {
+  CPool pool = DMAKIT_TRY(CPool::create(o.c_ctx, s, o.cache_size));
+  std::vector<pool::DmaBlock> held(blocks);
+  bool failed = false;
+  const Sample x = run_workers(1, failed, [&](uint32_t) { return c_api_rounds(pool.get(), held, o.rounds); });
+  if (failed)
+    return fail(Errc::internal, "dmapool bench (dmakit-c {}/{}/{}): alloc or free failed: {}", s.size, s.align,
+                s.boundary, dmakit_last_error());
+  DMAKIT_TRY(pool.check_idle(s));
+  return x;
+}
+
+// Untimed, as verify_dmakit, through the C API.
+Status verify_dmakit_c(const Shape& s, uint32_t blocks, const DmapoolBenchOptions& o) {
+  CPool pool = DMAKIT_TRY(CPool::create(o.c_ctx, s, o.cache_size));
+  dmakit_pool_stats st{};
+  st.struct_size = sizeof st;
+  if (dmakit_pool_get_stats(pool.get(), &st) != DMAKIT_OK)
+    return fail(Errc::internal, "dmapool bench (dmakit-c): {}", dmakit_last_error());
+  const uint64_t len = st.size;  // the block size, rounded as the pool rounds it
+  std::vector<pool::DmaBlock> held(blocks);
+  std::vector<uintptr_t> addrs;
+  for (auto& b : held) {
+    if (dmakit_pool_alloc(pool.get(), &b.vaddr, &b.iova) != DMAKIT_OK)
+      return fail(Errc::internal, "dmapool bench (dmakit-c): {}", dmakit_last_error());
+    const auto v = reinterpret_cast<uintptr_t>(b.vaddr);
+    if (v % s.align != 0 || b.iova % s.align != 0 ||
+        (s.boundary != 0 && b.iova / s.boundary != (b.iova + len - 1) / s.boundary))
+      return fail(Errc::internal, "dmapool bench (dmakit-c): block {:#x} (IOVA {:#x}) breaks {}/{}/{}", v, b.iova,
+                  s.size, s.align, s.boundary);
+    addrs.push_back(v);
+  }
+  DMAKIT_TRY(check_blocks("dmakit-c", s, len, addrs));
+  for (const auto& b : held)
+    if (dmakit_pool_free(pool.get(), b.vaddr, b.iova) != DMAKIT_OK)
+      return fail(Errc::internal, "dmapool bench (dmakit-c): {}", dmakit_last_error());
+  return pool.check_idle(s);
+}
+
 // rte_mempool driven three ways, each loop in a function of its own (as
 // alloc_free_rounds is): inlined into the worker lambda, the compiler kept
 // the pool and cache pointers in memory and the baseline ran up to twice as
@@ -411,6 +511,10 @@ Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOption
       return [&, blocks, threads, api] { return time_mempool(s, blocks, threads, o, api); };
     };
     cases.push_back({"dmakit", 1, o.cache_size, -1, dmakit(1, false)});
+    if (o.c_ctx != nullptr) {  // right after the case it is compared with, in every turn
+      DMAKIT_TRY(verify_dmakit_c(s, blocks, o));
+      cases.push_back({"dmakit-c", 1, o.cache_size, -1, [&, blocks] { return time_dmakit_c(s, blocks, o); }});
+    }
     if (o.two_threads) {
       cases.push_back({"dmakit", 2, o.cache_size, 0, dmakit(2, false)});
       cases.push_back({"dmakit-own-pools", 2, o.cache_size, 0, dmakit(2, true)});
@@ -437,6 +541,7 @@ Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOption
       for (size_t i = 0; i < a.samples.size(); ++i) r.push_back(ratio(a.samples[i], b.samples[i]));
       return median(r);
     };
+    auto time_ratio = [](const Sample& a, const Sample& b) { return a.wall_ns / b.wall_ns; };
     for (const Case& c : cases) {
       const Timing t = summarize(c.samples);
       base::Json j = result(s, blocks, c.threads, c.impl, c.cache, o.rounds, t);
@@ -444,8 +549,8 @@ Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOption
         j.add("throughput_vs_one_thread", paired(c, cases[size_t(c.one)], [&](const Sample& two, const Sample& one) {
                 return one.wall_ns / (two.wall_ns / c.threads);
               }));
+      if (std::string_view(c.impl) == "dmakit-c") j.add("vs_dmakit", paired(c, cases[0], time_ratio));
       if (c.threads == 1 && std::string_view(c.impl) == "dmakit" && mp1 >= 0) {
-        auto time_ratio = [](const Sample& a, const Sample& b) { return a.wall_ns / b.wall_ns; };
         j.add("vs_rte_mempool", paired(c, cases[size_t(mp1)], time_ratio));
         j.add("vs_rte_mempool_explicit_cache", paired(c, cases[size_t(mpx)], time_ratio));
       }
@@ -456,11 +561,21 @@ Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOption
   return base::Json::object().add("bench", "dmapool").add("results", results);
 }
 
+Result<base::Json> run_dmapool(core::Context& ctx, const DmapoolBenchOptions& opts) {
+  DmapoolBenchOptions o = opts;
+  o.c_ctx = core::borrow_c_handle(ctx);
+  if (o.c_ctx == nullptr) return fail(Errc::no_space, "dmapool bench: every C context handle is in use");
+  alloc_buffer::BufferAllocator& buffers = ctx.buffers();
+  auto r = run_dmapool(ctx.config(), o, [&buffers] { return pool::make_buffer_backing(buffers); });
+  if (dmakit_ctx_destroy(o.c_ctx) != DMAKIT_OK && r)
+    return fail(Errc::internal, "dmapool bench: {}", dmakit_last_error());
+  return r;
+}
+
 Result<base::Json> run_dmapool(core::Context& ctx) {
   DmapoolBenchOptions o;
   o.cache_size = ctx.config().pool.cache_size;
-  alloc_buffer::BufferAllocator& buffers = ctx.buffers();
-  return run_dmapool(ctx.config(), o, [&buffers] { return pool::make_buffer_backing(buffers); });
+  return run_dmapool(ctx, o);
 }
 
 }  // namespace dmakit::bench

@@ -9,6 +9,8 @@
 #include "core/config.hpp"
 #include "base/json.hpp"
 #include "base/error.hpp"
+#include "core/context.hpp"
+#include "dmakit/dmakit.h"
 #include "pool/dma_pool.hpp"
 
 namespace dmakit::bench {
@@ -21,11 +23,20 @@ struct DmapoolBenchOptions {
   uint32_t mempool_cache = 256; // rte_mempool per-lcore cache
   bool mempool = true;          // also run rte_mempool (starts the EAL)
   bool two_threads = true;      // also run dmakit with two threads
+  // "dmakit-c": the one-thread loop through the C API (dmakit_pool_alloc /
+  // dmakit_pool_free) on pools made in this context with dmakit_pool_create
+  // and cache_size; fair when the context's buffer allocator is what
+  // `backing` hands the C++ pools. nullptr: no dmakit-c rows.
+  dmakit_ctx* c_ctx = nullptr;
 };
 
 using BackingFactory = std::function<std::unique_ptr<pool::Backing>()>;
 
 Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOptions& opts,
                                const BackingFactory& backing);
+
+// On a context: the C++ pools over its buffer allocator, the C API's pools
+// in the same context through a handle of it (opts.c_ctx is set here).
+Result<base::Json> run_dmapool(core::Context& ctx, const DmapoolBenchOptions& opts);
 
 }  // namespace dmakit::bench

@@ -194,6 +194,15 @@ class DmaPool {
   // ran out: the block stays allocated and may be freed again later.
   [[gnu::always_inline]] inline Status free(void* vaddr, uint64_t iova);
   [[gnu::always_inline]] Status free(const DmaBlock& b) { return free(b.vaddr, b.iova); }
+  // The fast paths alone, for a caller that keeps the slow paths out of line
+  // (the C API: its exported calls then need no stack frame and save no
+  // registers on the fast path). try_alloc: a block, or {nullptr, 0} where
+  // alloc() would take its slow path (nothing changed: call alloc()).
+  // try_free: true when the block was freed; false when nothing changed and
+  // free() must run: another chunk than the one this thread freed into
+  // last, a full magazine, or a free that free() refuses with its error.
+  [[gnu::always_inline]] inline DmaBlock try_alloc();
+  [[gnu::always_inline]] inline bool try_free(void* vaddr, uint64_t iova);
 
   // Returns this thread's cached blocks (its magazines) to the pool's depot.
   void flush_thread_cache();
@@ -545,6 +554,45 @@ inline Status DmaPool::free(void* vaddr, uint64_t iova) {
   t->index = static_cast<uint32_t>(index);
   c->top.store(t + 1, std::memory_order_relaxed);
   return ok();
+}
+
+inline DmaBlock DmaPool::try_alloc() {
+  Cache* c = detail::tl_slots[slot_];
+  Entry* t = c->top.load(std::memory_order_relaxed);
+  if (t == c->bottom.load(std::memory_order_relaxed)) [[unlikely]] return DmaBlock{};
+  --t;
+  Chunk* const ch = t->chunk;
+  const uint64_t off = t->off;
+  const uint32_t index = t->index;
+  c->top.store(t, std::memory_order_relaxed);
+  ch->state()[index].store(detail::kAllocated, std::memory_order_relaxed);  // plain store: see alloc()
+  return DmaBlock{reinterpret_cast<void*>(ch->lo + off), ch->iova_lo + off};
+}
+
+// free()'s checks and its one compare-exchange in the same order; the
+// magazine's room is tested before the exchange, so that a false return
+// has changed nothing. A refused free reaches free(), which tests again
+// and refuses it (an exchange that failed here fails there as well unless
+// the block was allocated again in between, which the caller's free of a
+// free block cannot be told from in free() alone either).
+inline bool DmaPool::try_free(void* vaddr, uint64_t iova) {
+  const auto v = reinterpret_cast<uintptr_t>(vaddr);
+  Cache* c = detail::tl_slots[slot_];
+  Chunk* const ch = c->last_chunk.load(std::memory_order_relaxed);  // idle caches: the empty chunk
+  const uint64_t off = v - ch->lo;
+  const uint64_t index = granule(off);
+  Entry* const t = c->top.load(std::memory_order_relaxed);
+  if (index >= ch->ngran || iova != ch->iova_lo + off || t == c->limit.load(std::memory_order_relaxed))
+      [[unlikely]]
+    return false;
+  uint8_t was = detail::kAllocated;
+  if (!ch->state()[index].compare_exchange_strong(was, detail::kFree, std::memory_order_relaxed)) [[unlikely]]
+    return false;
+  t->chunk = ch;
+  t->off = static_cast<uint32_t>(off);
+  t->index = static_cast<uint32_t>(index);
+  c->top.store(t + 1, std::memory_order_relaxed);
+  return true;
 }
 
 }  // namespace dmakit::pool

@@ -11,6 +11,9 @@
 #include <vector>
 
 #include "dmakit/dmakit.h"
+#include "core/c_handles.hpp"
+#include "core/context.hpp"
+#include "iommu/sim_domain.hpp"
 
 namespace {
 
@@ -450,4 +453,35 @@ TEST(CApiLifetime, PoolsAndBuffersOfADestroyedContextAreRefused) {
   ASSERT_EQ(dmakit_pool_alloc(fresh, &va, &iova), DMAKIT_OK);
   ASSERT_EQ(dmakit_pool_free(fresh, va, iova), DMAKIT_OK);
   EXPECT_EQ(dmakit_ctx_destroy(ctx), DMAKIT_OK);
+}
+
+// A handle of a context that C++ code owns (core::borrow_c_handle, as the
+// dmapool bench drives the C API): destroying the handle ends the pools
+// made through it, handles and pools, but not the context.
+TEST(CApiLifetime, ABorrowedContextHandleEndsItsPoolsNotTheContext) {
+  dmakit::core::Config cfg;
+  cfg.iommu.backend = "sim";
+  cfg.eal.mode = "nohuge";
+  auto ctx = dmakit::core::Context::create(cfg);
+  ASSERT_TRUE(ctx.has_value()) << ctx.error().what();
+  dmakit_ctx* h = dmakit::core::borrow_c_handle(**ctx);
+  ASSERT_NE(h, nullptr);
+  dmakit_pool* pool = nullptr;
+  ASSERT_EQ(dmakit_pool_create(h, "prp", 64, 64, 0, &pool), DMAKIT_OK) << last();
+  void* va = nullptr;
+  uint64_t iova = 0;
+  ASSERT_EQ(dmakit_pool_alloc(pool, &va, &iova), DMAKIT_OK) << last();
+  ASSERT_EQ(dmakit_pool_free(pool, va, iova), DMAKIT_OK) << last();
+  EXPECT_EQ((*ctx)->pool_stats().size(), 1u);
+
+  ASSERT_EQ(dmakit_ctx_destroy(h), DMAKIT_OK) << last();
+  EXPECT_EQ(dmakit_pool_alloc(pool, &va, &iova), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"not a live pool"}));
+  EXPECT_EQ(dmakit_ctx_destroy(h), DMAKIT_EINVAL);
+  EXPECT_TRUE((*ctx)->pool_stats().empty());
+  auto again = (*ctx)->create_pool("prp", 64, 64, 0);  // the name is free again, the context alive
+  ASSERT_TRUE(again.has_value()) << again.error().what();
+  auto b = (*again)->alloc();
+  ASSERT_TRUE(b.has_value()) << b.error().what();
+  EXPECT_TRUE((*again)->free(*b).has_value());
 }
