@@ -34,6 +34,34 @@ namespace dmakit {
 namespace detail {
 // The error of a failed C call: its code and this thread's last message.
 inline Error c_error(int rc) { return Error{static_cast<Errc>(-rc), 0, dmakit_last_error()}; }
+
+// Owns one C handle and ends it with End when destroyed; move-only.
+template <class H, int (*End)(H*)>
+class Owned {
+ public:
+  Owned() = default;
+  explicit Owned(H* h) : h_(h) {}
+  Owned(Owned&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Owned& operator=(Owned&& o) noexcept {
+    if (this != &o) {
+      reset();
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+  ~Owned() { reset(); }
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+
+  explicit operator bool() const { return h_ != nullptr; }
+  H* c_handle() const { return h_; }
+
+ protected:
+  void reset() {
+    if (h_ != nullptr) (void)End(std::exchange(h_, nullptr));
+  }
+  H* h_ = nullptr;
+};
 }  // namespace detail
 
 // One block of a DMA pool: its host address and the IOVA the device uses.
@@ -60,23 +88,10 @@ struct BufferOptions {
 
 // A DMA buffer: host memory with one contiguous IOVA range. Freed (returned
 // for reuse) by its destructor.
-class Buffer {
+class Buffer : public detail::Owned<dmakit_buffer, dmakit_buffer_free> {
  public:
-  Buffer() = default;
-  explicit Buffer(dmakit_buffer* h) : h_(h) {}
-  Buffer(Buffer&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
-  Buffer& operator=(Buffer&& o) noexcept {
-    if (this != &o) {
-      reset();
-      h_ = std::exchange(o.h_, nullptr);
-    }
-    return *this;
-  }
-  ~Buffer() { reset(); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
+  using Owned::Owned;
 
-  explicit operator bool() const { return h_ != nullptr; }
   uint64_t iova() const { return dmakit_buffer_iova(h_); }
   uint64_t size() const { return dmakit_buffer_size(h_); }
   void* vaddr() const { return dmakit_buffer_vaddr(h_); }
@@ -99,34 +114,14 @@ class Buffer {
     if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
     return {};
   }
-  dmakit_buffer* c_handle() const { return h_; }
-
- private:
-  void reset() {
-    if (h_ != nullptr) (void)dmakit_buffer_free(std::exchange(h_, nullptr));
-  }
-  dmakit_buffer* h_ = nullptr;
 };
 
 // A DMA pool of fixed-size blocks (the kernel's dma_pool semantics).
 // Destroyed by its destructor; blocks still allocated then stay reserved.
-class Pool {
+class Pool : public detail::Owned<dmakit_pool, dmakit_pool_destroy> {
  public:
-  Pool() = default;
-  explicit Pool(dmakit_pool* h) : h_(h) {}
-  Pool(Pool&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
-  Pool& operator=(Pool&& o) noexcept {
-    if (this != &o) {
-      reset();
-      h_ = std::exchange(o.h_, nullptr);
-    }
-    return *this;
-  }
-  ~Pool() { reset(); }
-  Pool(const Pool&) = delete;
-  Pool& operator=(const Pool&) = delete;
+  using Owned::Owned;
 
-  explicit operator bool() const { return h_ != nullptr; }
   // O(1), no lock or allocation on the common path; any thread.
   Result<Block> alloc() {
     Block b;
@@ -158,17 +153,10 @@ class Pool {
     if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
     return s;
   }
-  dmakit_pool* c_handle() const { return h_; }
-
- private:
-  void reset() {
-    if (h_ != nullptr) (void)dmakit_pool_destroy(std::exchange(h_, nullptr));
-  }
-  dmakit_pool* h_ = nullptr;
 };
 
 // One IOMMU domain and everything allocated in it.
-class Context {
+class Context : public detail::Owned<dmakit_ctx, dmakit_ctx_destroy> {
  public:
   // From a settings struct (fill it with dmakit_settings_init first).
   static Result<Context> create(const dmakit_settings& s) {
@@ -189,18 +177,6 @@ class Context {
     if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
     return Context(h);
   }
-
-  Context(Context&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
-  Context& operator=(Context&& o) noexcept {
-    if (this != &o) {
-      reset();
-      h_ = std::exchange(o.h_, nullptr);
-    }
-    return *this;
-  }
-  ~Context() { reset(); }
-  Context(const Context&) = delete;
-  Context& operator=(const Context&) = delete;
 
   // "sim", "vfio-type1v2" or "vfio-type1".
   std::string_view backend() const {
@@ -274,14 +250,8 @@ class Context {
     return s;
   }
 
-  dmakit_ctx* c_handle() const { return h_; }
-
  private:
-  explicit Context(dmakit_ctx* h) : h_(h) {}
-  void reset() {
-    if (h_ != nullptr) (void)dmakit_ctx_destroy(std::exchange(h_, nullptr));
-  }
-  dmakit_ctx* h_ = nullptr;
+  explicit Context(dmakit_ctx* h) : Owned(h) {}
 };
 
 }  // namespace dmakit

@@ -19,6 +19,15 @@ namespace {
 
 std::string last() { return dmakit_last_error(); }
 
+// The simulated IOMMU on 4 KiB pages: runs anywhere.
+dmakit_settings sim_settings() {
+  dmakit_settings s;
+  dmakit_settings_init(&s);
+  s.backend = "sim";
+  s.eal_mode = "nohuge";
+  return s;
+}
+
 // "message contains every one of these".
 ::testing::AssertionResult says(std::initializer_list<const char*> parts) {
   const std::string m = last();
@@ -30,10 +39,7 @@ std::string last() { return dmakit_last_error(); }
 class CApi : public ::testing::Test {
  protected:
   void SetUp() override {
-    dmakit_settings s;
-    dmakit_settings_init(&s);
-    s.backend = "sim";
-    s.eal_mode = "nohuge";
+    dmakit_settings s = sim_settings();
     s.eal_memory_mb = 256;
     ASSERT_EQ(dmakit_ctx_create_with(&s, &ctx_), DMAKIT_OK) << last();
   }
@@ -92,10 +98,7 @@ TEST(CApiBasics, ContextCreateRefusesBadArguments) {
   EXPECT_EQ(dmakit_ctx_create(nullptr, 4, prefix, &ctx), DMAKIT_EINVAL);
   EXPECT_TRUE(says({"eal.file_prefix", "../x"}));
 
-  dmakit_settings s;
-  dmakit_settings_init(&s);
-  s.backend = "sim";
-  s.eal_mode = "nohuge";
+  dmakit_settings s = sim_settings();
   EXPECT_EQ(dmakit_ctx_create_with(nullptr, &ctx), DMAKIT_EINVAL);
   EXPECT_TRUE(says({"settings is NULL"}));
   EXPECT_EQ(dmakit_ctx_create_with(&s, nullptr), DMAKIT_EINVAL);
@@ -137,10 +140,7 @@ TEST(CApiBasics, LogCallbackReceivesLinesAndLevelIsChecked) {
             DMAKIT_OK)
       << last();
   ASSERT_EQ(dmakit_set_log_level(DMAKIT_LOG_INFO), DMAKIT_OK);
-  dmakit_settings s;
-  dmakit_settings_init(&s);
-  s.backend = "sim";
-  s.eal_mode = "nohuge";
+  dmakit_settings s = sim_settings();
   dmakit_ctx* ctx = nullptr;
   ASSERT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_OK) << last();
   ASSERT_EQ(dmakit_ctx_destroy(ctx), DMAKIT_OK);
@@ -418,10 +418,7 @@ TEST_F(CApi, ContextCallsRefuseBadInput) {
 }
 
 TEST(CApiLifetime, PoolsAndBuffersOfADestroyedContextAreRefused) {
-  dmakit_settings s;
-  dmakit_settings_init(&s);
-  s.backend = "sim";
-  s.eal_mode = "nohuge";
+  dmakit_settings s = sim_settings();
   dmakit_ctx* ctx = nullptr;
   ASSERT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_OK) << last();
   dmakit_pool* pool = nullptr;

@@ -1,31 +1,17 @@
 // The dmakit command as a user meets it: help, version, config errors.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <array>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 
+#include "tool_run.hpp"
+
 namespace {
 
-struct Run {
-  int code = -1;
-  std::string out;  // stdout and stderr together
-};
-
-Run run(const std::string& args) {
-  std::string cmd = std::string(DMAKIT_BINARY_DIR) + "/tools/dmakit " + args + " 2>&1";
-  Run r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  int status = ::pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using dmakit::test::run_tool;
+auto run(const std::string& args) { return run_tool(args); }
 
 }  // namespace
 

@@ -7,7 +7,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <array>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -15,6 +14,7 @@
 #include <thread>
 
 #include "base/runtime_dir.hpp"
+#include "tool_run.hpp"
 
 using namespace dmakit;
 namespace fs = std::filesystem;
@@ -45,25 +45,9 @@ struct TempBase {
 
 void write_file(const fs::path& p, const std::string& text) { std::ofstream(p) << text; }
 
-std::string tool() { return std::string(DMAKIT_BINARY_DIR) + "/tools/dmakit"; }
-
-struct Run {
-  int code = -1;
-  std::string out;
-};
-
-Run run(const std::string& args) {
-  std::string cmd = tool() + " " + args + " 2>&1";
-  Run r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  int status = ::pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using dmakit::test::run_tool;
+using dmakit::test::tool_path;
+auto run(const std::string& args) { return run_tool(args); }
 
 }  // namespace
 
@@ -201,7 +185,7 @@ TEST(RuntimeDirTool, SigintStopsStressWhichReportsFreesAndRemovesItsDirectory) {
   if (child == 0) {
     std::FILE* f = std::freopen(out.c_str(), "w", stdout);
     if (f == nullptr) ::_exit(99);
-    ::execl(tool().c_str(), "dmakit", "stress", "--stress.seconds", "60", "--eal.file_prefix", prefix.c_str(),
+    ::execl(tool_path().c_str(), "dmakit", "stress", "--stress.seconds", "60", "--eal.file_prefix", prefix.c_str(),
             static_cast<char*>(nullptr));
     ::_exit(98);
   }
