@@ -65,6 +65,24 @@ dmakit_ctx* const kGarbageCtx = reinterpret_cast<dmakit_ctx*>(uintptr_t{0x1234})
 
 }  // namespace
 
+TEST(CApiBasics, InitializersTakeNullAndFillDefaults) {
+  dmakit_settings_init(nullptr);  // nothing to fill: returns
+  dmakit_pool_params_init(nullptr, "x", 64);
+  dmakit_settings s;
+  std::memset(&s, 0xff, sizeof s);
+  dmakit_settings_init(&s);
+  EXPECT_EQ(s.struct_size, sizeof s);
+  EXPECT_EQ(s.backend, nullptr);
+  EXPECT_EQ(s.eal_memory_mb, 512u);
+  EXPECT_EQ(s.pool_cache_size, 256u);
+  EXPECT_EQ(s.buffer_prezero, 1);
+  dmakit_pool_params p;
+  dmakit_pool_params_init(&p, "x", 64);
+  EXPECT_EQ(p.struct_size, sizeof p);
+  EXPECT_EQ(p.dma_limit, UINT64_MAX);
+  EXPECT_EQ(p.cache_size, UINT32_MAX);
+}
+
 TEST(CApiBasics, VersionAndErrorNames) {
   EXPECT_STREQ(dmakit_version(), DMAKIT_VERSION_STRING);
   EXPECT_STREQ(dmakit_errc_name(DMAKIT_ECORRUPTED), "ECORRUPTED");
