@@ -153,6 +153,17 @@ class AnonSource final : public MemorySource {
       release_if_idle(region);
       return fail_errno(err, "{}: committing {} at {}", name_, size_name(len), p);
     }
+    // Pinned DMA memory must stay the parent's across fork(): a private page
+    // shared copy-on-write with a child is replaced by a copy at the parent's
+    // next write, while the device keeps the old one. The child does not get
+    // the piece at all (as DPDK and SPDK do for theirs).
+    if (::madvise(p, len, MADV_DONTFORK) != 0) {
+      const int err = errno;
+      ++failures_;
+      ::mmap(p, len, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0);
+      release_if_idle(region);
+      return fail_errno(err, "{}: madvise(MADV_DONTFORK) of {} at {}", name_, size_name(len), p);
+    }
     carve(r, at, len);
     taken_.emplace(at, len);
     live_ += len;
