@@ -96,10 +96,6 @@ std::vector<pool::PoolStats> Context::pool_stats() const {
   return out;
 }
 
-}  // namespace dmakit::core
-
-namespace dmakit::core {
-
 Result<uint64_t> Context::map_memory(void* vaddr, uint64_t len, uint32_t prot, uint64_t dma_limit) {
   const auto va = reinterpret_cast<uintptr_t>(vaddr);
   if (vaddr == nullptr || len == 0)

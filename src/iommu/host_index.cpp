@@ -44,9 +44,4 @@ std::optional<HostRun> HostIndex::lookup(const void* vaddr) const {
   return HostRun{it->second.iova + off, it->second.len - off};
 }
 
-size_t HostIndex::size() const {
-  std::shared_lock lock(mu_);
-  return by_host_.size();
-}
-
 }  // namespace dmakit::iommu

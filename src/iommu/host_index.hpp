@@ -32,7 +32,6 @@ class HostIndex {
   // Forgets the mappings wholly inside [iova, iova + len), as unmap() removes them.
   void remove_inside(uint64_t iova, uint64_t len);
   std::optional<HostRun> lookup(const void* vaddr) const;
-  size_t size() const;
 
  private:
   struct ByHost {
