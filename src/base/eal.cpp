@@ -59,9 +59,8 @@ unsigned main_cpu() {
   return 0;
 }
 
-// The application's EAL, detected without calling rte_eal_init (which would
-// print its usage on a second call in some versions): lcores exist only
-// after a successful init.
+// The application's EAL, detected before any EAL call, so that its log
+// stream is never replaced: lcores exist only after a successful init.
 bool eal_already_running() { return rte_lcore_count() > 0; }
 
 // The host application owns the EAL: dmakit uses its memory as it is.
