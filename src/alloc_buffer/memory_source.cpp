@@ -84,7 +84,8 @@ std::vector<EalList> eal_lists() {
 //
 // Data structure: regions by base address; in each, its free ranges by start
 // (coalesced). take is first fit - lowest region, lowest address, start
-// aligned to the order - so consecutive takes are consecutive in VA; the scan
+// aligned for the run (run_align) - so consecutive takes of one size are
+// consecutive in VA; the scan
 // is linear in the free ranges, fine for the slow path. Taken runs by start,
 // so give() accepts exactly what take() returned. One mutex.
 //
@@ -130,7 +131,7 @@ class AnonSource final : public MemorySource {
       }
     }
     if (at == 0) {
-      auto fresh = reserve_region(len + order_ - kPage4K);  // room to align the start
+      auto fresh = reserve_region(len + run_align(len) - kPage4K);  // room to align the start
       if (!fresh) {
         ++failures_;
         return std::unexpected(std::move(fresh).error());
@@ -214,11 +215,19 @@ class AnonSource final : public MemorySource {
     std::map<uintptr_t, uintptr_t> free;  // start -> end of each free range, coalesced
   };
 
-  // First fit inside r: the lowest start aligned to the order with len free
-  // bytes behind it, or 0.
+  // Where a run of len bytes starts: on a multiple of its largest power of
+  // two up to 2 MiB (at least the order). A buffer's IOVA is aligned the same
+  // way, so host address and IOVA agree modulo every alignment up to there
+  // (what a DMA pool of aligned blocks needs from a chunk); the cost is
+  // address space between runs, never memory.
+  uint64_t run_align(uint64_t len) const { return std::max(order_, std::min(std::bit_floor(len), kPage2M)); }
+
+  // First fit inside r: the lowest start aligned for a run of len with len
+  // free bytes behind it, or 0.
   uintptr_t fit(const Region& r, uint64_t len) const {
+    const uint64_t align = run_align(len);
     for (const auto& [start, end] : r.free) {
-      const uintptr_t at = (start + order_ - 1) & ~(order_ - 1);
+      const uintptr_t at = (start + align - 1) & ~(align - 1);
       if (at < end && end - at >= len) return at;
     }
     return 0;

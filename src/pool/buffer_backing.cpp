@@ -1,6 +1,8 @@
 // Backing over the BufferAllocator: each chunk of a pool is one buffer that
 // is a single virtually contiguous run, so the pool costs one IOMMU mapping
 // per chunk at most (fewer when the allocator's runs are larger).
+#include <algorithm>
+#include <bit>
 #include <mutex>
 #include <unordered_map>
 
@@ -19,6 +21,10 @@ class BufferBacking final : public Backing {
   Result<Region> grow(uint64_t len) override {
     alloc_buffer::BufferRequest req;
     req.len = len;
+    // Host address and IOVA must agree modulo the pool's alignment: the IOVA
+    // gets the alignment the sources give a run of this size (the chunk's
+    // size, up to 2 MiB: pieces of an order, anonymous runs) - see run_align.
+    req.align = std::min<uint64_t>(std::bit_floor(len), alloc_buffer::kPage2M);
     req.dma_limit = dma_limit_;
     auto buf = buffers_.alloc(req);
     if (!buf) return std::unexpected(std::move(buf).error());
