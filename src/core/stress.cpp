@@ -283,7 +283,12 @@ Result<StressReport> run_stress(Context& ctx, const StressSettings& s, const std
     const auto& ps = kShapes[i];
     sh.pools[i] = DMAKIT_TRY(ctx.create_pool(ps.name, ps.size, ps.align, ps.boundary));
   }
-  sh.misuse = DMAKIT_TRY(ctx.create_pool("stress-misuse", 64, 64, 0));
+  // Its bad frees are deliberate: counted in the report, not logged as the user's bugs.
+  pool::PoolOptions misuse_opts;
+  misuse_opts.cache_size = ctx.config().pool.cache_size;
+  misuse_opts.poison = ctx.config().pool.poison;
+  misuse_opts.log_refusals = false;
+  sh.misuse = DMAKIT_TRY(ctx.create_pool("stress-misuse", 64, 64, 0, misuse_opts));
 
   std::vector<StressReport> parts(s.threads);
   std::vector<std::thread> threads;

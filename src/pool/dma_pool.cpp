@@ -323,6 +323,7 @@ std::unique_ptr<DmaPool> DmaPool::create_pool(std::unique_ptr<Backing> backing, 
   p->backing_ = std::move(backing);
   p->max_chunks_ = opts.max_chunks;
   p->debug_ = (opts.poison ? kPoison : 0) | (opts.zero ? kZero : 0);
+  p->log_refusals_ = opts.log_refusals;
   // Two magazines of half the cache each: a thread holds at most cache_size
   // blocks in hand, and trades with the pool once per half cache. Debug
   // pools have none (see PoolOptions).
@@ -693,7 +694,9 @@ Status DmaPool::refuse_free(const void* vaddr, uint64_t iova, const char* why) {
   // per 1024 with the running count. The counter and the returned error
   // still carry every one.
   constexpr uint64_t kLogFirst = 8, kLogEvery = 1024;
-  if (nth <= kLogFirst) {
+  if (!log_refusals_) {
+    // Refused on purpose by the caller (counted and returned all the same).
+  } else if (nth <= kLogFirst) {
     base::log().warn("{}", msg);
     if (nth == kLogFirst)
       base::log().warn("pool '{}': further refused frees are logged once per {}", name_, kLogEvery);

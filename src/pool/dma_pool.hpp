@@ -93,6 +93,7 @@ struct PoolOptions {
   uint64_t chunk_bytes = 0;   // power of two >= 4 KiB; 0 = from the block size (64 KiB..2 MiB), see Backing::chunk_size
   uint32_t max_chunks = 0;    // grow at most this many times; 0 = until the backing says no
   uint64_t dma_limit = ~0ull; // highest IOVA a block may have (buffer-backed pools)
+  bool log_refusals = true;   // refused frees are logged at warn; off for a caller that refuses on purpose
 };
 
 struct PoolStats {
@@ -297,6 +298,7 @@ class DmaPool {
   // size_) counted from the chunk's first block; state is kept per granule.
   uint32_t gran_shift_ = 0;
   uint32_t debug_ = 0;           // kPoison | kZero
+  bool log_refusals_ = true;     // PoolOptions::log_refusals
   std::atomic<ChunkTable*> table_;  // never null (see find_chunk)
 
   std::string name_;

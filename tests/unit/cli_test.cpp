@@ -57,3 +57,14 @@ TEST(Cli, InfoJsonIsOneObject) {
   EXPECT_EQ(r.out.substr(r.out.size() - 2), "}\n");
   EXPECT_NE(r.out.find("\"backend\""), std::string::npos);
 }
+
+// The README's main job: the tool's own deliberate bad frees are counted in
+// the report, not logged as warnings about the user's code.
+TEST(Cli, StressReportsItsDeliberateBadFreesWithoutWarnings) {
+  auto r = run("stress --stress.seconds 0.3 --iommu.backend sim --eal.mode nohuge");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(r.out.find("[warning]"), std::string::npos) << r.out;
+  const auto at = r.out.find("deliberate bad frees refused: ");
+  ASSERT_NE(at, std::string::npos) << r.out;
+  EXPECT_NE(r.out[at + std::string("deliberate bad frees refused: ").size()], '0') << r.out;
+}
