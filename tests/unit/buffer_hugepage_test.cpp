@@ -42,30 +42,14 @@ class HugepageEnv : public ::testing::Environment {
 
 const auto* const g_env = ::testing::AddGlobalTestEnvironment(new HugepageEnv);
 
-class HugeBufferTest : public ::testing::Test {
+class HugeBufferTest : public buftest::RealSourcesTest {
  protected:
   void SetUp() override {
-    auto d = iommu::SimDomain::create();
-    ASSERT_TRUE(d);
-    sim_ = std::move(*d);
-    auto a = iommu::IovaArena::create(*sim_, iommu::ArenaConfig{});
-    ASSERT_TRUE(a);
-    arena_ = std::move(*a);
     alloc_buffer::BufferSettings s;
     s.psi = false;
     s.prezero = false;
-    auto b = create_buffer_allocator(*arena_, s);
-    ASSERT_TRUE(b) << b.error().what();
-    alloc_ = std::move(*b);
+    make(iommu::ArenaConfig{}, s);
   }
-  void TearDown() override {
-    alloc_.reset();
-    EXPECT_EQ(sim_->stats().mappings, 0u);
-  }
-
-  std::unique_ptr<iommu::SimDomain> sim_;
-  std::unique_ptr<iommu::IovaArena> arena_;
-  std::unique_ptr<BufferAllocator> alloc_;
 };
 
 TEST_F(HugeBufferTest, EveryOrderFromItsRealSource) {

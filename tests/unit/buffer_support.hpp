@@ -1,8 +1,10 @@
 // Shared pieces of the buffer allocator tests: a Domain decorator that fails
 // the K-th map, a 4 KiB source whose chunks are never virtually adjacent (so
-// a test knows how many runs a buffer has), and helpers to read counters.
+// a test knows how many runs a buffer has), a fixture with the real sources
+// over a simulated domain, and helpers to read counters.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <sys/mman.h>
 
 #include <atomic>
@@ -13,6 +15,8 @@
 
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "iommu/domain.hpp"
+#include "iommu/iova_arena.hpp"
+#include "iommu/sim_domain.hpp"
 
 namespace dmakit::buftest {
 
@@ -79,6 +83,40 @@ class ScatterSource final : public alloc_buffer::MemorySource {
   char* base_ = nullptr;
   mutable std::mutex mu_;
   uint64_t live_ = 0;
+};
+
+// The real sources (the EAL's mode decides which) behind an allocator on an
+// arena on the simulated domain; built by make() in a test's SetUp. Every
+// mapping must be gone when the allocator is.
+class RealSourcesTest : public ::testing::Test {
+ protected:
+  void make(const iommu::ArenaConfig& ac, const alloc_buffer::BufferSettings& s) {
+    auto d = iommu::SimDomain::create();
+    ASSERT_TRUE(d);
+    sim_ = std::move(*d);
+    auto a = iommu::IovaArena::create(*sim_, ac);
+    ASSERT_TRUE(a);
+    arena_ = std::move(*a);
+    auto b = alloc_buffer::create_buffer_allocator(*arena_, s);
+    ASSERT_TRUE(b) << b.error().what();
+    alloc_ = std::move(*b);
+  }
+  void TearDown() override {
+    alloc_.reset();
+    if (sim_ != nullptr) {
+      EXPECT_EQ(sim_->stats().mappings, 0u);
+    }
+  }
+
+  const alloc_buffer::MemorySource* source(std::string_view name) const {
+    for (const alloc_buffer::MemorySource* s : alloc_->sources())
+      if (s->name() == name) return s;
+    return nullptr;
+  }
+
+  std::unique_ptr<iommu::SimDomain> sim_;
+  std::unique_ptr<iommu::IovaArena> arena_;
+  std::unique_ptr<alloc_buffer::BufferAllocator> alloc_;
 };
 
 inline uint64_t live_bytes(const alloc_buffer::BufferAllocator& a) {

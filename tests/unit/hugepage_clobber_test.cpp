@@ -32,6 +32,7 @@
 
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
+#include "buffer_support.hpp"
 #include "hugepage_reservation.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"
@@ -134,40 +135,18 @@ bool inside_eal(const void* p, uint64_t len) {
                      [&](const AddressRange& l) { return a < l.base + l.len && l.base < a + len; });
 }
 
-class ClobberTest : public ::testing::Test {
+class ClobberTest : public buftest::RealSourcesTest {
  protected:
   void SetUp() override {
-    auto d = iommu::SimDomain::create();
-    ASSERT_TRUE(d);
-    sim_ = std::move(*d);
     iommu::ArenaConfig ac;
     ac.strict = true;  // memory goes back to its source at once, so hugepages come and go
-    auto a = iommu::IovaArena::create(*sim_, ac);
-    ASSERT_TRUE(a);
-    arena_ = std::move(*a);
     alloc_buffer::BufferSettings s;
     s.psi = false;
     s.prezero = false;
     s.backoff_ms = 0;       // every request tries hugepages again
     s.recycle_high_mb = 0;  // no recycling: every free goes back to the sources
-    auto b = create_buffer_allocator(*arena_, s);
-    ASSERT_TRUE(b) << b.error().what();
-    alloc_ = std::move(*b);
+    make(ac, s);
   }
-  void TearDown() override {
-    alloc_.reset();
-    EXPECT_EQ(sim_->stats().mappings, 0u);
-  }
-
-  const MemorySource* source(std::string_view name) const {
-    for (const MemorySource* s : alloc_->sources())
-      if (s->name() == name) return s;
-    return nullptr;
-  }
-
-  std::unique_ptr<iommu::SimDomain> sim_;
-  std::unique_ptr<iommu::IovaArena> arena_;
-  std::unique_ptr<BufferAllocator> alloc_;
 };
 
 // Two words of every page carry the buffer's pattern: enough to see a page
