@@ -120,15 +120,15 @@ core::Context* ctx_of(const dmakit_ctx* h) {
   return s != nullptr ? s->value.ctx : nullptr;
 }
 
-// A live buffer of a live context, or nullptr with *why set.
-BufTable::Slot* live_buffer(const dmakit_buffer* h, const char** why) {
+// A live buffer of a live context, or nullptr with call's misuse reported.
+BufTable::Slot* live_buffer(const dmakit_buffer* h, const char* call) {
   auto* s = bufs().find(h);
   if (s == nullptr) {
-    *why = kStaleBuf;
+    misuse(call, kStaleBuf);
     return nullptr;
   }
   if (ctxs().find(s->value.ctx_handle) == nullptr) {
-    *why = kDeadCtx;
+    misuse(call, kDeadCtx);
     return nullptr;
   }
   return s;
@@ -414,42 +414,26 @@ int dmakit_buffer_alloc(dmakit_ctx* h, uint64_t len, uint64_t align, uint32_t fl
 }
 
 uint64_t dmakit_buffer_iova(const dmakit_buffer* b) {
-  const char* why = nullptr;
-  auto* s = live_buffer(b, &why);
-  if (s == nullptr) {
-    misuse("dmakit_buffer_iova", why);
-    return 0;
-  }
+  auto* s = live_buffer(b, "dmakit_buffer_iova");
+  if (s == nullptr) return 0;
   return s->value.buf.iova();
 }
 
 uint64_t dmakit_buffer_size(const dmakit_buffer* b) {
-  const char* why = nullptr;
-  auto* s = live_buffer(b, &why);
-  if (s == nullptr) {
-    misuse("dmakit_buffer_size", why);
-    return 0;
-  }
+  auto* s = live_buffer(b, "dmakit_buffer_size");
+  if (s == nullptr) return 0;
   return s->value.buf.size();
 }
 
 void* dmakit_buffer_vaddr(const dmakit_buffer* b) {
-  const char* why = nullptr;
-  auto* s = live_buffer(b, &why);
-  if (s == nullptr) {
-    misuse("dmakit_buffer_vaddr", why);
-    return nullptr;
-  }
+  auto* s = live_buffer(b, "dmakit_buffer_vaddr");
+  if (s == nullptr) return nullptr;
   return s->value.buf.vaddr();
 }
 
 void* dmakit_buffer_at(const dmakit_buffer* b, uint64_t offset) {
-  const char* why = nullptr;
-  auto* s = live_buffer(b, &why);
-  if (s == nullptr) {
-    misuse("dmakit_buffer_at", why);
-    return nullptr;
-  }
+  auto* s = live_buffer(b, "dmakit_buffer_at");
+  if (s == nullptr) return nullptr;
   void* p = s->value.buf.at(offset);
   if (p == nullptr)
     misuse("dmakit_buffer_at", fmt::format("offset {} is past the buffer's {} bytes", offset, s->value.buf.size()));
@@ -457,9 +441,8 @@ void* dmakit_buffer_at(const dmakit_buffer* b, uint64_t offset) {
 }
 
 int dmakit_buffer_segments(const dmakit_buffer* b, dmakit_segment* segs, size_t cap, size_t* count) {
-  const char* why = nullptr;
-  auto* s = live_buffer(b, &why);
-  if (s == nullptr) return misuse("dmakit_buffer_segments", why);
+  auto* s = live_buffer(b, "dmakit_buffer_segments");
+  if (s == nullptr) return DMAKIT_EINVAL;
   if (count == nullptr) return misuse("dmakit_buffer_segments", "count is NULL");
   if (segs == nullptr && cap != 0) return misuse("dmakit_buffer_segments", "segs is NULL but cap is not 0");
   const alloc_buffer::Buffer& buf = s->value.buf;
