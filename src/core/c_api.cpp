@@ -271,8 +271,7 @@ int dmakit_ctx_create_with(const dmakit_settings* s, dmakit_ctx** out) {
       if (auto st = base::set_log_level(c.log.level); !st)
         return report(with_context(st.error(), "settings.log_level"));
     }
-    if (auto st = core::validate(c); !st) return report(st.error());
-    return create_context(c, out);
+    return create_context(c, out);  // Context::create validates
   });
 }
 
@@ -301,8 +300,7 @@ int dmakit_ctx_create(const char* config_path, int argc, const char* const* argv
     } catch (const CLI::Error& e) {
       return report({Errc::invalid_argument, 0, base::describe_parse_error(e)});
     }
-    if (auto st = core::validate(cfg); !st) return report(st.error());
-    return create_context(cfg, out);
+    return create_context(cfg, out);  // Context::create validates
   });
 }
 
