@@ -107,7 +107,10 @@ class ArenaVfio : public ::testing::Test {
     return completed(ctrl_->read(lba, blocks, iova, size_t{blocks} * kLbaSize, prp_list()));
   }
 
-  ::testing::AssertionResult dmar_fault_at(uint64_t iova) { return vmtest::dmar_fault_at(*kmsg_, iova); }
+  // A read into iova (lba, blocks) that the IOMMU blocks and the kernel logs.
+  ::testing::AssertionResult read_faults(uint64_t lba, uint16_t blocks, uint64_t iova) {
+    return vmtest::blocked_with_fault(*kmsg_, iova, [&] { return read(lba, blocks, iova); });
+  }
 
   // Mapping entries the kernel has handed out beyond the queues' one.
   uint64_t kernel_entries() const { return base_avail_ - domain_->dma_avail(); }
@@ -173,8 +176,7 @@ TEST_F(ArenaVfio, LazyFreeKeepsMappingUntilFlush) {
   EXPECT_EQ(kernel_entries(), 0u);
   EXPECT_EQ(extra_mappings(), 0u);
   mem->fill(0x5a);
-  ASSERT_TRUE(read(700, 8, span->iova));
-  EXPECT_TRUE(dmar_fault_at(span->iova));
+  EXPECT_TRUE(read_faults(700, 8, span->iova));
   EXPECT_TRUE(mem->all_equal(0x5a)) << "the device wrote through a flushed IOVA";
   EXPECT_TRUE(arena->check());
 }
@@ -206,8 +208,7 @@ TEST_F(ArenaVfio, StrictFreeUnmapsAtOnce) {
   EXPECT_EQ(extra_mappings(), 0u);
 
   mem->fill(0x3c);
-  ASSERT_TRUE(read(99, 8, span->iova + kPage));
-  EXPECT_TRUE(dmar_fault_at(span->iova + kPage));
+  EXPECT_TRUE(read_faults(99, 8, span->iova + kPage));
   EXPECT_TRUE(mem->all_equal(0x3c)) << "the device wrote through an IOVA freed in strict mode";
   EXPECT_TRUE(arena->check());
 }
@@ -239,8 +240,7 @@ TEST_F(ArenaVfio, StaleWindowIsBoundedByPageCount) {
   EXPECT_EQ(s.unmap_calls, 1u) << "8 adjacent stale pages merge into one unmap";
   EXPECT_EQ(kernel_entries(), 0u);
   mem->fill(0x77);
-  ASSERT_TRUE(read(4000, 8, spans[3].iova));
-  EXPECT_TRUE(dmar_fault_at(spans[3].iova));
+  EXPECT_TRUE(read_faults(4000, 8, spans[3].iova));
   EXPECT_TRUE(mem->all_equal(0x77));
 }
 
