@@ -76,6 +76,8 @@ typedef struct dmakit_ctx dmakit_ctx;
 typedef struct dmakit_buffer dmakit_buffer;
 /** A DMA pool of fixed-size blocks (size, alignment, boundary). */
 typedef struct dmakit_pool dmakit_pool;
+/** A PCI function opened through VFIO: its BARs, config space, reset and interrupts. */
+typedef struct dmakit_device dmakit_device;
 
 /* ------------------------------------------------------------------------ */
 /** @name Errors, version, logging */
@@ -126,7 +128,8 @@ typedef struct dmakit_settings {
   uint32_t struct_size;           /**< sizeof(dmakit_settings); set by dmakit_settings_init() */
   const char* log_level;          /**< "trace" ... "off"; NULL keeps the current level */
   const char* backend;            /**< "auto" (default), "vfio" or "sim" */
-  const char* device;             /**< PCI address (BDF) whose IOMMU group the container attaches */
+  const char* devices;            /**< PCI addresses (BDFs), comma separated, whose IOMMU groups the
+                                       container attaches at creation; more join with dmakit_ctx_attach() */
   const char* eal_mode;           /**< "auto" (default), "huge" or "nohuge" */
   uint32_t eal_memory_mb;         /**< memory the EAL takes without hugepages (512) */
   const char* eal_file_prefix;    /**< EAL --file-prefix, a plain name; NULL/"" = unique per process */
@@ -335,6 +338,170 @@ DMAKIT_API int dmakit_pool_get_stats(dmakit_pool* pool, dmakit_pool_stats* out);
  *  device may still use them) and are reported in the log. The handle turns
  *  stale. */
 DMAKIT_API int dmakit_pool_destroy(dmakit_pool* pool);
+
+/** @} */
+
+/* ------------------------------------------------------------------------ */
+/** @name Devices
+ *
+ * A context's IOMMU domain is shared by every device whose IOMMU group is
+ * attached to it: one VFIO container, one IOVA space, so an IOVA from any
+ * buffer or pool of the context is valid for all of them. Groups attach at
+ * creation (dmakit_settings::devices) or later with dmakit_ctx_attach(); an
+ * attached group sees every mapping that already exists. A device handle
+ * (dmakit_device_open()) gives the driver the function itself: regions, BAR
+ * mappings, config space, bus mastering, reset and interrupts delivered to
+ * eventfds. The simulated backend has no devices (#DMAKIT_ENOTSUP).
+ *
+ * A device may read and write every mapped IOVA of the context from the
+ * moment bus mastering is on; dmakit_device_close() turns bus mastering and
+ * interrupts off before it closes the device. */
+/** @{ */
+
+/** Attaches the IOMMU group of the PCI device bdf ("0000:00:03.0" or
+ *  "00:03.0") to the context's container. Every mapping the context has is
+ *  valid for the new group at once (the kernel replays them into its
+ *  domain). Attaching a group that is already attached does nothing.
+ *  #DMAKIT_ENOTVIABLE when a member of the group is not on vfio-pci (the
+ *  message lists them), #DMAKIT_EBUSY when another process holds the group. */
+DMAKIT_API int dmakit_ctx_attach(dmakit_ctx* ctx, const char* bdf);
+
+/** Detaches the IOMMU group of bdf: its devices lose every mapping.
+ *  #DMAKIT_EBUSY while a device of that group is open, or when it is the
+ *  context's last group (the IOMMU domain and its mappings would go with
+ *  it); #DMAKIT_ENOTFOUND when the group is not attached. */
+DMAKIT_API int dmakit_ctx_detach(dmakit_ctx* ctx, const char* bdf);
+
+/** The PCI addresses of the devices whose groups are attached, comma
+ *  separated, written to buf (NUL terminated, at most cap bytes); *len (may
+ *  be NULL) gets the length without the NUL. #DMAKIT_ENOSPC when cap is too small. */
+DMAKIT_API int dmakit_ctx_devices(const dmakit_ctx* ctx, char* buf, size_t cap, size_t* len);
+
+/** Opens a PCI function for the driver; its group is attached first when it
+ *  is not yet. Bus mastering stays as it was (see dmakit_device_set_bus_master()). */
+DMAKIT_API int dmakit_device_open(dmakit_ctx* ctx, const char* bdf, dmakit_device** out);
+
+/** Disables the device's interrupts, turns bus mastering off, unmaps its BARs
+ *  and closes it. The group stays attached. */
+DMAKIT_API int dmakit_device_close(dmakit_device* dev);
+
+/** The canonical PCI address ("0000:00:03.0"); NULL for a bad handle. */
+DMAKIT_API const char* dmakit_device_bdf(const dmakit_device* dev);
+
+/** Region indexes: BARs 0-5 are 0-5 (as VFIO_PCI_BAR0_REGION_INDEX...). */
+#define DMAKIT_REGION_CONFIG 7u /**< PCI config space (VFIO_PCI_CONFIG_REGION_INDEX) */
+
+#define DMAKIT_REGION_READ 0x1u  /**< the region can be read */
+#define DMAKIT_REGION_WRITE 0x2u /**< the region can be written */
+#define DMAKIT_REGION_MMAP 0x4u  /**< (part of) the region can be mapped (dmakit_device_map_bar()) */
+
+/** One region of a device, as VFIO_DEVICE_GET_REGION_INFO reports it. */
+typedef struct dmakit_region_info {
+  uint32_t struct_size; /**< set to sizeof(dmakit_region_info) before the call */
+  uint32_t index;
+  uint32_t flags;       /**< DMAKIT_REGION_* */
+  uint64_t size;        /**< bytes; 0 = the device does not implement it */
+} dmakit_region_info;
+
+/** Fills *out for region index (0-5 BARs, #DMAKIT_REGION_CONFIG). */
+DMAKIT_API int dmakit_device_region_info(dmakit_device* dev, uint32_t index, dmakit_region_info* out);
+
+/** A BAR mapped into the process; owned by its device (unmapped at close).
+ *  Use the dmakit_mmio_* accessors: every access is bounds and alignment
+ *  checked and reaches the device as one load or store of its width. */
+typedef struct dmakit_bar {
+  volatile void* base; /**< the mapping's first byte */
+  uint64_t size;       /**< bytes mapped */
+  uint32_t index;      /**< the BAR */
+} dmakit_bar;
+
+/** Maps the whole of BAR bar (0-5) and fills *out. Mapping a BAR twice
+ *  returns the same mapping. #DMAKIT_ENOTSUP when the kernel does not allow
+ *  the BAR to be mapped (I/O port BARs, or the MSI-X table covers it). */
+DMAKIT_API int dmakit_device_map_bar(dmakit_device* dev, uint32_t bar, dmakit_bar* out);
+
+/** Reports an MMIO access the accessors refused (outside the mapping or
+ *  misaligned): sets dmakit_last_error() and logs it; returns #DMAKIT_EINVAL. */
+DMAKIT_API int dmakit_mmio_refused(const dmakit_bar* bar, uint64_t off, unsigned width, int write);
+
+/* Bounds-checked MMIO accessors. A refused read returns all ones (what PCI
+ * returns for a missing target) and a refused write does nothing; both are
+ * reported through dmakit_mmio_refused(). */
+static inline int dmakit_mmio_ok_(const dmakit_bar* bar, uint64_t off, unsigned width) {
+  return bar != 0 && off % width == 0 && off < bar->size && bar->size - off >= width;
+}
+static inline uint32_t dmakit_mmio_read32(const dmakit_bar* bar, uint64_t off) {
+  if (!dmakit_mmio_ok_(bar, off, 4)) return (void)dmakit_mmio_refused(bar, off, 4, 0), 0xffffffffu;
+  return *(volatile uint32_t*)((volatile char*)bar->base + off);
+}
+static inline uint64_t dmakit_mmio_read64(const dmakit_bar* bar, uint64_t off) {
+  if (!dmakit_mmio_ok_(bar, off, 8)) return (void)dmakit_mmio_refused(bar, off, 8, 0), ~(uint64_t)0;
+  return *(volatile uint64_t*)((volatile char*)bar->base + off);
+}
+static inline void dmakit_mmio_write32(const dmakit_bar* bar, uint64_t off, uint32_t value) {
+  if (!dmakit_mmio_ok_(bar, off, 4)) {
+    (void)dmakit_mmio_refused(bar, off, 4, 1);
+    return;
+  }
+  *(volatile uint32_t*)((volatile char*)bar->base + off) = value;
+}
+static inline void dmakit_mmio_write64(const dmakit_bar* bar, uint64_t off, uint64_t value) {
+  if (!dmakit_mmio_ok_(bar, off, 8)) {
+    (void)dmakit_mmio_refused(bar, off, 8, 1);
+    return;
+  }
+  *(volatile uint64_t*)((volatile char*)bar->base + off) = value;
+}
+
+/** Reads len bytes of PCI config space at off (through the kernel, which
+ *  virtualizes parts of it). */
+DMAKIT_API int dmakit_device_config_read(dmakit_device* dev, uint64_t off, void* buf, size_t len);
+/** Writes len bytes of PCI config space at off. */
+DMAKIT_API int dmakit_device_config_write(dmakit_device* dev, uint64_t off, const void* buf, size_t len);
+
+/** Sets (enable != 0) or clears memory-space decoding and bus mastering in
+ *  the command register. With bus mastering on, the device can reach every
+ *  IOVA the context maps. */
+DMAKIT_API int dmakit_device_set_bus_master(dmakit_device* dev, int enable);
+
+/** Resets the function (VFIO_DEVICE_RESET: FLR or the equivalent the kernel
+ *  picks). Interrupts are disabled first; BAR mappings stay valid, device
+ *  state and the command register are the device's reset values. #DMAKIT_ENOTSUP
+ *  when the function cannot be reset. */
+DMAKIT_API int dmakit_device_reset(dmakit_device* dev);
+
+/** Interrupt kinds (VFIO's IRQ indexes). */
+enum dmakit_irq_type {
+  DMAKIT_IRQ_INTX = 0,
+  DMAKIT_IRQ_MSI = 1,
+  DMAKIT_IRQ_MSIX = 2
+};
+
+/** How many vectors the device offers for type (0 = none). */
+DMAKIT_API int dmakit_device_irq_count(dmakit_device* dev, int type, uint32_t* count);
+
+/** Enables vectors [0, count) of type, each signalling its own eventfd
+ *  (VFIO_DEVICE_SET_IRQS with ACTION_TRIGGER). The eventfds are created and
+ *  owned by the device (non-blocking, close-on-exec); efds (may be NULL)
+ *  gets them. Only one type can be enabled at a time (#DMAKIT_EBUSY).
+ *  An INTx interrupt masks itself; dmakit_device_irq_unmask() re-arms it. */
+DMAKIT_API int dmakit_device_irq_enable(dmakit_device* dev, int type, uint32_t count, int* efds);
+
+/** Disables type's vectors and closes their eventfds. */
+DMAKIT_API int dmakit_device_irq_disable(dmakit_device* dev, int type);
+
+/** Masks (no delivery) or unmasks one vector. INTx uses VFIO's mask and
+ *  unmask; MSI and MSI-X, which vfio-pci cannot mask, detach the vector's
+ *  eventfd and attach it again: an interrupt raised while masked is not
+ *  delivered, so a driver checks its queues after unmasking. */
+DMAKIT_API int dmakit_device_irq_mask(dmakit_device* dev, int type, uint32_t vector);
+DMAKIT_API int dmakit_device_irq_unmask(dmakit_device* dev, int type, uint32_t vector);
+
+/** Waits up to timeout_ms (-1 = no limit) for vector's eventfd and consumes
+ *  it; *count (may be NULL) gets how many interrupts arrived since the last
+ *  wait. #DMAKIT_ETIMEDOUT when none came. */
+DMAKIT_API int dmakit_device_irq_wait(dmakit_device* dev, int type, uint32_t vector, int timeout_ms,
+                                      uint64_t* count);
 
 /** @} */
 

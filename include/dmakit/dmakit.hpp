@@ -34,6 +34,10 @@ namespace dmakit {
 namespace detail {
 // The error of a failed C call: its code and this thread's last message.
 inline Error c_error(int rc) { return Error{static_cast<Errc>(-rc), 0, dmakit_last_error()}; }
+inline Status status(int rc) {
+  if (rc != DMAKIT_OK) return std::unexpected(c_error(rc));
+  return {};
+}
 
 // Owns one C handle and ends it with End when destroyed; move-only.
 template <class H, int (*End)(H*)>
@@ -155,6 +159,96 @@ class Pool : public detail::Owned<dmakit_pool, dmakit_pool_destroy> {
   }
 };
 
+// A BAR mapped into the process (owned by its Device, valid while the
+// Device is open). Every access is bounds and alignment checked: a refused
+// read returns all ones, a refused write does nothing, and both are logged
+// and left in dmakit_last_error().
+class Bar {
+ public:
+  Bar() = default;
+  explicit Bar(const dmakit_bar& b) : b_(b) {}
+  uint32_t read32(uint64_t off) const { return dmakit_mmio_read32(&b_, off); }
+  uint64_t read64(uint64_t off) const { return dmakit_mmio_read64(&b_, off); }
+  void write32(uint64_t off, uint32_t v) const { dmakit_mmio_write32(&b_, off, v); }
+  void write64(uint64_t off, uint64_t v) const { dmakit_mmio_write64(&b_, off, v); }
+  uint64_t size() const { return b_.size; }
+  uint32_t index() const { return b_.index; }
+  const dmakit_bar& c_bar() const { return b_; }
+
+ private:
+  dmakit_bar b_{};
+};
+
+enum class IrqType : int { intx = DMAKIT_IRQ_INTX, msi = DMAKIT_IRQ_MSI, msix = DMAKIT_IRQ_MSIX };
+
+// A PCI function opened through VFIO in a Context's IOMMU domain. Closed by
+// its destructor (interrupts off, bus mastering off, BARs unmapped).
+class Device : public detail::Owned<dmakit_device, dmakit_device_close> {
+ public:
+  using Owned::Owned;
+
+  std::string_view bdf() const {
+    const char* b = dmakit_device_bdf(h_);
+    return b != nullptr ? b : "";
+  }
+  Result<dmakit_region_info> region_info(uint32_t index) const {
+    dmakit_region_info r{};
+    r.struct_size = sizeof r;
+    if (int rc = dmakit_device_region_info(h_, index, &r); rc != DMAKIT_OK)
+      return std::unexpected(detail::c_error(rc));
+    return r;
+  }
+  Result<Bar> map_bar(uint32_t bar) {
+    dmakit_bar b{};
+    if (int rc = dmakit_device_map_bar(h_, bar, &b); rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return Bar(b);
+  }
+  Status config_read(uint64_t off, void* buf, size_t len) const {
+    return detail::status(dmakit_device_config_read(h_, off, buf, len));
+  }
+  Status config_write(uint64_t off, const void* buf, size_t len) {
+    return detail::status(dmakit_device_config_write(h_, off, buf, len));
+  }
+  template <class T>
+  Result<T> config_read(uint64_t off) const {
+    T v{};
+    if (int rc = dmakit_device_config_read(h_, off, &v, sizeof v); rc != DMAKIT_OK)
+      return std::unexpected(detail::c_error(rc));
+    return v;
+  }
+  Status set_bus_master(bool enable) { return detail::status(dmakit_device_set_bus_master(h_, enable ? 1 : 0)); }
+  Status reset() { return detail::status(dmakit_device_reset(h_)); }
+
+  Result<uint32_t> irq_count(IrqType t) const {
+    uint32_t n = 0;
+    if (int rc = dmakit_device_irq_count(h_, static_cast<int>(t), &n); rc != DMAKIT_OK)
+      return std::unexpected(detail::c_error(rc));
+    return n;
+  }
+  // Enables vectors [0, count); returns their eventfds (owned by the device).
+  Result<std::vector<int>> irq_enable(IrqType t, uint32_t count) {
+    std::vector<int> fds(count, -1);
+    if (int rc = dmakit_device_irq_enable(h_, static_cast<int>(t), count, fds.data()); rc != DMAKIT_OK)
+      return std::unexpected(detail::c_error(rc));
+    return fds;
+  }
+  Status irq_disable(IrqType t) { return detail::status(dmakit_device_irq_disable(h_, static_cast<int>(t))); }
+  Status irq_mask(IrqType t, uint32_t vector) {
+    return detail::status(dmakit_device_irq_mask(h_, static_cast<int>(t), vector));
+  }
+  Status irq_unmask(IrqType t, uint32_t vector) {
+    return detail::status(dmakit_device_irq_unmask(h_, static_cast<int>(t), vector));
+  }
+  // Waits for one vector (timeout_ms -1 = no limit); the interrupts counted
+  // since the last wait. Errc::timeout when none came.
+  Result<uint64_t> irq_wait(IrqType t, uint32_t vector, int timeout_ms) {
+    uint64_t n = 0;
+    if (int rc = dmakit_device_irq_wait(h_, static_cast<int>(t), vector, timeout_ms, &n); rc != DMAKIT_OK)
+      return std::unexpected(detail::c_error(rc));
+    return n;
+  }
+};
+
 // One IOMMU domain and everything allocated in it.
 class Context : public detail::Owned<dmakit_ctx, dmakit_ctx_destroy> {
  public:
@@ -240,6 +334,33 @@ class Context : public detail::Owned<dmakit_ctx, dmakit_ctx_destroy> {
     int rc = dmakit_ctx_flush(h_);
     if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
     return {};
+  }
+
+  // Devices: one IOVA space for every attached group (see dmakit.h, "Devices").
+  Status attach(const std::string& bdf) { return detail::status(dmakit_ctx_attach(h_, bdf.c_str())); }
+  Status detach(const std::string& bdf) { return detail::status(dmakit_ctx_detach(h_, bdf.c_str())); }
+  Result<Device> open_device(const std::string& bdf) {
+    dmakit_device* d = nullptr;
+    if (int rc = dmakit_device_open(h_, bdf.c_str(), &d); rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+    return Device(d);
+  }
+  // The attached devices' addresses.
+  Result<std::vector<std::string>> devices() const {
+    size_t n = 0;
+    int rc = dmakit_ctx_devices(h_, nullptr, 0, &n);
+    if (rc != DMAKIT_OK && rc != DMAKIT_ENOSPC) return std::unexpected(detail::c_error(rc));
+    std::string text(n + 1, '\0');
+    if (rc = dmakit_ctx_devices(h_, text.data(), text.size(), &n); rc != DMAKIT_OK)
+      return std::unexpected(detail::c_error(rc));
+    text.resize(n);
+    std::vector<std::string> out;
+    for (size_t pos = 0; pos < text.size();) {
+      size_t comma = text.find(',', pos);
+      if (comma == std::string::npos) comma = text.size();
+      out.push_back(text.substr(pos, comma - pos));
+      pos = comma + 1;
+    }
+    return out;
   }
 
   Result<dmakit_ctx_stats> stats() const {
