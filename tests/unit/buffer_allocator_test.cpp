@@ -236,7 +236,7 @@ TEST_F(BufferTest, MapFailureMidwayUnmapsAndGivesBack) {
   probe = Buffer();
   settings_.recycle_high_mb = 0;
   const uint64_t maps_before = sim_->stats().map_calls;
-  domain_->arm(3);  // the third run of the next buffer fails to map
+  domain_->arm(3, EIO);  // the third run of the next buffer fails to map
   auto b = alloc_->alloc({.len = 5 * 4 * K});
   ASSERT_FALSE(b);
   EXPECT_NE(b.error().message.find("map of run 2"), std::string::npos) << b.error().message;
