@@ -40,6 +40,8 @@ constexpr uint32_t kPhyControl = 0;
 constexpr uint16_t kPhyLoopback = 1u << 14;
 constexpr uint16_t kPhySpeedMsb = 1u << 6;     // with bit 13 clear: 1000 Mb/s
 constexpr uint16_t kPhyFullDuplex = 1u << 8;
+constexpr uint16_t kPhyRestartAutoNeg = 1u << 9;
+constexpr uint16_t kPhyAutoNeg = 1u << 12;
 
 constexpr uint32_t kRctlEn = 1u << 1;
 constexpr uint32_t kRctlLbmMac = 1u << 6;      // LBM = 01b
@@ -53,6 +55,7 @@ constexpr uint32_t kTctlCt = 0x0fu << 4;       // collision threshold (datasheet
 constexpr uint32_t kTctlCold = 0x3fu << 12;    // collision distance for full duplex
 constexpr uint32_t kTctlRtlc = 1u << 24;       // retransmit on late collision
 constexpr uint32_t kTipg = 8u | (8u << 10) | (6u << 20);  // IPGT 8, IPGR1 8, IPGR2 6
+constexpr uint32_t kTarcEnable = 1u << 10;     // queue 0 takes part in transmit arbitration
 
 constexpr uint32_t kRahAv = 1u << 31;          // address valid
 
@@ -278,14 +281,23 @@ Status Nic::setup_link() {
   }
   bar_.write32(reg::kCtrl, ctrl);
 
-  if (cfg_.loopback == Loopback::phy) {
-    const uint16_t want = kPhyLoopback | kPhySpeedMsb | kPhyFullDuplex;
-    if (auto st = phy_write(kPhyControl, want); !st) return std::unexpected(with_context(st.error(), "PHY loopback"));
+  // The MAC's reset leaves the PHY alone: a loopback set by an earlier user
+  // stays until it is cleared here.
+  auto bmcr = phy_read(kPhyControl);
+  if (!bmcr) return std::unexpected(with_context(bmcr.error(), "read the PHY control register"));
+  uint16_t want = *bmcr;
+  if (cfg_.loopback == Loopback::phy)
+    want = kPhyLoopback | kPhySpeedMsb | kPhyFullDuplex;
+  else if ((*bmcr & kPhyLoopback) != 0)
+    want = kPhyAutoNeg | kPhyRestartAutoNeg | kPhySpeedMsb | kPhyFullDuplex;
+  if (want != *bmcr) {
+    if (auto st = phy_write(kPhyControl, want); !st)
+      return std::unexpected(with_context(st.error(), "write the PHY control register"));
     auto got = phy_read(kPhyControl);
-    if (!got) return std::unexpected(with_context(got.error(), "PHY loopback"));
-    if ((*got & kPhyLoopback) == 0)
-      return std::unexpected(error(Errc::unsupported, format("the PHY did not take loopback: wrote %#x to its "
-                                                             "control register, read back %#x",
+    if (!got) return std::unexpected(with_context(got.error(), "read the PHY control register"));
+    if (((*got ^ want) & kPhyLoopback) != 0)
+      return std::unexpected(error(Errc::unsupported, format("the PHY did not take its loopback bit: wrote %#x to "
+                                                             "its control register, read back %#x",
                                                              want, *got)));
   }
   if (!wait_for(cfg_.link_timeout, [&] { return (bar_.read32(reg::kStatus) & kStatusLu) != 0; }))
@@ -326,6 +338,8 @@ Status Nic::setup_rings(Context& ctx) {
   bar_.write32(reg::kTdh, 0);
   bar_.write32(reg::kTdt, 0);
   bar_.write32(reg::kTipg, kTipg);
+  // Set after reset, but a queue without it never fetches: make sure.
+  bar_.write32(reg::kTarc0, bar_.read32(reg::kTarc0) | kTarcEnable);
   bar_.write32(reg::kTctl, kTctlEn | kTctlPsp | kTctlCt | kTctlCold | kTctlRtlc);
 
   bar_.write32(reg::kRdbal, static_cast<uint32_t>(rx_ring_.iova));

@@ -46,6 +46,7 @@ inline constexpr uint64_t kTdbah = 0x3804;
 inline constexpr uint64_t kTdlen = 0x3808;
 inline constexpr uint64_t kTdh = 0x3810;
 inline constexpr uint64_t kTdt = 0x3818;
+inline constexpr uint64_t kTarc0 = 0x3840;   // Transmit arbitration count, queue 0
 inline constexpr uint64_t kMta = 0x5200;     // Multicast table, 128 dwords
 inline constexpr uint64_t kRal0 = 0x5400;    // Receive address 0, low / high
 inline constexpr uint64_t kRah0 = 0x5404;

@@ -153,6 +153,27 @@ TEST(E1000e, FramesComeBackThroughMacLoopback) {
   }
 }
 
+TEST(E1000e, WithoutLoopbackNothingComesBack) {
+  // The guest's NIC has no network behind it: a frame leaves and is gone,
+  // so the round trips above came back through the loopback alone. Opened
+  // after a PHY loopback user, this also checks that open() clears it.
+  ASSERT_TRUE(Nic::open(*g_ctx, kNicBdf, phy_loopback()));
+  Config c;
+  c.loopback = Loopback::none;
+  c.io_timeout = std::chrono::milliseconds(300);
+  auto nic = Nic::open(*g_ctx, kNicBdf, c);
+  ASSERT_TRUE(nic) << nic.error().what();
+  EXPECT_EQ(nic->regs().rctl & 0xc0, 0u) << nic->regs().str();
+  const auto frame = make_frame(nic->mac(), 100, 7);
+  auto tx = nic->transmit(frame);
+  ASSERT_TRUE(tx) << tx.error().what();
+  EXPECT_TRUE(tx->status & kDescDone);
+  std::vector<std::byte> got(kBufferSize);
+  auto rx = nic->receive(got);
+  ASSERT_FALSE(rx) << "a frame came back without loopback";
+  EXPECT_EQ(rx.error().code, Errc::timeout) << rx.error().what();
+}
+
 TEST(E1000e, BothRingsWrapAround) {
   // Eight descriptors per ring, five times around: the tails wrap and each
   // received buffer is handed back to the device.
