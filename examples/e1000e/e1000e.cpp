@@ -183,7 +183,8 @@ Result<Nic> Nic::open(Context& ctx, const std::string& bdf, const Config& cfg) {
   // Another function (the NVMe next to it, say) would take our register writes as its own.
   auto vendor = dev->config_read<uint16_t>(0x00);
   auto device = dev->config_read<uint16_t>(0x02);
-  if (!vendor || !device) return std::unexpected(with_context(vendor ? device.error() : vendor.error(), where + ": read PCI IDs"));
+  if (!vendor || !device)
+    return std::unexpected(with_context(vendor ? device.error() : vendor.error(), where + ": read the PCI IDs"));
   if (*vendor != kVendorId || *device != kDeviceId)
     return std::unexpected(Error{Errc::unsupported, 0,
                                  format("%s: PCI ID %04x:%04x is not an 82574L (%04x:%04x)", where.c_str(), *vendor,

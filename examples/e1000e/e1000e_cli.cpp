@@ -85,7 +85,7 @@ int main(int argc, char** argv) {
                 same ? "identical" : "DIFFERENT");
     if (!same || rx->errors != 0) ++bad;
   }
-  std::printf("e1000e %s: %zu of %zu frames came back identical\n", nic->bdf().c_str(), sizes.size() - static_cast<size_t>(bad),
-              sizes.size());
+  std::printf("e1000e %s: %zu of %zu frames came back identical\n", nic->bdf().c_str(),
+              sizes.size() - static_cast<size_t>(bad), sizes.size());
   return bad == 0 ? 0 : 1;
 }

@@ -142,8 +142,11 @@ grep -F "from $libdir/cmake/dmakit" "$tmp/e1000e-configure.log" ||
 "$cmake" --build "$tmp/e1000e-build" -j2 --verbose >"$tmp/e1000e-build.log" 2>&1 ||
   { cat "$tmp/e1000e-build.log"; die "examples/e1000e does not build on its own"; }
 check_clean "the e1000e example's build" "$tmp/e1000e-build.log"
-ldd "$tmp/e1000e-build/dmakit-e1000e" | grep -F "libdmakit.so" | grep -qF "$libdir/" ||
-  die "dmakit-e1000e does not load the installed libdmakit.so"
-"$tmp/e1000e-build/dmakit-e1000e" --help | grep -q -- '--loopback' || die "dmakit-e1000e --help fails"
+# Outputs captured first: grep -q leaving early must not fail a pipeline under pipefail.
+libs=$(ldd "$tmp/e1000e-build/dmakit-e1000e") || die "ldd dmakit-e1000e failed"
+grep -F "libdmakit.so" <<<"$libs" | grep -F "$libdir/" >/dev/null ||
+  die "dmakit-e1000e does not load the installed libdmakit.so: $libs"
+help=$("$tmp/e1000e-build/dmakit-e1000e" --help) || die "dmakit-e1000e --help fails"
+grep -qF -- '--loopback' <<<"$help" || die "dmakit-e1000e --help does not list --loopback: $help"
 
 echo "install_consumers: ok"
