@@ -17,6 +17,8 @@
 #                      (default "0000:00:03.0 0000:00:04.0"; "" binds none)
 #   --nvme-driver      let the kernel's nvme driver claim 00:03.0 first
 #   --disk-mib N       size of the NVMe disk (default 16)
+#   --iommu-aw-bits N  address width of the guest's IOMMU (QEMU 7.2: 39, the
+#                      default, or 48); the init checks the guest got it
 #   --timeout SEC      limit for the whole boot (default 240)
 #   --keep DIR         keep the initramfs and the serial log in DIR
 #
@@ -33,6 +35,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 guest="" name="" kind=cmd hugepages=64 memory=512M disk_mib=16 timeout_s=240 keep=""
 bind="0000:00:03.0 0000:00:04.0"
 nvme_driver=0
+iommu_aw=""
 bins=() files=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -46,6 +49,7 @@ while [ $# -gt 0 ]; do
     --bind) bind=$2; shift 2 ;;
     --nvme-driver) nvme_driver=1; shift ;;
     --disk-mib) disk_mib=$2; shift 2 ;;
+    --iommu-aw-bits) iommu_aw=$2; shift 2 ;;
     --timeout) timeout_s=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
     --) shift; break ;;
@@ -57,6 +61,7 @@ done
 case $kind in gtest|cmd) ;; *) die "--kind must be gtest or cmd, not '$kind'" ;; esac
 [[ $hugepages =~ ^[0-9]+$ ]] || die "--hugepages '$hugepages' is not a number"
 [[ $disk_mib =~ ^[1-9][0-9]*$ ]] || die "--disk-mib '$disk_mib' is not a positive number"
+[ -z "$iommu_aw" ] || [[ $iommu_aw =~ ^[1-9][0-9]*$ ]] || die "--iommu-aw-bits '$iommu_aw' is not a number"
 [ -n "$name" ] || name=$(basename "$1")
 
 for tool in qemu-system-x86_64 cpio ldd strip perl timeout; do
@@ -147,6 +152,7 @@ done
   printf 'TEST_KIND=%q\n' "$kind"
   printf 'HUGEPAGES=%q\n' "$hugepages"
   printf 'VFIO_BIND=%q\n' "$bind"
+  printf 'IOMMU_AW_BITS=%q\n' "$iommu_aw"
 } > "$stage/test/env"
 {
   printf 'exec'
@@ -174,7 +180,7 @@ set +e
 timeout -k 5 "$timeout_s" qemu-system-x86_64 \
   -machine q35 -accel tcg -cpu max -smp 1 -m "$memory" \
   -nodefaults -nographic -no-reboot -serial stdio -monitor none \
-  -device intel-iommu,intremap=on,caching-mode=on \
+  -device "intel-iommu,intremap=on,caching-mode=on${iommu_aw:+,aw-bits=$iommu_aw}" \
   -drive if=none,id=nvm,file="$tmp/disk.raw",format=raw \
   -device nvme,serial=dmakit0,drive=nvm,addr=0x3 \
   -device e1000e,addr=0x4,romfile= \
