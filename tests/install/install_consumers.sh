@@ -6,7 +6,9 @@
 #     `pkg-config --cflags --libs dmakit` (libdmakit.so), and again against
 #     libdmakit.a with `pkg-config --static --libs dmakit`;
 #   - cxx/, a CMake project with find_package(dmakit): dmakit::dmakit and
-#     dmakit::dmakit_static.
+#     dmakit::dmakit_static;
+#   - examples/e1000e on its own (find_package(dmakit)), built only: it
+#     needs an 82574L to run, so only its --help is run.
 # With --tool, the dmakit command must be installed (bin/dmakit) and run.
 # Each consumer runs on the simulated IOMMU without hugepages and must print
 # its ok line. No compile or link line may name the source or build tree, or
@@ -127,5 +129,24 @@ if readelf -d "$tmp/cxx-build/consumer_cxx_static" | grep -q 'NEEDED.*libdmakit'
   die "consumer_cxx_static needs libdmakit.so"
 fi
 expect_ok consumer_cxx "$tmp/cxx-build/consumer_cxx_static"
+
+echo "== examples/e1000e standalone through find_package(dmakit)"
+[ -f "$source/examples/e1000e/CMakeLists.txt" ] || die "$source/examples/e1000e/CMakeLists.txt missing"
+# A copy, so that no compile line names the source tree.
+cp -r "$source/examples/e1000e" "$tmp/e1000e-src"
+"$cmake" -S "$tmp/e1000e-src" -B "$tmp/e1000e-build" -DCMAKE_PREFIX_PATH="$prefix" \
+  -DCMAKE_BUILD_TYPE=Release -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF >"$tmp/e1000e-configure.log" 2>&1 ||
+  { cat "$tmp/e1000e-configure.log"; die "examples/e1000e does not configure on its own"; }
+grep -F "from $libdir/cmake/dmakit" "$tmp/e1000e-configure.log" ||
+  { cat "$tmp/e1000e-configure.log"; die "examples/e1000e did not take the installed package"; }
+"$cmake" --build "$tmp/e1000e-build" -j2 --verbose >"$tmp/e1000e-build.log" 2>&1 ||
+  { cat "$tmp/e1000e-build.log"; die "examples/e1000e does not build on its own"; }
+check_clean "the e1000e example's build" "$tmp/e1000e-build.log"
+# Outputs captured first: grep -q leaving early must not fail a pipeline under pipefail.
+libs=$(ldd "$tmp/e1000e-build/dmakit-e1000e") || die "ldd dmakit-e1000e failed"
+grep -F "libdmakit.so" <<<"$libs" | grep -F "$libdir/" >/dev/null ||
+  die "dmakit-e1000e does not load the installed libdmakit.so: $libs"
+help=$("$tmp/e1000e-build/dmakit-e1000e" --help) || die "dmakit-e1000e --help fails"
+grep -qF -- '--loopback' <<<"$help" || die "dmakit-e1000e --help does not list --loopback: $help"
 
 echo "install_consumers: ok"
