@@ -1,8 +1,10 @@
 #include <signal.h>
 
 #include <atomic>
+#include <optional>
 #include <iostream>
 
+#include "base/config.hpp"
 #include "base/json.hpp"
 #include "core/context.hpp"
 #include "core/stress.hpp"
@@ -70,9 +72,47 @@ int run(Tool& tool) {
 
 }  // namespace
 
+// The run's own flags. Each overrides its stress.* setting (from the file or
+// --stress.*); they are applied in the callback, after the config file.
+struct StressFlags {
+  std::optional<uint32_t> threads;
+  std::optional<double> seconds;
+  std::optional<uint64_t> seed, max_bytes;
+};
+
+template <class T>
+void add_flag(CLI::App* sub, const std::string& name, const std::string& help, std::optional<T>& out) {
+  sub->add_option_function<std::string>(
+      name,
+      [name, &out](const std::string& text) {
+        auto v = base::parse_value<T>(name, text);
+        if (!v) throw CLI::ValidationError(v.error().message);
+        out = *v;
+      },
+      help);
+}
+
 void add_stress(CLI::App& app, Tool& tool) {
   auto* sub = app.add_subcommand("stress", "stress-test allocation on the configured backend");
-  sub->callback([&tool] { tool.exit_code = run(tool); });
+  static StressFlags flags;
+  add_flag(sub, "--threads", "worker threads (default stress.threads)", flags.threads);
+  add_flag(sub, "--seconds", "run length in seconds (default stress.seconds)", flags.seconds);
+  add_flag(sub, "--seed", "random seed; the same seed repeats the run's choices (default stress.seed)", flags.seed);
+  add_flag(sub, "--max-bytes", "largest buffer requested, e.g. 4M (default stress.max_bytes)", flags.max_bytes);
+  sub->footer(
+      "Examples:\n"
+      "  dmakit stress                                   the configured run (simulated IOMMU without VFIO)\n"
+      "  dmakit stress --threads 8 --seconds 30 --seed 7\n"
+      "  dmakit stress --device 0000:00:03.0 --device 0000:00:05.0   one container, two devices\n"
+      "  dmakit stress --json --max-bytes 64M\n"
+      "Exit status: 0 every check passed, 1 a check failed or the run was interrupted, 2 bad usage.");
+  sub->callback([&tool] {
+    if (flags.threads) tool.cfg.stress.threads = *flags.threads;
+    if (flags.seconds) tool.cfg.stress.seconds = *flags.seconds;
+    if (flags.seed) tool.cfg.stress.seed = *flags.seed;
+    if (flags.max_bytes) tool.cfg.stress.max_bytes = *flags.max_bytes;
+    tool.exit_code = run(tool);
+  });
 }
 
 }  // namespace dmakit::tool

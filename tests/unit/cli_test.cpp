@@ -118,3 +118,26 @@ TEST(Cli, BadNumbersConfigFilesAndEalArgumentsExit2) {
   EXPECT_NE(env.out.find("DMAKIT_CONFIG: /nonexistent/dmakit.toml: config file not found"), std::string::npos)
       << env.out;
 }
+
+// The run's own flags override the stress.* settings (and the file), and
+// are parsed as strictly; --help shows examples.
+TEST(Cli, StressFlagsOverrideTheSettings) {
+  auto r = run("stress --json --threads 3 --seconds 0.2 --seed 11 --max-bytes 64K --stress.threads 5");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("\"threads\":3,"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"seed\":11,"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"failures\":0,"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"mappings_at_end\":0"), std::string::npos) << r.out;
+
+  auto zero = run("stress --threads 0");
+  EXPECT_EQ(zero.code, 2) << zero.out;
+  EXPECT_NE(zero.out.find("stress.threads"), std::string::npos) << zero.out;
+  auto word = run("stress --seconds soon");
+  EXPECT_EQ(word.code, 2) << word.out;
+  EXPECT_NE(word.out.find("'soon' is not a finite, non-negative decimal number"), std::string::npos) << word.out;
+
+  auto help = run("stress --help");
+  EXPECT_EQ(help.code, 0) << help.out;
+  EXPECT_NE(help.out.find("Examples:"), std::string::npos) << help.out;
+  EXPECT_NE(help.out.find("--device 0000:00:03.0 --device"), std::string::npos) << help.out;
+}
