@@ -216,6 +216,11 @@ void add_info(CLI::App& app, Tool& tool) {
   auto* sub = app.add_subcommand("info", "report the IOMMU, VFIO groups, hugepages and pools");
   static bool pools = false;
   sub->add_flag("--pools", pools, "create the pool.presets pools and list them as the kernel's dma pools file does");
+  sub->footer(
+      "Examples:\n"
+      "  dmakit info                       VFIO groups with their IOMMU windows, hugepages, the backend and why\n"
+      "  dmakit info --device 0000:00:03.0 --device 0000:00:05.0   the devices a context would attach\n"
+      "  dmakit info --pools --json        the pool.presets pools as the kernel's dma pools file lists them");
   sub->callback([&tool] { tool.exit_code = run_info(tool, pools); });
 }
 

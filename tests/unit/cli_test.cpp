@@ -162,3 +162,11 @@ TEST(Cli, StressShowsProgressAndALatencyTable) {
   EXPECT_NE(j.out.find("\"latency\":{\"buffer_alloc\":{\"count\":"), std::string::npos) << j.out;
   EXPECT_NE(j.out.find("\"block_free\":{\"count\":"), std::string::npos) << j.out;
 }
+
+TEST(Cli, EverySubcommandsHelpShowsExamples) {
+  for (const char* sub : {"info", "bind", "unbind", "stress", "bench"}) {
+    auto r = run(std::string(sub) + " --help");
+    EXPECT_EQ(r.code, 0) << sub << ": " << r.out;
+    EXPECT_NE(r.out.find("Examples:\n  dmakit " + std::string(sub)), std::string::npos) << sub << ": " << r.out;
+  }
+}
