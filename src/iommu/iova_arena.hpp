@@ -11,7 +11,10 @@
 // reserved as anonymous memory and materialise only where touched: a 39-bit
 // space (128M pages of 4K) reserves 64 MiB of address space but costs memory
 // only for the parts in use (next-fit restarts low after each flush, so the
-// touched part follows the working set).
+// touched part follows the working set). A 48-bit space (the default cap,
+// max_pages = 2^36) reserves 32 GiB of address space the same way
+// (MAP_NORESERVE): IOVAs above 512 GiB are used, at no memory cost until
+// touched.
 //
 // The space is split into N small shards (N a power of two, equal size, each a
 // power-of-two page count) from the low end, and one large shard above them
@@ -92,7 +95,7 @@ struct ArenaConfig {
   std::chrono::milliseconds stale_max_age{50};  // 0 = no age bound
   uint64_t iova_start = 0;              // narrow the space (0/0 = all windows)
   uint64_t iova_end = 0;                // inclusive; 0 = end of the last window
-  uint64_t max_pages = 1ull << 27;      // cap on the space (512 GiB of 4K pages), from its low end
+  uint64_t max_pages = 1ull << 36;      // cap on the space (a whole 48-bit IOVA space of 4K pages), from its low end
 
   static ArenaConfig from_settings(const ArenaSettings& s);
 };

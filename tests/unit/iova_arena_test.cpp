@@ -3,6 +3,8 @@
 // unmap returned), flush triggers, strict mode, exhaustion and bad input.
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include <sys/mman.h>
 
 #include <chrono>
@@ -651,6 +653,70 @@ TEST(ArenaBench, RunsAndChecksItsOwnWork) {
     EXPECT_NE(json.find(field), std::string::npos) << field << " missing in " << json;
   EXPECT_EQ(d->stats().mappings, 1u);
   EXPECT_TRUE(d->translate(0x10000, K4, kRead));
+}
+
+}  // namespace
+}  // namespace dmakit::iommu
+
+namespace dmakit::iommu {
+namespace {
+
+uint64_t rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6)) << 10;
+  return 0;
+}
+
+// A 48-bit IOMMU (aw-bits=48): the default arena covers the whole window,
+// not only its low 512 GiB, and what it costs in memory follows use.
+TEST(IovaArena48, DefaultArenaCoversTheWhole48BitWindow) {
+  SimConfig sc;
+  sc.address_bits = 48;
+  auto d = sim(sc);
+  ASSERT_TRUE(d);
+  const uint64_t rss_before = rss_bytes();
+  auto a = arena(*d, ArenaConfig{});
+  ASSERT_TRUE(a);
+  uint64_t end = 0;
+  for (const auto& sp : a->shard_spans()) end = std::max(end, sp.iova + sp.len);
+  EXPECT_EQ(end, 1ull << 48) << "the arena stops short of the window's end";
+
+  // A request for memory above 512 GiB only (as a device window might) and
+  // one in the top gigabyte.
+  ArenaConfig high;
+  high.iova_start = 1ull << 40;
+  auto h = arena(*d, high);
+  ASSERT_TRUE(h);
+  auto s = h->alloc(IovaRequest{64 * K4});
+  ASSERT_TRUE(s) << s.error().what();
+  EXPECT_GE(s->iova, 1ull << 40);
+  HostPage page;
+  ASSERT_NE(page.get(), nullptr);
+  ASSERT_TRUE(d->map(page.get(), s->iova, K4, kReadWrite));
+  ASSERT_TRUE(d->unmap(s->iova, K4));
+  ASSERT_TRUE(h->free(*s));
+
+  ArenaConfig top;
+  top.iova_start = (1ull << 48) - G1;
+  auto t = arena(*d, top);
+  ASSERT_TRUE(t);
+  auto big = t->alloc(IovaRequest{M2, M2});
+  ASSERT_TRUE(big) << big.error().what();
+  EXPECT_GE(big->iova, (1ull << 48) - G1);
+  EXPECT_LE(big->iova + big->len - 1, (1ull << 48) - 1);
+  ASSERT_TRUE(t->free(*big));
+
+  // Many allocations spread over the space touch only the bitmap pages
+  // they use: the process grows by far less than the 32 GiB reserved.
+  std::vector<IovaSpan> spans;
+  for (int i = 0; i < 1000; ++i) {
+    auto x = a->alloc(IovaRequest{K4});
+    ASSERT_TRUE(x) << x.error().what();
+    spans.push_back(*x);
+  }
+  for (const auto& x : spans) ASSERT_TRUE(a->free(x));
+  EXPECT_LT(rss_bytes(), rss_before + (64ull << 20)) << "the bitmaps cost memory for the whole window";
 }
 
 }  // namespace
