@@ -6,7 +6,10 @@
 #     `pkg-config --cflags --libs dmakit` (libdmakit.so), and again against
 #     libdmakit.a with `pkg-config --static --libs dmakit`;
 #   - cxx/, a CMake project with find_package(dmakit): dmakit::dmakit and
-#     dmakit::dmakit_static.
+#     dmakit::dmakit_static;
+#   - with --examples DIR, each example driver DIR/*/ (a CMake project of its
+#     own, e.g. examples/nvme) configured and built against the prefix, and
+#     its command run for its usage and for a clear error without a device.
 # With --tool, the dmakit command must be installed (bin/dmakit) and run.
 # Each consumer runs on the simulated IOMMU without hugepages and must print
 # its ok line. No compile or link line may name the source or build tree, or
@@ -15,7 +18,7 @@ set -euo pipefail
 
 die() { echo "install_consumers: FAIL: $*" >&2; exit 1; }
 
-build= source= consumers= cmake=cmake cc=cc shared= static= tool=0
+build= source= consumers= cmake=cmake cc=cc shared= static= tool=0 examples=
 while [ $# -gt 0 ]; do
   case $1 in
     --build) build=$2; shift 2 ;;
@@ -26,6 +29,7 @@ while [ $# -gt 0 ]; do
     --shared) shared=$2; shift 2 ;;
     --static) static=$2; shift 2 ;;
     --tool) tool=1; shift ;;  # the build has the dmakit tool: it must be installed too
+    --examples) examples=$2; shift 2 ;;
     *) die "unknown argument $1" ;;
   esac
 done
@@ -127,5 +131,30 @@ if readelf -d "$tmp/cxx-build/consumer_cxx_static" | grep -q 'NEEDED.*libdmakit'
   die "consumer_cxx_static needs libdmakit.so"
 fi
 expect_ok consumer_cxx "$tmp/cxx-build/consumer_cxx_static"
+
+if [ -n "$examples" ]; then
+  for dir in "$examples"/*/; do
+    [ -f "$dir/CMakeLists.txt" ] || continue
+    ex=$(basename "$dir")
+    echo "== example $ex through find_package(dmakit)"
+    cp -r "$dir" "$tmp/ex-$ex-src"
+    "$cmake" -S "$tmp/ex-$ex-src" -B "$tmp/ex-$ex-build" -DCMAKE_PREFIX_PATH="$prefix" \
+      -DCMAKE_BUILD_TYPE=Release -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF >"$tmp/ex-$ex-configure.log" 2>&1 ||
+      { cat "$tmp/ex-$ex-configure.log"; die "example $ex does not configure against $prefix"; }
+    "$cmake" --build "$tmp/ex-$ex-build" -j2 --verbose >"$tmp/ex-$ex-build.log" 2>&1 ||
+      { cat "$tmp/ex-$ex-build.log"; die "example $ex does not build against $prefix"; }
+    check_clean "example $ex's build" "$tmp/ex-$ex-build.log"
+    bin="$tmp/ex-$ex-build/dmakit-$ex"
+    [ -x "$bin" ] || die "example $ex built no dmakit-$ex"
+    ldd "$bin" | grep -F "libdmakit.so" | grep -qF "$libdir/" || die "dmakit-$ex does not load the installed libdmakit.so"
+    "$bin" --help >/dev/null || die "dmakit-$ex --help fails"
+    # No device here: bad usage is 2, a device that cannot be opened 1 with a message.
+    rc=0; "$bin" identify >/dev/null 2>&1 || rc=$?
+    [ $rc -eq 2 ] || die "dmakit-$ex identify without a device exited $rc, want 2"
+    rc=0; out=$("$bin" identify 0000:00:1f.7 2>&1) || rc=$?
+    [ $rc -eq 1 ] && grep -q "^dmakit-$ex: " <<<"$out" || die "dmakit-$ex identify 0000:00:1f.7 exited $rc: $out"
+    echo "dmakit-$ex identify 0000:00:1f.7: $out"
+  done
+fi
 
 echo "install_consumers: ok"
