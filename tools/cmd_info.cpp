@@ -91,6 +91,33 @@ Result<std::string> pools_listing(Tool& tool, base::Json& json) {
   return pool::format_pools(stats);
 }
 
+// The devices a context would attach (iommu.devices / --device): each one's
+// IOMMU group and driver, or why it cannot be used.
+struct DeviceLine {
+  std::string bdf;
+  int group = -1;
+  std::string driver;
+  std::string error;
+};
+
+std::vector<DeviceLine> device_lines(const Tool& tool) {
+  std::vector<DeviceLine> out;
+  auto list = iommu::pci::parse_bdf_list(tool.cfg.iommu.devices);  // prepare() checked it
+  for (const auto& bdf : list.value_or(std::vector<std::string>{})) {
+    DeviceLine d;
+    d.bdf = bdf;
+    auto parsed = iommu::pci::Bdf::parse(bdf);
+    auto group = iommu::pci::iommu_group(*parsed);
+    auto driver = iommu::pci::current_driver(*parsed);
+    if (!group) d.error = group.error().what();
+    else d.group = *group;
+    if (driver) d.driver = *driver;
+    else if (d.error.empty()) d.error = driver.error().what();
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
 int run_info(Tool& tool, bool pools) {
   if (!prepare(tool)) return kExitUsage;
   const auto huge = base::read_hugepages();
@@ -117,8 +144,18 @@ int run_info(Tool& tool, bool pools) {
     j.add("vfio_reason", vfio ? vfio->reason : vfio.error().what());
   }
   const bool use_vfio = tool.cfg.iommu.backend == "vfio" ||
-                        (tool.cfg.iommu.backend == "auto" && vfio && vfio->present && !tool.cfg.iommu.device.empty());
+                        (tool.cfg.iommu.backend == "auto" && vfio && vfio->present && !tool.cfg.iommu.devices.empty());
   j.add("backend", use_vfio ? "vfio" : "sim");
+  const auto devices = device_lines(tool);
+  auto dev_json = base::Json::array();
+  for (const auto& d : devices) {
+    auto dj = base::Json::object();
+    dj.add("bdf", d.bdf);
+    if (d.error.empty()) dj.add("group", d.group).add("driver", d.driver);
+    else dj.add("error", d.error);
+    dev_json.push(dj);
+  }
+  j.add("devices", dev_json);
   std::optional<iommu::DomainInfo> sim_info;  // the simulated IOMMU the sim backend would use
   if (!use_vfio) {
     core::Config c = tool.cfg;
@@ -158,6 +195,13 @@ int run_info(Tool& tool, bool pools) {
   }
   std::cout << "backend:   " << (use_vfio ? "vfio" : "sim (simulated VFIO type1 IOMMU)") << "\n";
   if (sim_info) print_iommu(*sim_info, "           ");
+  for (const auto& d : devices) {
+    if (d.error.empty())
+      std::cout << fmt::format("device:    {}  IOMMU group {}, driver {}\n", d.bdf, d.group,
+                               d.driver.empty() ? "(none)" : d.driver);
+    else
+      std::cout << fmt::format("device:    {}  {}\n", d.bdf, d.error);
+  }
   std::cout << fmt::format("hugepages: 2 MiB total {}, free {}, overcommit {}\n", huge.total, huge.free, huge.overcommit);
   if (plan) std::cout << "EAL:       " << plan->reason << "\n";
   if (pools) std::cout << listing;

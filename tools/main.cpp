@@ -10,6 +10,11 @@
 namespace dmakit::tool {
 
 bool prepare(Tool& tool) {
+  if (!tool.devices.empty()) {
+    std::string list;
+    for (const auto& d : tool.devices) list += (list.empty() ? "" : ",") + d;
+    tool.cfg.iommu.devices = list;
+  }
   if (auto st = core::validate(tool.cfg); !st) {
     report_error(tool, "config: " + st.error().message, kExitUsage);
     return false;
@@ -45,6 +50,10 @@ int main(int argc, char** argv) {
   app.add_flag("--json", tool.json, "print one JSON object");
   app.add_option("--log-level", tool.log_level,
                  "trace|debug|info|warn|error|critical|off (overrides DMAKIT_LOG and log.level)");
+  app.add_option("--device", tool.devices,
+                 "PCI device (BDF) whose IOMMU group the context attaches; repeat for several (replaces "
+                 "iommu.devices)")
+      ->allow_extra_args(false);
   core::add_config_options(app, tool.cfg, base::default_config_path());
 
   tool::add_info(app, tool);

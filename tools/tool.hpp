@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "core/config_cli.hpp"
 
@@ -13,6 +14,7 @@ struct Tool {
   core::Config cfg;
   bool json = false;
   std::string log_level;  // --log-level; overrides DMAKIT_LOG and log.level
+  std::vector<std::string> devices;  // --device, repeatable; replaces iommu.devices
   int exit_code = 0;
 };
 

@@ -372,8 +372,8 @@ DMAKIT_API int dmakit_ctx_attach(dmakit_ctx* ctx, const char* bdf);
  *  it); #DMAKIT_ENOTFOUND when the group is not attached. */
 DMAKIT_API int dmakit_ctx_detach(dmakit_ctx* ctx, const char* bdf);
 
-/** The PCI addresses of the devices whose groups are attached, comma
- *  separated, written to buf (NUL terminated, at most cap bytes); *len (may
+/** The PCI addresses named at creation and with dmakit_ctx_attach() whose
+ *  groups are attached, comma separated, written to buf (NUL terminated, at most cap bytes); *len (may
  *  be NULL) gets the length without the NUL. #DMAKIT_ENOSPC when cap is too small. */
 DMAKIT_API int dmakit_ctx_devices(const dmakit_ctx* ctx, char* buf, size_t cap, size_t* len);
 
@@ -459,9 +459,9 @@ DMAKIT_API int dmakit_device_config_read(dmakit_device* dev, uint64_t off, void*
 /** Writes len bytes of PCI config space at off. */
 DMAKIT_API int dmakit_device_config_write(dmakit_device* dev, uint64_t off, const void* buf, size_t len);
 
-/** Sets (enable != 0) or clears memory-space decoding and bus mastering in
- *  the command register. With bus mastering on, the device can reach every
- *  IOVA the context maps. */
+/** enable != 0 sets memory-space decoding and bus mastering in the command
+ *  register; enable == 0 clears bus mastering only (MMIO keeps working).
+ *  With bus mastering on, the device can reach every IOVA the context maps. */
 DMAKIT_API int dmakit_device_set_bus_master(dmakit_device* dev, int enable);
 
 /** Resets the function (VFIO_DEVICE_RESET: FLR or the equivalent the kernel

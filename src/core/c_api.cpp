@@ -6,6 +6,7 @@
 // handle (a bounds test, two loads, a compare), then call straight into the
 // C++ object. No exception frame, string or allocation unless the call fails;
 // failures leave through cold functions.
+#include <algorithm>
 #include <cstring>
 #include <new>
 #include <string>
@@ -34,10 +35,16 @@ struct BufEntry {
   alloc_buffer::Buffer buf;
   const void* ctx_handle = nullptr;
 };
+struct DevEntry {
+  core::Device* dev = nullptr;
+  core::Context* ctx = nullptr;
+  const void* ctx_handle = nullptr;
+};
 
 using CtxTable = core::HandleTable<CtxEntry, 6, 4>;        // 256 contexts
 using PoolTable = core::HandleTable<PoolEntry, 8, 64>;     // 16384 pools
 using BufTable = core::HandleTable<BufEntry, 12, 4096>;    // 16 Mi live buffers
+using DevTable = core::HandleTable<DevEntry, 6, 16>;       // 1024 open devices
 
 // Tables live as long as the process: never destroyed, so calls from exit
 // hooks and late threads still find them. Constant-initialised (constinit
@@ -52,9 +59,11 @@ union Forever {
 constinit Forever<CtxTable> g_ctxs;
 constinit Forever<PoolTable> g_pools;
 constinit Forever<BufTable> g_bufs;
+constinit Forever<DevTable> g_devs;
 CtxTable& ctxs() { return g_ctxs.table; }
 PoolTable& pools() { return g_pools.table; }
 BufTable& bufs() { return g_bufs.table; }
+DevTable& devs() { return g_devs.table; }
 
 thread_local std::string g_last_error;
 
@@ -114,6 +123,14 @@ constexpr const char* kStaleCtx = "ctx is not a live context (NULL, destroyed, o
 constexpr const char* kStalePool = "pool is not a live pool (NULL, destroyed, or its context was destroyed)";
 constexpr const char* kStaleBuf = "buffer is not a live buffer (NULL, freed, or never allocated)";
 constexpr const char* kDeadCtx = "the buffer's context was destroyed";
+constexpr const char* kStaleDev = "dev is not an open device (NULL, closed, or its context was destroyed)";
+
+core::Device* dev_of(const dmakit_device* h) {
+  auto* s = devs().find(h);
+  return s != nullptr ? s->value.dev : nullptr;
+}
+
+int status_of(const Status& st) { return st ? DMAKIT_OK : report(st.error()); }
 
 core::Context* ctx_of(const dmakit_ctx* h) {
   auto* s = ctxs().find(h);
@@ -250,7 +267,7 @@ int dmakit_ctx_create_with(const dmakit_settings* s, dmakit_ctx** out) {
       if (v != nullptr) dst = v;
     };
     text(s->backend, c.iommu.backend);
-    text(s->device, c.iommu.device);
+    text(s->devices, c.iommu.devices);
     text(s->eal_mode, c.eal.mode);
     text(s->eal_file_prefix, c.eal.file_prefix);
     text(s->buffer_orders, c.buffer.orders);
@@ -308,7 +325,13 @@ int dmakit_ctx_destroy(dmakit_ctx* h) {
   return guarded("dmakit_ctx_destroy", [&]() -> int {
     auto* slot = ctxs().retire(h);
     if (slot == nullptr) return misuse("dmakit_ctx_destroy", kStaleCtx);
-    // Its pools' handles die with it (the pools themselves with the Context).
+    // Its devices' and pools' handles die with it (the objects themselves
+    // with the Context).
+    std::vector<DevTable::Slot*> dead_devs;
+    devs().for_each_live([&](DevTable::Slot& d) {
+      uint32_t gen = d.gen.load(std::memory_order_relaxed);
+      if (d.value.ctx_handle == h && d.gen.compare_exchange_strong(gen, gen + 1)) dead_devs.push_back(&d);
+    });
     std::vector<PoolTable::Slot*> dead;
     pools().for_each_live([&](PoolTable::Slot& p) {
       uint32_t gen = p.gen.load(std::memory_order_relaxed);
@@ -317,6 +340,8 @@ int dmakit_ctx_destroy(dmakit_ctx* h) {
     // An owned context takes its pools with it; a borrowed one stays, without
     // the pools made through this handle.
     const bool borrowed = slot->value.owned == nullptr;
+    for (auto* d : dead_devs)
+      if (borrowed) (void)d->value.ctx->close_device(d->value.dev);
     for (auto* p : dead)
       if (borrowed) (void)p->value.ctx->destroy_pool(p->value.pool);
     slot->value = CtxEntry{};
@@ -324,6 +349,10 @@ int dmakit_ctx_destroy(dmakit_ctx* h) {
     for (auto* p : dead) {
       p->value = PoolEntry{};
       pools().recycle(p);
+    }
+    for (auto* d : dead_devs) {
+      d->value = DevEntry{};
+      devs().recycle(d);
     }
     return DMAKIT_OK;
   });
@@ -689,6 +718,231 @@ int dmakit_pool_destroy(dmakit_pool* h) {
     slot->value = PoolEntry{};
     pools().recycle(slot);
     if (auto st = e.ctx->destroy_pool(e.pool); !st) return report(st.error());
+    return DMAKIT_OK;
+  });
+}
+
+// ---- Devices ----------------------------------------------------------------
+
+int dmakit_ctx_attach(dmakit_ctx* h, const char* bdf) {
+  return guarded("dmakit_ctx_attach", [&]() -> int {
+    core::Context* ctx = ctx_of(h);
+    if (ctx == nullptr) return misuse("dmakit_ctx_attach", kStaleCtx);
+    if (bdf == nullptr) return misuse("dmakit_ctx_attach", "bdf is NULL");
+    return status_of(ctx->attach_device(bdf));
+  });
+}
+
+int dmakit_ctx_detach(dmakit_ctx* h, const char* bdf) {
+  return guarded("dmakit_ctx_detach", [&]() -> int {
+    core::Context* ctx = ctx_of(h);
+    if (ctx == nullptr) return misuse("dmakit_ctx_detach", kStaleCtx);
+    if (bdf == nullptr) return misuse("dmakit_ctx_detach", "bdf is NULL");
+    return status_of(ctx->detach_device(bdf));
+  });
+}
+
+int dmakit_ctx_devices(const dmakit_ctx* h, char* buf, size_t cap, size_t* len) {
+  return guarded("dmakit_ctx_devices", [&]() -> int {
+    core::Context* ctx = ctx_of(h);
+    if (ctx == nullptr) return misuse("dmakit_ctx_devices", kStaleCtx);
+    if (buf == nullptr && cap != 0) return misuse("dmakit_ctx_devices", "buf is NULL but cap is not 0");
+    std::string list;
+    for (const auto& d : ctx->devices()) list += (list.empty() ? "" : ",") + d;
+    if (len != nullptr) *len = list.size();
+    if (cap < list.size() + 1)
+      return report({Errc::no_space, 0,
+                     fmt::format("dmakit_ctx_devices: the list needs {} bytes, buf has {}", list.size() + 1, cap)});
+    std::memcpy(buf, list.c_str(), list.size() + 1);
+    return DMAKIT_OK;
+  });
+}
+
+int dmakit_device_open(dmakit_ctx* h, const char* bdf, dmakit_device** out) {
+  return guarded("dmakit_device_open", [&]() -> int {
+    core::Context* ctx = ctx_of(h);
+    if (ctx == nullptr) return misuse("dmakit_device_open", kStaleCtx);
+    if (out == nullptr) return misuse("dmakit_device_open", "out is NULL");
+    *out = nullptr;
+    if (bdf == nullptr) return misuse("dmakit_device_open", "bdf is NULL");
+    auto* slot = devs().acquire();
+    if (slot == nullptr) return report({Errc::no_space, 0, "dmakit_device_open: every device handle is in use"});
+    auto dev = ctx->open_device(bdf);
+    if (!dev) {
+      devs().recycle(slot);
+      return report(dev.error());
+    }
+    slot->value = DevEntry{*dev, ctx, h};
+    *out = static_cast<dmakit_device*>(devs().publish(slot));
+    return DMAKIT_OK;
+  });
+}
+
+int dmakit_device_close(dmakit_device* h) {
+  return guarded("dmakit_device_close", [&]() -> int {
+    auto* slot = devs().retire(h);
+    if (slot == nullptr) return misuse("dmakit_device_close", kStaleDev);
+    DevEntry e = slot->value;
+    slot->value = DevEntry{};
+    devs().recycle(slot);
+    return status_of(e.ctx->close_device(e.dev));
+  });
+}
+
+const char* dmakit_device_bdf(const dmakit_device* h) {
+  core::Device* d = dev_of(h);
+  if (d == nullptr) {
+    misuse("dmakit_device_bdf", kStaleDev);
+    return nullptr;
+  }
+  return d->bdf().c_str();
+}
+
+int dmakit_device_region_info(dmakit_device* h, uint32_t index, dmakit_region_info* out) {
+  return guarded("dmakit_device_region_info", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_region_info", kStaleDev);
+    if (out == nullptr) return misuse("dmakit_device_region_info", "out is NULL");
+    if (out->struct_size != sizeof(dmakit_region_info))
+      return misuse("dmakit_device_region_info",
+                    fmt::format("out->struct_size is {}, expected sizeof(dmakit_region_info) = {}", out->struct_size,
+                                sizeof(dmakit_region_info)));
+    auto ri = d->region_info(index);
+    if (!ri) return report(ri.error());
+    *out = dmakit_region_info{};
+    out->struct_size = sizeof(dmakit_region_info);
+    out->index = index;
+    out->flags = (ri->readable() ? DMAKIT_REGION_READ : 0u) | (ri->writable() ? DMAKIT_REGION_WRITE : 0u) |
+                 (!ri->mmap_areas.empty() ? DMAKIT_REGION_MMAP : 0u);
+    out->size = ri->size;
+    return DMAKIT_OK;
+  });
+}
+
+int dmakit_device_map_bar(dmakit_device* h, uint32_t bar, dmakit_bar* out) {
+  return guarded("dmakit_device_map_bar", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_map_bar", kStaleDev);
+    if (out == nullptr) return misuse("dmakit_device_map_bar", "out is NULL");
+    auto m = d->map_bar(bar);
+    if (!m) return report(m.error());
+    out->base = (*m)->data();
+    out->size = (*m)->size();
+    out->index = bar;
+    return DMAKIT_OK;
+  });
+}
+
+int dmakit_mmio_refused(const dmakit_bar* bar, uint64_t off, unsigned width, int write) {
+  return guarded("dmakit_mmio", [&]() -> int {
+    const std::string what =
+        bar == nullptr
+            ? fmt::format("dmakit_mmio_{}{}: bar is NULL", write ? "write" : "read", width * 8)
+            : fmt::format("dmakit_mmio_{}{}: BAR{} offset {:#x} refused: {}", write ? "write" : "read", width * 8,
+                          bar->index, off,
+                          off % width != 0 ? fmt::format("not {}-byte aligned", width)
+                                           : fmt::format("outside the {:#x}-byte mapping", bar->size));
+    base::log().error("{}", what);
+    set_message(what);
+    return DMAKIT_EINVAL;
+  });
+}
+
+int dmakit_device_config_read(dmakit_device* h, uint64_t off, void* buf, size_t len) {
+  return guarded("dmakit_device_config_read", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_config_read", kStaleDev);
+    if (buf == nullptr && len != 0) return misuse("dmakit_device_config_read", "buf is NULL");
+    return status_of(d->config_read(off, std::span(static_cast<std::byte*>(buf), len)));
+  });
+}
+
+int dmakit_device_config_write(dmakit_device* h, uint64_t off, const void* buf, size_t len) {
+  return guarded("dmakit_device_config_write", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_config_write", kStaleDev);
+    if (buf == nullptr && len != 0) return misuse("dmakit_device_config_write", "buf is NULL");
+    return status_of(d->config_write(off, std::span(static_cast<const std::byte*>(buf), len)));
+  });
+}
+
+int dmakit_device_set_bus_master(dmakit_device* h, int enable) {
+  return guarded("dmakit_device_set_bus_master", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_set_bus_master", kStaleDev);
+    return status_of(d->set_bus_master(enable != 0));
+  });
+}
+
+int dmakit_device_reset(dmakit_device* h) {
+  return guarded("dmakit_device_reset", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_reset", kStaleDev);
+    return status_of(d->reset());
+  });
+}
+
+int dmakit_device_irq_count(dmakit_device* h, int type, uint32_t* count) {
+  return guarded("dmakit_device_irq_count", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_irq_count", kStaleDev);
+    if (count == nullptr) return misuse("dmakit_device_irq_count", "count is NULL");
+    if (type < 0) return misuse("dmakit_device_irq_count", fmt::format("type {} is not a dmakit_irq_type", type));
+    auto n = d->irq_count(static_cast<uint32_t>(type));
+    if (!n) return report(n.error());
+    *count = *n;
+    return DMAKIT_OK;
+  });
+}
+
+int dmakit_device_irq_enable(dmakit_device* h, int type, uint32_t count, int* efds) {
+  return guarded("dmakit_device_irq_enable", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_irq_enable", kStaleDev);
+    if (type < 0) return misuse("dmakit_device_irq_enable", fmt::format("type {} is not a dmakit_irq_type", type));
+    auto fds = d->irq_enable(static_cast<uint32_t>(type), count);
+    if (!fds) return report(fds.error());
+    if (efds != nullptr) std::copy(fds->begin(), fds->end(), efds);
+    return DMAKIT_OK;
+  });
+}
+
+int dmakit_device_irq_disable(dmakit_device* h, int type) {
+  return guarded("dmakit_device_irq_disable", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_irq_disable", kStaleDev);
+    if (type < 0) return misuse("dmakit_device_irq_disable", fmt::format("type {} is not a dmakit_irq_type", type));
+    return status_of(d->irq_disable(static_cast<uint32_t>(type)));
+  });
+}
+
+namespace {
+int irq_mask_call(const char* call, dmakit_device* h, int type, uint32_t vector, bool masked) {
+  return guarded(call, [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse(call, kStaleDev);
+    if (type < 0) return misuse(call, fmt::format("type {} is not a dmakit_irq_type", type));
+    return status_of(d->irq_mask(static_cast<uint32_t>(type), vector, masked));
+  });
+}
+}  // namespace
+
+int dmakit_device_irq_mask(dmakit_device* h, int type, uint32_t vector) {
+  return irq_mask_call("dmakit_device_irq_mask", h, type, vector, true);
+}
+
+int dmakit_device_irq_unmask(dmakit_device* h, int type, uint32_t vector) {
+  return irq_mask_call("dmakit_device_irq_unmask", h, type, vector, false);
+}
+
+int dmakit_device_irq_wait(dmakit_device* h, int type, uint32_t vector, int timeout_ms, uint64_t* count) {
+  return guarded("dmakit_device_irq_wait", [&]() -> int {
+    core::Device* d = dev_of(h);
+    if (d == nullptr) return misuse("dmakit_device_irq_wait", kStaleDev);
+    if (type < 0) return misuse("dmakit_device_irq_wait", fmt::format("type {} is not a dmakit_irq_type", type));
+    auto n = d->irq_wait(static_cast<uint32_t>(type), vector, timeout_ms < 0 ? -1 : timeout_ms);
+    if (!n) return report(n.error());
+    if (count != nullptr) *count = *n;
     return DMAKIT_OK;
   });
 }

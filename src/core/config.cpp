@@ -5,6 +5,7 @@
 #include "base/log.hpp"
 #include "base/runtime_dir.hpp"
 #include "core/config_cli.hpp"
+#include "iommu/pci.hpp"
 
 namespace dmakit::core {
 
@@ -40,7 +41,7 @@ const std::vector<Entry>& entries() {
       DMAKIT_SETTING(eal, file_prefix, "EAL --file-prefix (default unique per process)"),
       DMAKIT_SETTING(eal, extra_args, "extra EAL arguments, space separated"),
       DMAKIT_SETTING(iommu, backend, "IOMMU backend: auto|vfio|sim"),
-      DMAKIT_SETTING(iommu, device, "PCI BDF (e.g. 0000:00:03.0) whose group the VFIO container attaches"),
+      DMAKIT_SETTING(iommu, devices, "PCI BDFs, comma separated (e.g. 0000:00:03.0,0000:00:05.0), whose IOMMU groups the VFIO container attaches"),
       DMAKIT_SETTING(iommu, sim_address_bits, "simulated IOMMU address width in bits"),
       DMAKIT_SETTING(iommu, sim_dma_entry_limit, "simulated IOMMU mapping-entry limit"),
       DMAKIT_SETTING(iommu, sim_page_sizes, "simulated IOMMU page sizes, e.g. 4K,2M,1G"),
@@ -116,6 +117,8 @@ Status validate(const Config& c) {
   if (!c.eal.file_prefix.empty()) DMAKIT_TRY(base::check_file_prefix(c.eal.file_prefix));
   if (!one_of(c.iommu.backend, {"auto", "vfio", "sim"}))
     return fail(Errc::invalid_argument, "key 'iommu.backend': '{}' is not auto, vfio or sim", c.iommu.backend);
+  if (auto list = iommu::pci::parse_bdf_list(c.iommu.devices); !list)
+    return std::unexpected(with_context(list.error(), "key 'iommu.devices'"));
   if (c.iommu.sim_address_bits < 32 || c.iommu.sim_address_bits > 64)
     return fail(Errc::invalid_argument, "key 'iommu.sim_address_bits': {} is outside 32..64", c.iommu.sim_address_bits);
   if (c.iommu.sim_dma_entry_limit == 0)

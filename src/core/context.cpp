@@ -17,6 +17,11 @@ Context::Context(Key, const Config& cfg) : cfg_(cfg) {}
 
 Context::~Context() {
   {
+    // Devices stop first: no DMA may reach memory freed below.
+    std::lock_guard lock(devices_mu_);
+    devices_.clear();
+  }
+  {
     std::lock_guard lock(pools_mu_);
     pools_.clear();
   }
@@ -32,20 +37,21 @@ Context::~Context() {
 const std::string& Context::backend() const { return domain_->info().backend; }
 
 Result<std::unique_ptr<iommu::Domain>> Context::make_domain(const Config& cfg) {
+  const auto devices = DMAKIT_TRY(iommu::pci::parse_bdf_list(cfg.iommu.devices));
   std::string backend = cfg.iommu.backend;
   if (backend == "auto")
-    backend = std::filesystem::exists("/dev/vfio/vfio") && !cfg.iommu.device.empty() ? "vfio" : "sim";
+    backend = std::filesystem::exists("/dev/vfio/vfio") && !devices.empty() ? "vfio" : "sim";
   if (backend == "sim") {
     auto sim_cfg = DMAKIT_TRY(iommu::SimConfig::from_settings(cfg.iommu));
     auto sim = DMAKIT_TRY(iommu::SimDomain::create(sim_cfg));
     return std::unique_ptr<iommu::Domain>(std::move(sim));
   }
   if (backend == "vfio") {
-    if (cfg.iommu.device.empty())
+    if (devices.empty())
       return fail(Errc::invalid_argument,
-                  "iommu.backend is 'vfio' but iommu.device is empty: name the PCI device (BDF) whose "
-                  "IOMMU group the container attaches, e.g. --iommu.device 0000:00:03.0");
-    auto vfio = DMAKIT_TRY(iommu::vfio::VfioDomain::open(cfg.iommu.device));
+                  "iommu.backend is 'vfio' but iommu.devices is empty: name the PCI devices (BDFs) whose "
+                  "IOMMU groups the container attaches, e.g. --iommu.devices 0000:00:03.0");
+    auto vfio = DMAKIT_TRY(iommu::vfio::VfioDomain::open(devices));
     return std::unique_ptr<iommu::Domain>(std::move(vfio));
   }
   return fail(Errc::invalid_argument, "key 'iommu.backend': '{}' is not auto, vfio or sim", backend);
@@ -56,6 +62,7 @@ Result<std::unique_ptr<Context>> Context::create(const Config& cfg) {
   DMAKIT_TRY(base::ensure_eal(cfg.eal));
   auto ctx = std::make_unique<Context>(Key{}, cfg);
   ctx->domain_ = DMAKIT_TRY(make_domain(cfg));
+  ctx->vfio_ = dynamic_cast<iommu::vfio::VfioDomain*>(ctx->domain_.get());
   ctx->arena_ = DMAKIT_TRY(iommu::IovaArena::create(*ctx->domain_, iommu::ArenaConfig::from_settings(cfg.arena)));
   ctx->buffers_ = DMAKIT_TRY(alloc_buffer::create_buffer_allocator(*ctx->arena_, cfg.buffer));
   base::log().info("context: backend {}, {} IOVA window(s), pages {:#x}", ctx->backend(),
@@ -165,6 +172,56 @@ Result<iommu::HostRun> Context::translate(const void* vaddr) const {
 }
 
 Status Context::flush() { return arena_->flush(); }
+
+Result<iommu::vfio::VfioDomain*> Context::vfio_domain(std::string_view what) const {
+  if (vfio_ == nullptr)
+    return fail(Errc::unsupported, "{}: the {} backend has no devices (use iommu.backend vfio with VFIO present)",
+                what, backend());
+  return vfio_;
+}
+
+Status Context::attach_device(std::string_view bdf) {
+  auto* v = DMAKIT_TRY(vfio_domain(fmt::format("attach {}", bdf)));
+  return v->attach(bdf);
+}
+
+Status Context::detach_device(std::string_view bdf) {
+  auto* v = DMAKIT_TRY(vfio_domain(fmt::format("detach {}", bdf)));
+  const int group = DMAKIT_TRY(v->attached_group(bdf));
+  std::lock_guard lock(devices_mu_);
+  for (const auto& d : devices_)
+    if (d->group() == group)
+      return fail(Errc::busy, "detach {}: device {} of IOMMU group {} is open; close it first", bdf, d->bdf(), group);
+  return v->detach(bdf);
+}
+
+std::vector<std::string> Context::devices() const {
+  return vfio_ != nullptr ? vfio_->devices() : std::vector<std::string>{};
+}
+
+Result<Device*> Context::open_device(std::string_view bdf) {
+  auto* v = DMAKIT_TRY(vfio_domain(fmt::format("open device {}", bdf)));
+  // Held across attach and open, so a detach cannot slip in between.
+  std::lock_guard lock(devices_mu_);
+  DMAKIT_TRY(v->attach(bdf));
+  const int group = DMAKIT_TRY(v->attached_group(bdf));
+  auto dev = DMAKIT_TRY(v->open_device(bdf));
+  devices_.push_back(std::make_unique<Device>(std::move(dev), group));
+  return devices_.back().get();
+}
+
+Status Context::close_device(Device* d) {
+  std::unique_ptr<Device> closing;
+  {
+    std::lock_guard lock(devices_mu_);
+    auto it = std::find_if(devices_.begin(), devices_.end(), [d](const auto& p) { return p.get() == d; });
+    if (it == devices_.end())
+      return fail(Errc::not_found, "device {} does not belong to this context", fmt::ptr(d));
+    closing = std::move(*it);
+    devices_.erase(it);
+  }
+  return ok();  // closing's destructor stops the device and closes it
+}
 
 ContextStats Context::stats() const {
   ContextStats s;

@@ -12,10 +12,12 @@
 #include <vector>
 
 #include "core/config.hpp"
+#include "core/device.hpp"
 #include "base/error.hpp"
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "iommu/domain.hpp"
 #include "iommu/iova_arena.hpp"
+#include "iommu/vfio.hpp"
 #include "pool/dma_pool.hpp"
 
 namespace dmakit::core {
@@ -82,17 +84,35 @@ class Context {
   // Unmaps every stale IOVA range now (the arena's lazy unmaps).
   Status flush();
 
+  // Devices. Only the VFIO backend has them (Errc::unsupported on sim).
+  // attach_device adds bdf's IOMMU group to the domain (existing mappings
+  // become valid for it at once); detach_device removes it (Errc::busy
+  // while a device of the group is open, or for the last group).
+  Status attach_device(std::string_view bdf);
+  Status detach_device(std::string_view bdf);
+  // The devices named at creation and by attach_device.
+  std::vector<std::string> devices() const;
+  // Opens a device (attaching its group first when needed), owned by the
+  // context until close_device or the context's end.
+  Result<Device*> open_device(std::string_view bdf);
+  // Stops and closes a device from open_device.
+  Status close_device(Device* d);
+
   ContextStats stats() const;
 
   // The domain iommu.backend asks for: "sim" builds the simulated type1
   // model from the iommu.sim_* settings; "vfio" opens a container with the
-  // group of iommu.device; "auto" picks vfio when /dev/vfio/vfio exists and
-  // iommu.device is set, else sim.
+  // groups of iommu.devices; "auto" picks vfio when /dev/vfio/vfio exists
+  // and iommu.devices names a device, else sim.
   static Result<std::unique_ptr<iommu::Domain>> make_domain(const Config& cfg);
 
  private:
   Config cfg_;
   std::unique_ptr<iommu::Domain> domain_;
+  iommu::vfio::VfioDomain* vfio_ = nullptr;  // domain_ when it is a VFIO container, else null
+  mutable std::mutex devices_mu_;
+  std::vector<std::unique_ptr<Device>> devices_;  // open devices
+  Result<iommu::vfio::VfioDomain*> vfio_domain(std::string_view what) const;
   std::unique_ptr<iommu::IovaArena> arena_;
   std::unique_ptr<alloc_buffer::BufferAllocator> buffers_;
   mutable std::mutex pools_mu_;

@@ -154,6 +154,29 @@ Result<Bdf> Bdf::parse(std::string_view text) {
   return b;
 }
 
+Result<std::vector<std::string>> parse_bdf_list(std::string_view text) {
+  std::vector<std::string> out;
+  auto blank = [](char c) { return c == ' ' || c == '\t'; };
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t comma = text.find(',', pos);
+    if (comma == std::string_view::npos) comma = text.size();
+    std::string_view item = text.substr(pos, comma - pos);
+    while (!item.empty() && blank(item.front())) item.remove_prefix(1);
+    while (!item.empty() && blank(item.back())) item.remove_suffix(1);
+    if (item.empty()) {
+      if (out.empty() && comma == text.size()) return out;  // the whole list is blank
+      return fail(Errc::invalid_argument, "device list '{}': empty entry", text);
+    }
+    const std::string bdf = DMAKIT_TRY(Bdf::parse(item)).str();
+    if (std::find(out.begin(), out.end(), bdf) != out.end())
+      return fail(Errc::invalid_argument, "device list '{}': {} is named twice", text, bdf);
+    out.push_back(bdf);
+    pos = comma + 1;
+  }
+  return out;
+}
+
 std::string Bdf::str() const {
   return fmt::format("{:04x}:{:02x}:{:02x}.{:x}", domain, bus, device, function);
 }

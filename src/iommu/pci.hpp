@@ -57,6 +57,11 @@ struct Bdf {
   bool operator==(const Bdf&) const = default;
 };
 
+// A comma-separated device list ("0000:00:03.0,00:05.0"; blanks around
+// entries allowed) in canonical form. "" is an empty list; an empty entry,
+// a malformed address or one named twice is Errc::invalid_argument.
+Result<std::vector<std::string>> parse_bdf_list(std::string_view text);
+
 // One device of an IOMMU group and the driver bound to it ("" = none).
 struct GroupMember {
   std::string bdf;

@@ -12,7 +12,7 @@ namespace dmakit::iommu {
 
 struct IommuSettings {
   std::string backend = "auto";         // auto (vfio when /dev/vfio/vfio exists, else sim) | vfio | sim
-  std::string device;                   // PCI BDF whose group the VFIO container attaches
+  std::string devices;                  // PCI BDFs, comma separated, whose groups the VFIO container attaches
   uint32_t sim_address_bits = 39;       // simulated IOMMU address width
   uint32_t sim_dma_entry_limit = 65535; // as vfio_iommu_type1's dma_entry_limit
   std::string sim_page_sizes = "4K,2M,1G";

@@ -235,7 +235,19 @@ class BarMapping {
   uint64_t offset_ = 0;
 };
 
+// VFIO_DEVICE_GET_IRQ_INFO, parsed. Index: VFIO_PCI_INTX_IRQ_INDEX (0),
+// _MSI_ (1), _MSIX_ (2), ...
+struct IrqInfo {
+  uint32_t index = 0;
+  uint32_t flags = 0;  // VFIO_IRQ_INFO_* (EVENTFD, MASKABLE, AUTOMASKED, NORESIZE)
+  uint32_t count = 0;  // vectors; 0 = the device has none of this kind
+};
+
 // Device: one VFIO device fd (a PCI function), from Group::open_device.
+//
+// Interrupts reach user space as eventfd signals: SET_IRQS with
+// ACTION_TRIGGER attaches one eventfd per vector, and the kernel's handler
+// (which owns the real MSI/MSI-X vector or the INTx line) writes to it.
 class Device {
  public:
   Device(Device&&) noexcept = default;
@@ -269,6 +281,21 @@ class Device {
   // Sets memory-space (bit 1) and bus-master (bit 2) in the command register
   // (config offset 4). From then on the device can issue DMA.
   Status enable_bus_master() const;
+  // Clears bus-master: the device can no longer issue DMA (MMIO still works).
+  Status disable_bus_master() const;
+
+  // VFIO_DEVICE_GET_IRQ_INFO for one IRQ index.
+  Result<IrqInfo> irq_info(uint32_t index) const;
+  // SET_IRQS, DATA_EVENTFD | ACTION_TRIGGER: vectors [start, start + n)
+  // signal fds[0..n); an fd of -1 detaches that vector. The first call for
+  // an index enables it (MSI/MSI-X: the kernel allocates the vectors).
+  Status set_irq_eventfds(uint32_t index, uint32_t start, std::span<const int32_t> fds) const;
+  // SET_IRQS, DATA_NONE | ACTION_TRIGGER with count 0: disables the index
+  // and releases every vector and eventfd binding of it.
+  Status disable_irqs(uint32_t index) const;
+  // SET_IRQS, DATA_NONE | ACTION_MASK or ACTION_UNMASK for one vector (the
+  // kernel supports this for INTx only).
+  Status mask_irq(uint32_t index, uint32_t vector, bool masked) const;
 
   // VFIO_DEVICE_RESET (function-level or equivalent reset).
   Status reset() const;
@@ -289,6 +316,11 @@ class Device {
 // what core::Context uses for iommu.backend = vfio. Owns the container and
 // the groups (groups close first, then the container). Devices it opens are
 // owned by the caller.
+//
+// Groups may join and leave while mappings exist: a group that joins a
+// container whose IOMMU is set gets every existing mapping replayed into its
+// domain by the kernel; a group that leaves loses them. The last group may
+// not leave (the container would drop its IOMMU and every mapping with it).
 class VfioDomain final : public Domain {
   struct PassKey {
     explicit PassKey() = default;
@@ -304,8 +336,20 @@ class VfioDomain final : public Domain {
   // A device of one of the attached groups.
   Result<Device> open_device(std::string_view bdf) const;
 
+  // Attaches the group of bdf (nothing to do when it is attached; bdf is
+  // then remembered as named). Errors name the device and the group.
+  Status attach(std::string_view bdf);
+  // Detaches the group of bdf: Errc::not_found when it is not attached,
+  // Errc::busy when it is the last group. The caller closes the group's
+  // devices first (the kernel refuses with EBUSY otherwise).
+  Status detach(std::string_view bdf);
+  // The IOMMU group of bdf when it is attached, else Errc::not_found.
+  Result<int> attached_group(std::string_view bdf) const;
+  // Canonical BDFs named at open() and attach(), in that order.
+  std::vector<std::string> devices() const;
+  size_t group_count() const;
+
   Container& container() { return *container_; }
-  const std::vector<Group>& groups() const { return groups_; }
 
   const DomainInfo& info() const override { return container_->info(); }
   Status map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t prot) override {
@@ -319,8 +363,15 @@ class VfioDomain final : public Domain {
   }
 
  private:
+  struct Member {
+    Group group;
+    std::vector<std::string> bdfs;  // devices of the group named by the caller
+  };
+  Status attach_locked(const std::string& bdf, int number);
+
   std::unique_ptr<Container> container_;
-  std::vector<Group> groups_;
+  mutable std::mutex mu_;  // members_
+  std::vector<Member> members_;
   Paths paths_;
 };
 

@@ -230,6 +230,72 @@ Status Device::enable_bus_master() const {
   return ok();
 }
 
+Status Device::disable_bus_master() const {
+  const uint16_t cmd = DMAKIT_TRY(read_config16(PCI_COMMAND));
+  if ((cmd & PCI_COMMAND_MASTER) == 0) return ok();
+  return write_config16(PCI_COMMAND, static_cast<uint16_t>(cmd & ~PCI_COMMAND_MASTER));
+}
+
+namespace {
+
+const char* irq_name(uint32_t index) {
+  switch (index) {
+    case VFIO_PCI_INTX_IRQ_INDEX: return "INTx";
+    case VFIO_PCI_MSI_IRQ_INDEX: return "MSI";
+    case VFIO_PCI_MSIX_IRQ_INDEX: return "MSI-X";
+    case VFIO_PCI_ERR_IRQ_INDEX: return "error";
+    case VFIO_PCI_REQ_IRQ_INDEX: return "request";
+    default: return "unknown";
+  }
+}
+
+// vfio_irq_set is followed by its data (here: one int32 eventfd per vector).
+Status set_irqs(int fd, const std::string& bdf, uint32_t index, uint32_t flags, uint32_t start, uint32_t count,
+                std::span<const int32_t> fds, const char* what) {
+  std::vector<uint64_t> storage((sizeof(vfio_irq_set) + fds.size_bytes() + 7) / 8);
+  auto* set = reinterpret_cast<vfio_irq_set*>(storage.data());
+  set->argsz = static_cast<uint32_t>(sizeof(vfio_irq_set) + fds.size_bytes());
+  set->flags = flags;
+  set->index = index;
+  set->start = start;
+  set->count = count;
+  if (!fds.empty()) std::memcpy(set->data, fds.data(), fds.size_bytes());
+  if (::ioctl(fd, VFIO_DEVICE_SET_IRQS, set) != 0)
+    return fail_errno(errno, "VFIO_DEVICE_SET_IRQS ({}) {} vectors {}+{} of {}", what, irq_name(index), start, count,
+                      bdf);
+  return ok();
+}
+
+}  // namespace
+
+Result<IrqInfo> Device::irq_info(uint32_t index) const {
+  if (index >= info_.num_irqs)
+    return fail(Errc::invalid_argument, "{}: IRQ index {} does not exist (the device has {})", bdf_, index,
+                info_.num_irqs);
+  vfio_irq_info ii{};
+  ii.argsz = sizeof ii;
+  ii.index = index;
+  if (::ioctl(fd_.get(), VFIO_DEVICE_GET_IRQ_INFO, &ii) != 0)
+    return fail_errno(errno, "VFIO_DEVICE_GET_IRQ_INFO {} of {}", irq_name(index), bdf_);
+  return IrqInfo{index, ii.flags, ii.count};
+}
+
+Status Device::set_irq_eventfds(uint32_t index, uint32_t start, std::span<const int32_t> fds) const {
+  return set_irqs(fd_.get(), bdf_, index, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, start,
+                  static_cast<uint32_t>(fds.size()), fds, "trigger");
+}
+
+Status Device::disable_irqs(uint32_t index) const {
+  return set_irqs(fd_.get(), bdf_, index, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, {},
+                  "disable");
+}
+
+Status Device::mask_irq(uint32_t index, uint32_t vector, bool masked) const {
+  const uint32_t action = masked ? VFIO_IRQ_SET_ACTION_MASK : VFIO_IRQ_SET_ACTION_UNMASK;
+  return set_irqs(fd_.get(), bdf_, index, VFIO_IRQ_SET_DATA_NONE | action, vector, 1, {},
+                  masked ? "mask" : "unmask");
+}
+
 Status Device::reset() const {
   if (!info_.can_reset())
     return fail(Errc::unsupported, "{}: VFIO reports no reset method for this device", bdf_);

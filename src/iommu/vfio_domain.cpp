@@ -8,29 +8,28 @@
 
 namespace dmakit::iommu::vfio {
 
+namespace {
+
+// A device's canonical BDF and its IOMMU group, from sysfs.
+Result<std::pair<std::string, int>> resolve(std::string_view text, const Paths& paths) {
+  const pci::Bdf bdf = DMAKIT_TRY(pci::Bdf::parse(text));
+  return std::pair{bdf.str(), DMAKIT_TRY(pci::iommu_group(bdf, paths.sysfs))};
+}
+
+}  // namespace
+
 Result<std::unique_ptr<VfioDomain>> VfioDomain::open(std::span<const std::string> bdfs, const Paths& paths) {
   if (bdfs.empty())
-    return fail(Errc::invalid_argument, "a VFIO domain needs at least one PCI device (set iommu.device)");
+    return fail(Errc::invalid_argument, "a VFIO domain needs at least one PCI device (set iommu.devices)");
   // Resolve every device first, so a typo or a missing device is reported
   // as such even on a machine without VFIO.
   std::vector<std::pair<std::string, int>> wanted;  // BDF, IOMMU group
-  for (const auto& text : bdfs) {
-    const pci::Bdf bdf = DMAKIT_TRY(pci::Bdf::parse(text));
-    wanted.emplace_back(bdf.str(), DMAKIT_TRY(pci::iommu_group(bdf, paths.sysfs)));
-  }
+  for (const auto& text : bdfs) wanted.push_back(DMAKIT_TRY(resolve(text, paths)));
   auto d = std::make_unique<VfioDomain>(PassKey{});
   d->paths_ = paths;
   d->container_ = DMAKIT_TRY(Container::open(paths));
-  for (const auto& [bdf, number] : wanted) {
-    // Devices that share a group come in together: the group is opened once.
-    if (std::any_of(d->groups_.begin(), d->groups_.end(), [&](const Group& g) { return g.number() == number; }))
-      continue;
-    auto group = Group::open(number, paths);
-    if (!group) return std::unexpected(with_context(std::move(group).error(), "device " + bdf));
-    if (auto st = d->container_->attach(*group); !st)
-      return std::unexpected(with_context(std::move(st).error(), "device " + bdf));
-    d->groups_.push_back(std::move(*group));
-  }
+  std::lock_guard lock(d->mu_);
+  for (const auto& [bdf, number] : wanted) DMAKIT_TRY(d->attach_locked(bdf, number));
   return d;
 }
 
@@ -42,19 +41,79 @@ Result<std::unique_ptr<VfioDomain>> VfioDomain::open(std::string_view bdf, const
 VfioDomain::~VfioDomain() {
   // Groups leave before the container closes; the last one out drops the
   // IOMMU domain and with it every mapping.
-  groups_.clear();
+  members_.clear();
   container_.reset();
 }
 
-Result<Device> VfioDomain::open_device(std::string_view text) const {
-  const pci::Bdf bdf = DMAKIT_TRY(pci::Bdf::parse(text));
-  const int number = DMAKIT_TRY(pci::iommu_group(bdf, paths_.sysfs));
-  for (const auto& g : groups_)
-    if (g.number() == number) return g.open_device(bdf.str());
+Status VfioDomain::attach_locked(const std::string& bdf, int number) {
+  for (auto& m : members_) {
+    if (m.group.number() != number) continue;
+    // Devices that share a group come in together: the group is opened once.
+    if (std::find(m.bdfs.begin(), m.bdfs.end(), bdf) == m.bdfs.end()) m.bdfs.push_back(bdf);
+    return ok();
+  }
+  auto group = Group::open(number, paths_);
+  if (!group) return std::unexpected(with_context(std::move(group).error(), "device " + bdf));
+  // The first group sets the IOMMU; a later one joins the domain, and the
+  // kernel replays every existing mapping into it.
+  if (auto st = container_->attach(*group); !st)
+    return std::unexpected(with_context(std::move(st).error(), "device " + bdf));
+  members_.push_back(Member{std::move(*group), {bdf}});
+  return ok();
+}
+
+Status VfioDomain::attach(std::string_view text) {
+  const auto [bdf, number] = DMAKIT_TRY(resolve(text, paths_));
+  std::lock_guard lock(mu_);
+  return attach_locked(bdf, number);
+}
+
+Status VfioDomain::detach(std::string_view text) {
+  const auto [bdf, number] = DMAKIT_TRY(resolve(text, paths_));
+  std::lock_guard lock(mu_);
+  auto it = std::find_if(members_.begin(), members_.end(), [&](const Member& m) { return m.group.number() == number; });
+  if (it == members_.end())
+    return fail(Errc::not_found, "detach {}: its IOMMU group {} is not attached to this domain", bdf, number);
+  if (members_.size() == 1)
+    return fail(Errc::busy,
+                "detach {}: IOMMU group {} is the domain's last group; the container would drop its IOMMU and "
+                "every mapping (destroy the context instead)",
+                bdf, number);
+  DMAKIT_TRY(it->group.unset_container());
+  members_.erase(it);
+  return ok();
+}
+
+Result<int> VfioDomain::attached_group(std::string_view text) const {
+  const auto [bdf, number] = DMAKIT_TRY(resolve(text, paths_));
+  std::lock_guard lock(mu_);
+  for (const auto& m : members_)
+    if (m.group.number() == number) return number;
   std::string have;
-  for (const auto& g : groups_) have += (have.empty() ? "" : ", ") + std::to_string(g.number());
-  return fail(Errc::invalid_argument, "device {} is in IOMMU group {}, which this domain did not attach (groups: {})",
-              bdf.str(), number, have);
+  for (const auto& m : members_) have += (have.empty() ? "" : ", ") + std::to_string(m.group.number());
+  return fail(Errc::not_found, "device {} is in IOMMU group {}, which this domain did not attach (groups: {})", bdf,
+              number, have);
+}
+
+std::vector<std::string> VfioDomain::devices() const {
+  std::lock_guard lock(mu_);
+  std::vector<std::string> out;
+  for (const auto& m : members_) out.insert(out.end(), m.bdfs.begin(), m.bdfs.end());
+  return out;
+}
+
+size_t VfioDomain::group_count() const {
+  std::lock_guard lock(mu_);
+  return members_.size();
+}
+
+Result<Device> VfioDomain::open_device(std::string_view text) const {
+  const int number = DMAKIT_TRY(attached_group(text));
+  const pci::Bdf bdf = DMAKIT_TRY(pci::Bdf::parse(text));
+  std::lock_guard lock(mu_);
+  for (const auto& m : members_)
+    if (m.group.number() == number) return m.group.open_device(bdf.str());
+  return fail(Errc::not_found, "device {}: IOMMU group {} was detached meanwhile", bdf.str(), number);
 }
 
 namespace {

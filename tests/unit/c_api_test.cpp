@@ -501,3 +501,114 @@ TEST(CApiLifetime, ABorrowedContextHandleEndsItsPoolsNotTheContext) {
   ASSERT_TRUE(b.has_value()) << b.error().what();
   EXPECT_TRUE((*again)->free(*b).has_value());
 }
+
+namespace {
+
+// The device calls on a host without VFIO: every one answers with a code and
+// a message, never a crash. Their real work is checked in the guest
+// (tests/vm/device_vmtest.cpp).
+TEST_F(CApi, DeviceCallsOnTheSimulatedBackendSayItHasNoDevices) {
+  dmakit_device* dev = reinterpret_cast<dmakit_device*>(0x1);
+  EXPECT_EQ(dmakit_device_open(ctx_, "0000:00:03.0", &dev), DMAKIT_ENOTSUP);
+  EXPECT_EQ(dev, nullptr);
+  EXPECT_TRUE(says({"open device 0000:00:03.0", "sim backend has no devices"}));
+  EXPECT_EQ(dmakit_ctx_attach(ctx_, "00:03.0"), DMAKIT_ENOTSUP);
+  EXPECT_TRUE(says({"attach 00:03.0", "no devices"}));
+  EXPECT_EQ(dmakit_ctx_detach(ctx_, "00:03.0"), DMAKIT_ENOTSUP);
+
+  char list[8] = "x";
+  size_t len = 99;
+  ASSERT_EQ(dmakit_ctx_devices(ctx_, list, sizeof list, &len), DMAKIT_OK) << last();
+  EXPECT_EQ(len, 0u);
+  EXPECT_STREQ(list, "");
+  EXPECT_EQ(dmakit_ctx_devices(ctx_, nullptr, 0, &len), DMAKIT_ENOSPC);  // room for the NUL is needed
+
+  // Misuse of the arguments.
+  EXPECT_EQ(dmakit_device_open(ctx_, nullptr, &dev), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"bdf is NULL"}));
+  EXPECT_EQ(dmakit_device_open(ctx_, "0000:00:03.0", nullptr), DMAKIT_EINVAL);
+  EXPECT_EQ(dmakit_ctx_devices(ctx_, nullptr, 4, &len), DMAKIT_EINVAL);
+  still_works();
+}
+
+TEST(CApiDevices, StaleOrGarbageDeviceHandlesAreRefused) {
+  auto* garbage = reinterpret_cast<dmakit_device*>(uintptr_t{0x1234567800000001});
+  for (dmakit_device* h : {static_cast<dmakit_device*>(nullptr), garbage}) {
+    EXPECT_EQ(dmakit_device_close(h), DMAKIT_EINVAL);
+    EXPECT_TRUE(says({"dmakit_device_close", "not an open device"}));
+    EXPECT_EQ(dmakit_device_bdf(h), nullptr);
+    dmakit_region_info ri{};
+    ri.struct_size = sizeof ri;
+    EXPECT_EQ(dmakit_device_region_info(h, 0, &ri), DMAKIT_EINVAL);
+    dmakit_bar bar{};
+    EXPECT_EQ(dmakit_device_map_bar(h, 0, &bar), DMAKIT_EINVAL);
+    uint32_t v = 0;
+    EXPECT_EQ(dmakit_device_config_read(h, 0, &v, 4), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_device_config_write(h, 0, &v, 4), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_device_set_bus_master(h, 1), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_device_reset(h), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_device_irq_count(h, DMAKIT_IRQ_MSIX, &v), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_device_irq_enable(h, DMAKIT_IRQ_MSIX, 1, nullptr), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_device_irq_disable(h, DMAKIT_IRQ_MSIX), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_device_irq_mask(h, DMAKIT_IRQ_INTX, 0), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_device_irq_unmask(h, DMAKIT_IRQ_INTX, 0), DMAKIT_EINVAL);
+    EXPECT_EQ(dmakit_device_irq_wait(h, DMAKIT_IRQ_MSIX, 0, 0, nullptr), DMAKIT_EINVAL);
+    EXPECT_TRUE(says({"dmakit_device_irq_wait", "not an open device"}));
+  }
+}
+
+// The inline MMIO accessors check bounds and alignment before they touch the
+// mapping; here the "BAR" is plain memory with guard bytes around it.
+TEST(CApiDevices, MmioAccessorsRefuseOutOfBoundsAndMisalignedAccess) {
+  alignas(8) uint8_t mem[64 + 16];
+  std::memset(mem, 0xee, sizeof mem);
+  dmakit_bar bar{};
+  bar.base = mem + 8;
+  bar.size = 64;
+  bar.index = 2;
+
+  dmakit_mmio_write32(&bar, 0, 0x11223344u);
+  dmakit_mmio_write64(&bar, 56, 0x0102030405060708ull);
+  EXPECT_EQ(dmakit_mmio_read32(&bar, 0), 0x11223344u);
+  EXPECT_EQ(dmakit_mmio_read64(&bar, 56), 0x0102030405060708ull);
+
+  // Past the end, straddling the end, misaligned: nothing is written and
+  // reads give all ones, with the reason in the last error.
+  dmakit_mmio_write32(&bar, 64, 0);
+  EXPECT_TRUE(says({"dmakit_mmio_write32", "BAR2", "0x40", "outside the 0x40-byte mapping"}));
+  dmakit_mmio_write64(&bar, 64, 0);
+  EXPECT_TRUE(says({"dmakit_mmio_write64", "0x40", "outside"}));
+  dmakit_mmio_write32(&bar, 2, 0);
+  EXPECT_TRUE(says({"dmakit_mmio_write32", "not 4-byte aligned"}));
+  dmakit_mmio_write64(&bar, UINT64_MAX - 7, 0);  // an offset where off + 8 wraps
+  EXPECT_TRUE(says({"dmakit_mmio_write64", "0xfffffffffffffff8", "outside"}));
+  EXPECT_EQ(dmakit_mmio_read32(&bar, 64), 0xffffffffu);
+  EXPECT_TRUE(says({"dmakit_mmio_read32", "outside"}));
+  EXPECT_EQ(dmakit_mmio_read64(&bar, 4), ~uint64_t{0});
+  EXPECT_TRUE(says({"dmakit_mmio_read64", "not 8-byte aligned"}));
+  EXPECT_EQ(dmakit_mmio_read32(nullptr, 0), 0xffffffffu);
+  EXPECT_TRUE(says({"bar is NULL"}));
+
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_EQ(mem[i], 0xee) << "guard byte " << i << " before the BAR was written";
+    EXPECT_EQ(mem[72 + i], 0xee) << "guard byte " << i << " after the BAR was written";
+  }
+  EXPECT_EQ(mem[8 + 2], 0x22) << "the misaligned write reached memory";
+}
+
+TEST(CApiDevices, TheDeviceListIsCheckedAtCreation) {
+  dmakit_settings s = sim_settings();
+  dmakit_ctx* ctx = nullptr;
+  s.devices = "0000:00:03.0,0000:00:05.0, 00:03.0";
+  EXPECT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"iommu.devices", "0000:00:03.0 is named twice"}));
+  s.devices = "0000:00:03.0,,0000:00:05.0";
+  EXPECT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"iommu.devices", "empty entry"}));
+  s.devices = "0000:00:03.0,nvme0";
+  EXPECT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"iommu.devices", "nvme0"}));
+  EXPECT_EQ(ctx, nullptr);
+}
+
+}  // namespace

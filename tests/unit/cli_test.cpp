@@ -68,3 +68,24 @@ TEST(Cli, StressReportsItsDeliberateBadFreesWithoutWarnings) {
   ASSERT_NE(at, std::string::npos) << r.out;
   EXPECT_NE(r.out[at + std::string("deliberate bad frees refused: ").size()], '0') << r.out;
 }
+
+// --device names the context's devices (repeatable); info lists each with
+// its group and driver, or why it cannot be used (this host has no such
+// PCI devices), and a malformed address is a usage error naming it.
+TEST(Cli, InfoListsEveryDeviceGivenWithDevice) {
+  auto r = run("info --json --device 00:1e.0 --device 0000:00:1e.1");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("\"devices\":[{\"bdf\":\"0000:00:1e.0\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("{\"bdf\":\"0000:00:1e.1\""), std::string::npos) << r.out;
+  auto text = run("info --device 00:1e.0");
+  EXPECT_EQ(text.code, 0) << text.out;
+  EXPECT_NE(text.out.find("device:    0000:00:1e.0  "), std::string::npos) << text.out;
+
+  auto bad = run("info --device 00:1e.0 --device nvme0");
+  EXPECT_EQ(bad.code, 2) << bad.out;
+  EXPECT_NE(bad.out.find("iommu.devices"), std::string::npos) << bad.out;
+  EXPECT_NE(bad.out.find("nvme0"), std::string::npos) << bad.out;
+  auto twice = run("info --device 00:1e.0 --device 0000:00:1e.0");
+  EXPECT_EQ(twice.code, 2) << twice.out;
+  EXPECT_NE(twice.out.find("named twice"), std::string::npos) << twice.out;
+}

@@ -66,9 +66,9 @@ TEST(Context, BadBackendSettingsAreClearErrors) {
   c.iommu.backend = "vfio";
   auto ctx = core::Context::create(c);
   ASSERT_FALSE(ctx);
-  EXPECT_NE(ctx.error().message.find("iommu.device"), std::string::npos) << ctx.error().message;
+  EXPECT_NE(ctx.error().message.find("iommu.devices"), std::string::npos) << ctx.error().message;
 
-  c.iommu.device = "0000:00:03.0";  // this host has no VFIO
+  c.iommu.devices = "0000:00:03.0";  // this host has no VFIO
   ctx = core::Context::create(c);
   ASSERT_FALSE(ctx);
   EXPECT_NE(ctx.error().what().find("0000:00:03.0"), std::string::npos) << ctx.error().what();

@@ -360,3 +360,33 @@ TEST(Memlock, CurrentStateMatchesTheProcess) {
 
 }  // namespace
 }  // namespace dmakit::iommu::pci
+
+namespace dmakit::iommu::pci {
+namespace {
+
+TEST(BdfList, ParsesCommaSeparatedAddressesIntoCanonicalForm) {
+  auto none = parse_bdf_list("");
+  ASSERT_TRUE(none) << none.error().what();
+  EXPECT_TRUE(none->empty());
+  auto two = parse_bdf_list(" 00:03.0 ,0000:00:05.0");
+  ASSERT_TRUE(two) << two.error().what();
+  EXPECT_EQ(*two, (std::vector<std::string>{"0000:00:03.0", "0000:00:05.0"}));
+}
+
+TEST(BdfList, RefusesEmptyEntriesDuplicatesAndBadAddresses) {
+  for (const char* text : {",", "00:03.0,", ",00:03.0", "00:03.0,,00:04.0"}) {
+    auto r = parse_bdf_list(text);
+    ASSERT_FALSE(r) << text;
+    EXPECT_EQ(r.error().code, Errc::invalid_argument);
+    EXPECT_NE(r.error().message.find("empty entry"), std::string::npos) << r.error().message;
+  }
+  auto dup = parse_bdf_list("00:03.0,0000:00:03.0");
+  ASSERT_FALSE(dup);
+  EXPECT_NE(dup.error().message.find("0000:00:03.0 is named twice"), std::string::npos) << dup.error().message;
+  auto bad = parse_bdf_list("00:03.0,00:3g.0");
+  ASSERT_FALSE(bad);
+  EXPECT_NE(bad.error().message.find("00:3g.0"), std::string::npos) << bad.error().message;
+}
+
+}  // namespace
+}  // namespace dmakit::iommu::pci

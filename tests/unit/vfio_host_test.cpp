@@ -123,7 +123,7 @@ TEST_F(VfioHost, DomainOpenChecksDevicesBeforeTheContainer) {
   auto none = VfioDomain::open(std::span<const std::string>{}, paths);
   ASSERT_FALSE(none);
   EXPECT_EQ(none.error().code, Errc::invalid_argument);
-  EXPECT_THAT(none.error().message, HasSubstr("iommu.device"));
+  EXPECT_THAT(none.error().message, HasSubstr("iommu.devices"));
 
   auto bad = VfioDomain::open("03.0", paths);
   ASSERT_FALSE(bad);

@@ -8,7 +8,7 @@ fail() { echo "FAIL: $*"; exit 1; }
 
 start=$(date +%s)
 rc=0
-dmakit bench arena --json --iommu.backend vfio --iommu.device 0000:00:03.0 >/tmp/bench.out 2>/tmp/bench.err || rc=$?
+dmakit bench arena --json --iommu.backend vfio --device 0000:00:03.0 >/tmp/bench.out 2>/tmp/bench.err || rc=$?
 end=$(date +%s)
 out=$(cat /tmp/bench.out)
 echo "$out"
