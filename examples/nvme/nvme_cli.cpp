@@ -12,6 +12,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "nvme.hpp"
@@ -24,8 +25,7 @@ constexpr int kExitUsage = 2;
 struct Args {
   std::string bdf;
   uint64_t lba = 0, blocks = 1;
-  uint32_t seed = 1;
-  bool seed_given = false;
+  std::optional<uint32_t> seed;  // read: check the pattern only when given
   std::string file;
   uint16_t queues = 1;
   bool msix = false;
@@ -83,7 +83,7 @@ int run(const std::string& cmd, const Args& a) {
     auto fill = [&](std::byte* host, uint64_t off, uint64_t len) {
       for (uint64_t i = 0; i < len; i += 8) {
         const uint64_t w = (off + i) / 8;
-        const uint64_t v = pattern_word(a.seed, a.lba + w / words_per_block, w % words_per_block);
+        const uint64_t v = pattern_word(a.seed.value_or(1), a.lba + w / words_per_block, w % words_per_block);
         std::memcpy(host + i, &v, sizeof v);
       }
     };
@@ -98,7 +98,7 @@ int run(const std::string& cmd, const Args& a) {
     }
     if (cmd == "write") {
       if (auto st = ctrl->flush(0); !st) return failed("flush", st.error());
-    } else if (a.seed_given) {
+    } else if (a.seed) {
       std::vector<std::byte> want(bytes);
       fill(want.data(), 0, bytes);
       uint64_t bad = bytes;
@@ -108,7 +108,7 @@ int run(const std::string& cmd, const Args& a) {
       });
       if (bad != bytes) {
         std::fprintf(stderr, "dmakit-nvme: read: byte %" PRIu64 " (LBA %" PRIu64 ") differs from the seed %u pattern\n",
-                     bad, a.lba + bad / ns.block_size, a.seed);
+                     bad, a.lba + bad / ns.block_size, *a.seed);
         return kExitFailed;
       }
     }
@@ -147,8 +147,8 @@ int main(int argc, char** argv) {
   auto io = [&](CLI::App* sub, const char* file_help) {
     common(sub);
     sub->add_option("--lba", a.lba, "first LBA")->required();
-    sub->add_option("--blocks", a.blocks, "number of LBAs")->required()->check(CLI::PositiveNumber);
-    sub->add_option("--seed", a.seed, "pattern seed (0-255)")->check(CLI::Range(0, 255));
+    sub->add_option("--blocks", a.blocks, "number of LBAs")->required()->check(CLI::Range(uint64_t{1}, uint64_t{1} << 32));
+    sub->add_option("--seed", a.seed, "pattern seed (0-255; write: default 1)")->check(CLI::Range(0, 255));
     sub->add_option(sub->get_name() == "write" ? "--save" : "--out", a.file, file_help);
   };
   common(app.add_subcommand("identify", "print Identify Controller and Namespace"));
@@ -159,6 +159,5 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : kExitUsage;
   }
-  a.seed_given = app.get_subcommands().front()->count("--seed") > 0;
   return run(app.get_subcommands().front()->get_name(), a);
 }
