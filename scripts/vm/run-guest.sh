@@ -19,6 +19,8 @@
 #   --nvme-count N     NVMe controllers (default 1): the first at 00:03.0, the
 #                      others at 00:05.0, 00:06.0, ..., each with its own disk
 #   --disk-mib N       size of each NVMe disk (default 16)
+#   --iommu-aw-bits N  address width of the guest's IOMMU (QEMU 7.2: 39, the
+#                      default, or 48); the init checks the guest got it
 #   --timeout SEC      limit for the whole boot (default 240)
 #   --keep DIR         keep the initramfs and the serial log in DIR
 #
@@ -36,6 +38,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 guest="" name="" kind=cmd hugepages=64 memory=512M disk_mib=16 timeout_s=240 keep=""
 bind="" bind_given=0
 nvme_driver=0 nvme_count=1
+iommu_aw=""
 bins=() files=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -50,6 +53,7 @@ while [ $# -gt 0 ]; do
     --nvme-driver) nvme_driver=1; shift ;;
     --nvme-count) nvme_count=$2; shift 2 ;;
     --disk-mib) disk_mib=$2; shift 2 ;;
+    --iommu-aw-bits) iommu_aw=$2; shift 2 ;;
     --timeout) timeout_s=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
     --) shift; break ;;
@@ -61,6 +65,7 @@ done
 case $kind in gtest|cmd) ;; *) die "--kind must be gtest or cmd, not '$kind'" ;; esac
 [[ $hugepages =~ ^[0-9]+$ ]] || die "--hugepages '$hugepages' is not a number"
 [[ $disk_mib =~ ^[1-9][0-9]*$ ]] || die "--disk-mib '$disk_mib' is not a positive number"
+[ -z "$iommu_aw" ] || [[ $iommu_aw =~ ^[1-9][0-9]*$ ]] || die "--iommu-aw-bits '$iommu_aw' is not a number"
 [[ $nvme_count =~ ^[1-4]$ ]] || die "--nvme-count '$nvme_count': want 1 to 4"
 # NVMe controller k: slot 3 for the first (as always), then 5, 6, 7.
 nvme_slot() { if [ "$1" -eq 0 ]; then echo 3; else echo $((4 + $1)); fi; }
@@ -158,6 +163,7 @@ done
   printf 'TEST_KIND=%q\n' "$kind"
   printf 'HUGEPAGES=%q\n' "$hugepages"
   printf 'VFIO_BIND=%q\n' "$bind"
+  printf 'IOMMU_AW_BITS=%q\n' "$iommu_aw"
 } > "$stage/test/env"
 {
   printf 'exec'
@@ -195,7 +201,7 @@ set +e
 timeout -k 5 "$timeout_s" qemu-system-x86_64 \
   -machine q35 -accel tcg -cpu max -smp 1 -m "$memory" \
   -nodefaults -nographic -no-reboot -serial stdio -monitor none \
-  -device intel-iommu,intremap=on,caching-mode=on \
+  -device "intel-iommu,intremap=on,caching-mode=on${iommu_aw:+,aw-bits=$iommu_aw}" \
   "${nvme_args[@]}" \
   -device e1000e,addr=0x4,romfile= \
   -device isa-debug-exit,iobase=0xf4,iosize=0x04 \

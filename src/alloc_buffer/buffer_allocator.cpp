@@ -169,6 +169,7 @@ class Allocator final : public BufferAllocator {
 
   ImplPtr pop_recycled(uint64_t span_len, const BufferRequest& req);
   Result<ImplPtr> build(const BufferRequest& req, uint64_t span_len);
+  Result<Buffer> reclaim_and_retry(const BufferRequest& req, uint64_t span_len, Error first);
   Status gather(Impl& b, uint64_t need);
   Status map_runs(ImplPtr& owned);
   void give_back(Impl& b);
@@ -205,7 +206,7 @@ class Allocator final : public BufferAllocator {
 
   // Statistics, updated without the lock.
   std::atomic<uint64_t> attempts_{0}, fallbacks_{0}, skips_{0}, map_calls_{0};
-  std::atomic<uint64_t> fresh_{0}, hits_{0}, memsets_{0}, shrinks_{0}, psi_events_{0};
+  std::atomic<uint64_t> fresh_{0}, hits_{0}, memsets_{0}, shrinks_{0}, psi_events_{0}, reclaims_{0};
   std::atomic<bool> psi_armed_{false};
 
   std::thread zero_thread_, psi_thread_;
@@ -293,7 +294,45 @@ Result<Buffer> Allocator::alloc(const BufferRequest& req) {
     hits_.fetch_add(1, std::memory_order_relaxed);
     return Buffer(std::move(b));
   }
-  return Buffer(DMAKIT_TRY(build(req, span_len)));
+  auto built = build(req, span_len);
+  if (!built) return reclaim_and_retry(req, span_len, std::move(built).error());
+  return Buffer(std::move(*built));
+}
+
+// A build failed for lack of IOVA space, mapping entries or memory: recycled
+// buffers may be holding exactly what is missing (their IOVA ranges, their
+// mappings, their chunks). They are retired and the arena flushed, once,
+// before the request is refused - recycling never turns into a failure. The
+// refusal counts live, recycled and flush-pending memory apart.
+[[gnu::cold, gnu::noinline]] Result<Buffer> Allocator::reclaim_and_retry(const BufferRequest& req,
+                                                                          uint64_t span_len, Error first) {
+  const bool reclaimable = first.code == Errc::no_space || first.code == Errc::no_memory;
+  bool held = false;
+  {
+    std::lock_guard lock(mu_);
+    held = recycled_bytes_ != 0 || pending_bytes_ != 0 || zeroing_ != nullptr;
+  }
+  const uint64_t stale_before = arena_.stats().stale_pages;
+  if (reclaimable && (held || stale_before != 0)) {
+    reclaims_.fetch_add(1, std::memory_order_relaxed);
+    trim(true);
+    auto again = build(req, span_len);
+    if (again) return Buffer(std::move(*again));
+    first = std::move(again).error();
+  }
+  if (!reclaimable) return std::unexpected(std::move(first));
+  uint64_t live = 0, live_bytes = 0, recycled = 0, pending = 0;
+  {
+    std::lock_guard lock(mu_);
+    live = live_;
+    live_bytes = live_bytes_;
+    recycled = recycled_bytes_;
+    pending = pending_bytes_;
+  }
+  first.message += fmt::format("; {} live buffers hold {} bytes, recycled {} bytes, waiting for the flush {} bytes{}",
+                               live, live_bytes, recycled, pending,
+                               held || stale_before != 0 ? " (after retiring the recycled ones)" : "");
+  return std::unexpected(std::move(first));
 }
 
 Allocator::ImplPtr Allocator::pop_recycled(uint64_t span_len, const BufferRequest& req) {
@@ -725,6 +764,7 @@ BufferStats Allocator::stats() const {
   s.map_calls = map_calls_.load(std::memory_order_relaxed);
   s.fresh_allocs = fresh_.load(std::memory_order_relaxed);
   s.recycle_hits = hits_.load(std::memory_order_relaxed);
+  s.reclaims = reclaims_.load(std::memory_order_relaxed);
   s.memset_fallbacks = memsets_.load(std::memory_order_relaxed);
   s.shrinks = shrinks_.load(std::memory_order_relaxed);
   s.psi_events = psi_events_.load(std::memory_order_relaxed);

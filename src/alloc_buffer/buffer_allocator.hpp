@@ -27,6 +27,10 @@
 // on trim(), and on memory pressure (a Linux PSI trigger on
 // /proc/pressure/memory, watched by a second thread).
 //
+// A build that fails for lack of IOVA space, mapping entries or memory
+// retires every recycled buffer, flushes the arena and tries once more, so
+// memory kept for reuse never causes a failure.
+//
 // Retiring a buffer frees its IOVA range to the arena, where it turns stale
 // and stays mapped. Its host memory stays with the buffer until the arena's
 // flush listener reports the range unmapped; only then do its chunks go back
@@ -133,6 +137,7 @@ struct BufferStats {
   uint64_t recycle_hits = 0;          // buffers served from the recycler
   uint64_t memset_fallbacks = 0;      // zeroed requests memset on the caller's path
   uint64_t shrinks = 0;               // buffers retired by the shrinker
+  uint64_t reclaims = 0;              // failed builds retried after retiring all recycled memory
   uint64_t psi_events = 0;            // memory-pressure events handled
   bool psi_armed = false;             // a PSI trigger is being watched
 };

@@ -14,6 +14,7 @@
 #include <set>
 #include <vector>
 
+#include "alloc_buffer/host_memory.hpp"
 #include "base/eal.hpp"
 #include "base/log.hpp"
 
@@ -145,7 +146,15 @@ class AnonSource final : public MemorySource {
     }
     Region& r = regions_.at(region);
     void* p = reinterpret_cast<void*>(at);
+    // Committed pages the host cannot back end in the OOM killer at first
+    // touch; refuse them now instead.
+    if (auto st = HostMemoryGuard::process().admit(len, name_); !st) {
+      ++failures_;
+      release_if_idle(region);
+      return std::unexpected(std::move(st).error());
+    }
     if (::mprotect(p, len, PROT_READ | PROT_WRITE) != 0) {
+      HostMemoryGuard::process().give_back(len);
       const int err = errno;
       ++failures_;
       // mprotect may have changed part of the range; put all of it back to
@@ -160,6 +169,7 @@ class AnonSource final : public MemorySource {
     // the piece at all (as DPDK and SPDK do for theirs).
     if (::madvise(p, len, MADV_DONTFORK) != 0) {
       const int err = errno;
+      HostMemoryGuard::process().give_back(len);
       ++failures_;
       ::mmap(p, len, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0);
       release_if_idle(region);
@@ -188,6 +198,7 @@ class AnonSource final : public MemorySource {
       return;
     }
     taken_.erase(t);
+    HostMemoryGuard::process().give_back(len);
     auto region = std::prev(regions_.upper_bound(at));
     unmark(region->second, at, len);
     live_ -= len;

@@ -236,7 +236,7 @@ TEST_F(BufferTest, MapFailureMidwayUnmapsAndGivesBack) {
   probe = Buffer();
   settings_.recycle_high_mb = 0;
   const uint64_t maps_before = sim_->stats().map_calls;
-  domain_->arm(3);  // the third run of the next buffer fails to map
+  domain_->arm(3, EIO);  // the third run of the next buffer fails to map
   auto b = alloc_->alloc({.len = 5 * 4 * K});
   ASSERT_FALSE(b);
   EXPECT_NE(b.error().message.find("map of run 2"), std::string::npos) << b.error().message;
@@ -486,6 +486,79 @@ TEST_F(BufferTest, DmaPoolChunksAreOneOrderSoEachIsOneRun) {
   pool->reset();
   alloc_->trim(true);
   expect_all_returned();
+}
+
+}  // namespace
+
+namespace {
+
+// Recycled buffers keep their IOVA ranges and mappings; when those are what
+// a new request lacks, the allocator retires them and flushes before it
+// refuses. A 1 MiB arena: 256 recycled 4 KiB buffers hold every page.
+class NarrowArenaBufferTest : public BufferTest {
+ protected:
+  void narrow(uint64_t bytes) {
+    iommu::ArenaConfig c;
+    c.iova_start = 1 * M;
+    c.iova_end = 1 * M + bytes - 1;
+    c.shards = 1;
+    auto a = iommu::IovaArena::create(*domain_, c);
+    ASSERT_TRUE(a) << a.error().what();
+    arena_ = std::move(*a);
+  }
+};
+
+TEST_F(NarrowArenaBufferTest, RecycledBuffersGiveTheirIovaBackBeforeARequestFails) {
+  narrow(1 * M);
+  settings_.recycle_high_mb = 256;  // keep all of them
+  make();
+  {
+    std::vector<Buffer> held;
+    for (int i = 0; i < 256; ++i) {
+      auto b = alloc_->alloc({.len = 4 * K});
+      ASSERT_TRUE(b) << i << ": " << b.error().what();
+      held.push_back(std::move(*b));
+    }
+  }
+  EXPECT_EQ(alloc_->stats().recycled_bytes, 1 * M);
+  // Another size, then a pool-sized chunk: both need IOVA the recycler holds.
+  auto b8 = alloc_->alloc({.len = 8 * K});
+  ASSERT_TRUE(b8) << b8.error().what();
+  auto b256 = alloc_->alloc({.len = 256 * K});
+  ASSERT_TRUE(b256) << b256.error().what();
+  EXPECT_GE(alloc_->stats().reclaims, 1u);
+
+  // Genuinely full: the refusal says what is live, recycled and pending.
+  std::vector<Buffer> rest;
+  for (;;) {
+    auto b = alloc_->alloc({.len = 64 * K});
+    if (!b) {
+      EXPECT_EQ(b.error().code, Errc::no_space) << b.error().what();
+      EXPECT_NE(b.error().message.find("live buffers hold"), std::string::npos) << b.error().message;
+      EXPECT_NE(b.error().message.find("recycled 0 bytes"), std::string::npos) << b.error().message;
+      break;
+    }
+    rest.push_back(std::move(*b));
+    ASSERT_LT(rest.size(), 64u) << "a 1 MiB window cannot hold this many";
+  }
+}
+
+TEST_F(BufferTest, RecycledBuffersBelowADmaLimitAreRetiredForARequestThatNeedsTheSpace) {
+  settings_.recycle_high_mb = 256;
+  make();
+  constexpr uint64_t kLimit = 2 * M - 1;  // a device that reaches only the first 2 MiB
+  std::vector<Buffer> held;
+  for (;;) {
+    auto b = alloc_->alloc({.len = 4 * K, .dma_limit = kLimit});
+    if (!b) break;
+    held.push_back(std::move(*b));
+    ASSERT_LE(held.size(), 512u);
+  }
+  ASSERT_FALSE(held.empty());
+  held.clear();  // all recycled, all below the limit
+  auto b = alloc_->alloc({.len = 8 * K, .dma_limit = kLimit});
+  ASSERT_TRUE(b) << b.error().what();
+  EXPECT_LE(b->iova() + b->span() - 1, kLimit);
 }
 
 }  // namespace

@@ -21,17 +21,20 @@
 namespace dmakit::buftest {
 
 // Forwards to a real domain; map number `fail_at` (1-based, counted from
-// arm()) fails with ENOSPC as an exhausted entry limit would.
+// arm()) fails with `err`: ENOSPC as an exhausted entry limit would (which
+// the allocator answers by retiring recycled memory and retrying), or
+// another errno for a refusal nothing can reclaim.
 class FailingDomain final : public iommu::Domain {
  public:
   explicit FailingDomain(iommu::Domain& inner) : inner_(inner) {}
-  void arm(uint64_t fail_at) {
+  void arm(uint64_t fail_at, int err = ENOSPC) {
     count_ = 0;
     fail_at_ = fail_at;
+    err_ = err;
   }
   const iommu::DomainInfo& info() const override { return inner_.info(); }
   Status map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t prot) override {
-    if (fail_at_ != 0 && ++count_ == fail_at_) return fail_errno(ENOSPC, "injected map failure at {:#x}", iova);
+    if (fail_at_ != 0 && ++count_ == fail_at_) return fail_errno(err_, "injected map failure at {:#x}", iova);
     return inner_.map(vaddr, iova, len, prot);
   }
   Status unmap(uint64_t iova, uint64_t len) override { return inner_.unmap(iova, len); }
@@ -41,6 +44,7 @@ class FailingDomain final : public iommu::Domain {
  private:
   iommu::Domain& inner_;
   uint64_t count_ = 0, fail_at_ = 0;
+  int err_ = ENOSPC;
 };
 
 // 4 KiB chunks at every other page of one anonymous region: no two chunks

@@ -170,7 +170,8 @@ TEST(RuntimeDirTool, ARunReclaimsADeadRunsDirectoryAndLeavesNoneOfItsOwn) {
   fs::path stale = fs::path(base::eal_runtime_base()) / ("dmakit-" + std::to_string(dead_pid()));
   fs::create_directories(stale);
   const std::string prefix = "dmakit-reclaim-" + std::to_string(::getpid());
-  auto r = run("stress --stress.seconds 0.2 --eal.file_prefix " + prefix);
+  // nohuge: other tests raise and lower the hugepage pool while this runs.
+  auto r = run("stress --stress.seconds 0.2 --eal.mode nohuge --eal.file_prefix " + prefix);
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_FALSE(fs::exists(stale));
   EXPECT_FALSE(fs::exists(fs::path(base::eal_runtime_base()) / prefix));
@@ -185,14 +186,19 @@ TEST(RuntimeDirTool, SigintStopsStressWhichReportsFreesAndRemovesItsDirectory) {
   if (child == 0) {
     std::FILE* f = std::freopen(out.c_str(), "w", stdout);
     if (f == nullptr) ::_exit(99);
-    ::execl(tool_path().c_str(), "dmakit", "stress", "--stress.seconds", "60", "--eal.file_prefix", prefix.c_str(),
-            static_cast<char*>(nullptr));
+    // nohuge: other tests raise and lower the hugepage pool while this runs.
+    ::execl(tool_path().c_str(), "dmakit", "stress", "--stress.seconds", "60", "--eal.mode", "nohuge",
+            "--eal.file_prefix", prefix.c_str(), static_cast<char*>(nullptr));
     ::_exit(98);
   }
   // The owner file appears once the EAL is up and the run is under way.
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!fs::exists(dir / base::kRuntimeOwnerFile) && std::chrono::steady_clock::now() < give_up)
+  int early = 0;
+  while (!fs::exists(dir / base::kRuntimeOwnerFile) && std::chrono::steady_clock::now() < give_up) {
+    ASSERT_EQ(::waitpid(child, &early, WNOHANG), 0) << "the stress run ended before it started (status " << early
+                                                    << "; its errors are above)";
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   ASSERT_TRUE(fs::exists(dir / base::kRuntimeOwnerFile)) << "the stress run never started";
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   ::kill(child, SIGINT);

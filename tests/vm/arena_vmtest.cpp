@@ -4,16 +4,19 @@
 // mapped until a flush (a bounded stale window the device can still use);
 // after the flush, or at once in strict mode, the IOMMU blocks it: the old
 // memory stays untouched and the kernel logs a DMAR fault. The arena never
-// hands out the x86 MSI hole and honours a 32-bit DMA limit.
+// hands out the x86 MSI hole, honours a 32-bit DMA limit and reaches the
+// top of the IOVA space as wide as the guest's IOMMU is (read, not assumed).
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <iostream>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "checks.hpp"
+#include "facts.hpp"
 #include "guest.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/vfio.hpp"
@@ -34,9 +37,6 @@ constexpr uint64_t kQueuesIova = 0x100000;  // ASQ, ACQ, I/O SQ, I/O CQ, PRP lis
 // Default arena space: clear of the queues.
 constexpr uint64_t kArenaStart = 0x1000'0000;
 constexpr uint64_t kArenaEnd = 0x1fff'ffff;
-// The x86 MSI window the IOMMU reports as a hole between its IOVA ranges.
-constexpr uint64_t kMsiFirst = 0xfee0'0000;
-constexpr uint64_t kMsiLast = 0xfeef'ffff;
 
 bool all_bytes(const std::byte* p, size_t n, uint8_t v) {
   const auto* q = reinterpret_cast<const volatile uint8_t*>(p);
@@ -61,6 +61,15 @@ ArenaConfig quiet_config(bool strict) {
 class ArenaVfio : public ::testing::Test {
  protected:
   void SetUp() override {
+    const auto& facts = guest_facts();
+    ASSERT_TRUE(facts) << facts.error().what();
+    facts_ = &*facts;
+    ASSERT_TRUE(on_vfio(kNvmeBdf, "the NVMe under test"));
+    // The hole between the IOMMU's windows that VFIO reports for MSIs.
+    const auto hole = facts_->msi_hole();
+    ASSERT_TRUE(hole) << "no gap around the x86 MSI range between the IOVA windows\n" << facts_->str();
+    msi_ = *hole;
+
     auto kmsg = KmsgWatch::open();
     ASSERT_TRUE(kmsg) << kmsg.error().what();
     kmsg_.emplace(std::move(*kmsg));
@@ -116,6 +125,8 @@ class ArenaVfio : public ::testing::Test {
   uint64_t kernel_entries() const { return base_avail_ - domain_->dma_avail(); }
   uint64_t extra_mappings() const { return domain_->stats().mappings - base_mappings_; }
 
+  const GuestFacts* facts_ = nullptr;
+  iommu::IovaWindow msi_;
   DmaMemory queues_;
   std::optional<KmsgWatch> kmsg_;
   std::unique_ptr<VfioDomain> domain_;
@@ -244,17 +255,21 @@ TEST_F(ArenaVfio, StaleWindowIsBoundedByPageCount) {
   EXPECT_TRUE(mem->all_equal(0x77));
 }
 
-// An arena narrowed to 16 MiB around the MSI hole (14 MiB below, 2 MiB
-// above): filling it hands out every usable page, none inside the hole, and
-// the kernel accepts a real mapping at every range.
+// An arena narrowed to 17 MiB around the MSI hole (1 MiB on x86: 14 MiB
+// below it, 2 MiB above): filling it hands out every usable page, none inside
+// the hole, and the kernel accepts a real mapping at every range.
 TEST_F(ArenaVfio, NeverHandsOutTheMsiHole) {
   ArenaConfig cfg = quiet_config(false);
   cfg.iova_start = 0xfe00'0000;
   cfg.iova_end = 0xff0f'ffff;
+  ASSERT_TRUE(msi_.start > cfg.iova_start && msi_.last < cfg.iova_end)
+      << fmt::format("the hole {:#x}-{:#x} is not inside the test's range", msi_.start, msi_.last);
   auto arena = make_arena(cfg);
   ASSERT_TRUE(arena);
   constexpr uint64_t kLen = 64 << 10;
-  EXPECT_EQ(arena->stats().total_pages, (16ull << 20) / kPage);
+  const uint64_t below = (msi_.start - cfg.iova_start) / kLen;
+  const uint64_t above = (cfg.iova_end - msi_.last) / kLen;
+  EXPECT_EQ(arena->stats().total_pages, (cfg.iova_end + 1 - cfg.iova_start - msi_.size()) / kPage);
 
   auto mem = DmaMemory::allocate(kLen);
   ASSERT_TRUE(mem) << mem.error().what();
@@ -265,8 +280,8 @@ TEST_F(ArenaVfio, NeverHandsOutTheMsiHole) {
       EXPECT_EQ(span.error().code, Errc::no_space) << span.error().what();
       break;
     }
-    ASSERT_LE(spans.size(), 256u) << "more ranges than the narrowed space holds";
-    EXPECT_TRUE(span->end() <= kMsiFirst || span->iova > kMsiLast)
+    ASSERT_LE(spans.size(), below + above) << "more ranges than the narrowed space holds";
+    EXPECT_TRUE(span->end() <= msi_.start || span->iova > msi_.last)
         << fmt::format("range {:#x}+{:#x} overlaps the MSI hole", span->iova, span->len);
     EXPECT_GE(span->iova, cfg.iova_start);
     EXPECT_LE(span->end() - 1, cfg.iova_end);
@@ -274,18 +289,20 @@ TEST_F(ArenaVfio, NeverHandsOutTheMsiHole) {
     ASSERT_TRUE(st) << st.error().what();
     spans.push_back(*span);
   }
-  // 14 MiB below and 2 MiB above the hole, in 64 KiB ranges.
-  EXPECT_EQ(spans.size(), 256u);
-  EXPECT_EQ(std::count_if(spans.begin(), spans.end(), [](const IovaSpan& s) { return s.iova > kMsiLast; }), 32);
+  // Every 64 KiB range below and above the hole.
+  EXPECT_EQ(spans.size(), below + above);
+  EXPECT_EQ(std::count_if(spans.begin(), spans.end(), [&](const IovaSpan& s) { return s.iova > msi_.last; }),
+            static_cast<std::ptrdiff_t>(above));
   std::sort(spans.begin(), spans.end(), [](const IovaSpan& a, const IovaSpan& b) { return a.iova < b.iova; });
   for (size_t i = 1; i < spans.size(); ++i) EXPECT_LE(spans[i - 1].end(), spans[i].iova) << "ranges overlap";
   EXPECT_EQ(kernel_entries(), spans.size());
 
   // The device reaches the first range above the hole.
-  const auto above = std::find_if(spans.begin(), spans.end(), [](const IovaSpan& s) { return s.iova > kMsiLast; });
-  ASSERT_NE(above, spans.end());
+  const auto first_above =
+      std::find_if(spans.begin(), spans.end(), [&](const IovaSpan& s) { return s.iova > msi_.last; });
+  ASSERT_NE(first_above, spans.end());
   mem->fill(0xa5);
-  ASSERT_TRUE(read(2048, 8, above->iova));
+  ASSERT_TRUE(read(2048, 8, first_above->iova));
   EXPECT_EQ(check_disk_pattern(mem->bytes().subspan(0, kPage), 2048), "");
 
   for (const IovaSpan& s : spans) ASSERT_TRUE(arena->free(s));
@@ -309,6 +326,8 @@ TEST_F(ArenaVfio, HonoursA32BitDmaLimit) {
   auto mem = DmaMemory::allocate(kLen);
   ASSERT_TRUE(mem) << mem.error().what();
 
+  // Every 1 MiB range from the start to 4 GiB except the hole's.
+  const uint64_t low_ranges = (0x1'0000'0000 - cfg.iova_start - msi_.size()) / kLen;
   std::vector<IovaSpan> low;
   for (;;) {
     auto span = arena->alloc({kLen, 0, 0xffff'ffff});
@@ -316,14 +335,13 @@ TEST_F(ArenaVfio, HonoursA32BitDmaLimit) {
       EXPECT_EQ(span.error().code, Errc::no_space) << span.error().what();
       break;
     }
-    ASSERT_LE(low.size(), 32u);
+    ASSERT_LE(low.size(), low_ranges);
     EXPECT_LE(span->end() - 1, 0xffff'ffffu) << fmt::format("range {:#x}+{:#x} ends above 4 GiB", span->iova, span->len);
-    EXPECT_TRUE(span->end() <= kMsiFirst || span->iova > kMsiLast);
+    EXPECT_TRUE(span->end() <= msi_.start || span->iova > msi_.last);
     ASSERT_TRUE(domain_->map(mem->data(), span->iova, kLen, iommu::kReadWrite));
     low.push_back(*span);
   }
-  // 14 MiB below the hole and 17 MiB between it and 4 GiB.
-  EXPECT_EQ(low.size(), 31u);
+  EXPECT_EQ(low.size(), low_ranges);
 
   auto high = arena->alloc({kLen, 0, ~0ull});
   ASSERT_TRUE(high) << high.error().what();
@@ -344,6 +362,62 @@ TEST_F(ArenaVfio, HonoursA32BitDmaLimit) {
   EXPECT_EQ(kernel_entries(), 0u);
   EXPECT_EQ(arena->stats().pages_in_use, 0u);
   EXPECT_TRUE(arena->check());
+}
+
+// The space ends where the guest's IOMMU does: VFIO's last window ends at
+// 2^MGAW - 1 of the IOMMU's capability register. An arena over the top
+// 16 MiB hands out every range up to the last IOVA, the device's write
+// lands in the highest page, and an arena starting past the end is refused.
+TEST_F(ArenaVfio, ReachesTheTopOfTheGuestsIovaSpace) {
+  const uint64_t top = facts_->iova_last();
+  std::cout << fmt::format("guest IOMMU: {}-bit, last IOVA {:#x}\n", facts_->address_bits, top);
+  ASSERT_NE(facts_->dmar_address_bits, 0u) << "no Intel IOMMU capability register in sysfs\n" << facts_->str();
+  ASSERT_EQ(top, (1ull << facts_->dmar_address_bits) - 1) << facts_->str();
+  ASSERT_EQ(domain_->info().windows.back().last, top);
+
+  ArenaConfig cfg = quiet_config(false);
+  constexpr uint64_t kSpace = 16ull << 20;
+  constexpr uint64_t kLen = 1ull << 20;
+  cfg.iova_start = top + 1 - kSpace;
+  cfg.iova_end = 0;  // to the end of the last window
+  auto arena = make_arena(cfg);
+  ASSERT_TRUE(arena);
+  EXPECT_EQ(arena->stats().total_pages, kSpace / kPage);
+  std::vector<IovaSpan> spans;
+  for (;;) {
+    auto span = arena->alloc({kLen, 0, ~0ull});
+    if (!span) {
+      EXPECT_EQ(span.error().code, Errc::no_space) << span.error().what();
+      break;
+    }
+    ASSERT_LT(spans.size(), kSpace / kLen) << "more ranges than the space holds";
+    EXPECT_GE(span->iova, cfg.iova_start);
+    EXPECT_LE(span->end() - 1, top);
+    spans.push_back(*span);
+  }
+  ASSERT_EQ(spans.size(), kSpace / kLen);
+  const auto highest =
+      *std::max_element(spans.begin(), spans.end(), [](const IovaSpan& a, const IovaSpan& b) { return a.iova < b.iova; });
+  EXPECT_EQ(highest.end() - 1, top);
+
+  auto mem = DmaMemory::allocate(kLen);
+  ASSERT_TRUE(mem) << mem.error().what();
+  ASSERT_TRUE(domain_->map(mem->data(), highest.iova, kLen, iommu::kReadWrite));
+  mem->fill(0xa5);
+  ASSERT_TRUE(read(4321, 8, top + 1 - kPage));
+  EXPECT_EQ(check_disk_pattern(mem->bytes().subspan(kLen - kPage, kPage), 4321), "");
+  EXPECT_TRUE(all_bytes(mem->data(), kLen - kPage, 0xa5));
+
+  for (const IovaSpan& s : spans) ASSERT_TRUE(arena->free(s));
+  ASSERT_TRUE(arena->flush());
+  EXPECT_EQ(kernel_entries(), 0u);
+
+  ArenaConfig past = quiet_config(false);
+  past.iova_start = top + 1;
+  past.iova_end = 0;
+  auto none = IovaArena::create(*domain_, past);
+  ASSERT_FALSE(none) << "an arena past the last IOVA was created";
+  EXPECT_EQ(none.error().code, Errc::invalid_argument);
 }
 
 }  // namespace

@@ -1,9 +1,11 @@
 // Guest test: the buffer allocator on the real VFIO domain of an NVMe
-// controller, with EAL hugepage memory. Large buffers are built from 2 MiB
-// hugepages on 2 MiB-aligned IOVAs and mapped with one entry per virtually
-// contiguous run; the device's writes land in the right bytes of the right
-// chunk. When the hugepages are really used up, buffers come from 4 KiB
-// anonymous memory and still work. Freeing everything and trimming returns
+// controller, with the memory the guest has. With hugepages, large buffers
+// are built from 2 MiB hugepages on 2 MiB-aligned IOVAs and mapped with one
+// entry per virtually contiguous run; the device's writes land in the right
+// bytes of the right chunk. When the hugepages are really used up, buffers
+// come from 4 KiB anonymous memory and still work. In a guest without
+// hugepages the EAL runs on 4 KiB pages and every buffer comes from the
+// anonymous source from the start. Freeing everything and trimming returns
 // the domain to where it started.
 //
 // The cases share one EAL, domain, allocator and controller (the EAL starts
@@ -22,6 +24,7 @@
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
 #include "checks.hpp"
+#include "facts.hpp"
 #include "guest.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/vfio.hpp"
@@ -43,9 +46,13 @@ constexpr uint16_t kQueueEntries = 16;
 constexpr uint64_t kDiskLbas = 16 * 2048;  // run-guest.sh's 16 MiB disk
 constexpr uint16_t kReadBlocks = 24;       // 12 KiB: PRP1 mid-page plus a PRP list
 constexpr uint64_t kSizes[] = {4ull << 10, 64ull << 10, 1ull << 20, 4ull << 20, 16ull << 20, 64ull << 20};
+// The hugepage cases hold 4 + 16 + 64 MiB of pages plus the carved parents
+// (44 pages) in slabs of 16 before they use the rest up.
+constexpr uint64_t kHugeCasePages = 64;
 
 // What every case uses; built once, torn down after the last case.
 struct Rig {
+  bool huge = false;  // the guest has free hugepages: the EAL and the allocator use them
   std::unique_ptr<VfioDomain> domain;
   std::unique_ptr<IovaArena> arena;
   std::unique_ptr<BufferAllocator> buffers;
@@ -100,11 +107,26 @@ class BufferVfio : public ::testing::Test {
   }
 
   static std::string build_rig(Rig& r) {
+    const auto& facts = guest_facts();
+    if (!facts) return facts.error().what();
+    std::cout << facts->str() << "\n";
+    if (auto bound = on_vfio(kNvmeBdf, "the NVMe under test"); !bound) return bound.message();
+    r.huge = facts->hugepages_free > 0;
+    if (r.huge && facts->hugepage_kb != 2048)
+      return fmt::format("the default hugepage size is {} KiB; these cases use 2 MiB pages", facts->hugepage_kb);
+    if (r.huge && facts->hugepages_free < kHugeCasePages)
+      return fmt::format("{} free hugepages: the hugepage cases need at least {} (0 runs the 4 KiB cases)",
+                         facts->hugepages_free, kHugeCasePages);
+    // auto: the EAL takes hugepages exactly when the guest has some free.
+    // Its --no-huge heap stays small: these cases never use it.
     base::EalSettings eal;
-    eal.mode = "huge";
+    eal.mode = "auto";
+    eal.memory_mb = 64;
     auto info = base::ensure_eal(eal);
     if (!info) return info.error().what();
-    if (!(*info)->hugepages) return "EAL started without hugepages";
+    if ((*info)->hugepages != r.huge)
+      return fmt::format("the EAL chose {} ({}) but the guest has {} free hugepages",
+                         (*info)->hugepages ? "hugepages" : "4 KiB pages", (*info)->reason, facts->hugepages_free);
     auto domain = VfioDomain::open(std::string_view(kNvmeBdf));
     if (!domain) return domain.error().what();
     r.domain = std::move(*domain);
@@ -193,6 +215,24 @@ class BufferVfio : public ::testing::Test {
     return ::testing::AssertionSuccess() << fmt::format("read at offset {:#x}", off);
   }
 
+  // Every size from anonymous 4 KiB memory, as one run, reached by the
+  // device; the buffers are kept for the last case.
+  static ::testing::AssertionResult expect_anonymous(uint64_t lba) {
+    for (uint64_t len : kSizes) {
+      auto counted = ::testing::AssertionSuccess();
+      auto b = alloc_counted(len, counted);
+      if (!b) return ::testing::AssertionFailure() << len << " bytes: " << b.error().what();
+      if (!counted) return counted;
+      for (const BufferChunk& c : b->chunks())
+        if (c.source != "anon-4K") return ::testing::AssertionFailure() << "not anonymous: " << describe(*b);
+      if (b->mappings() != 1u) return ::testing::AssertionFailure() << "not one run: " << describe(*b);
+      if (auto landed = read_lands(*b, lba); !landed) return landed << " (" << len << " bytes)";
+      lba += 1000;
+      rig->held.push_back(std::move(*b));
+    }
+    return ::testing::AssertionSuccess();
+  }
+
   static const alloc_buffer::MemorySource* source(std::string_view name) {
     for (const auto* s : rig->buffers->sources())
       if (s->name() == name) return s;
@@ -200,10 +240,20 @@ class BufferVfio : public ::testing::Test {
   }
 };
 
-// Hugepages available: chunks of 2 MiB from hugepages on 2 MiB-aligned IOVAs
-// for every buffer of 2 MiB and more, carved hugepage pieces for 1 MiB and
-// 64 KiB, anonymous memory for 4 KiB (the smallest order).
-TEST_F(BufferVfio, HugepageBuffersMapByRunsAndReceiveDeviceData) {
+// With hugepages: chunks of 2 MiB from hugepages on 2 MiB-aligned IOVAs for
+// every buffer of 2 MiB and more, carved hugepage pieces for 1 MiB and
+// 64 KiB, anonymous memory for 4 KiB (the smallest order). Without: the
+// anonymous source is the allocator's only one and serves every size as one
+// run.
+TEST_F(BufferVfio, BuffersFromTheGuestsMemoryMapByRunsAndReceiveDeviceData) {
+  std::vector<std::string_view> names;
+  for (const auto* src : rig->buffers->sources()) names.push_back(src->name());
+  std::sort(names.begin(), names.end());
+  if (rig->huge) {
+    EXPECT_EQ(names, (std::vector<std::string_view>{"anon-4K", "carved-1M", "carved-64K", "hugepage-2M"}));
+  } else {
+    EXPECT_EQ(names, std::vector<std::string_view>{"anon-4K"});
+  }
   EXPECT_EQ(rig->base_mappings, 1u) << "the control buffer is one mapping";
   EXPECT_EQ(rig->empty_avail - rig->base_avail, 1u);
   uint64_t lba = 100;
@@ -222,7 +272,10 @@ TEST_F(BufferVfio, HugepageBuffersMapByRunsAndReceiveDeviceData) {
       off += c.len;
     }
     EXPECT_EQ(off, b->span());
-    if (len >= k2M) {
+    if (!rig->huge) {
+      for (const BufferChunk& c : b->chunks()) EXPECT_EQ(c.source, "anon-4K") << describe(*b);
+      EXPECT_EQ(b->mappings(), 1u) << "anonymous memory comes as one run: " << describe(*b);
+    } else if (len >= k2M) {
       EXPECT_EQ(b->chunks().size(), len / k2M) << describe(*b);
       for (const BufferChunk& c : b->chunks()) {
         EXPECT_EQ(c.source, "hugepage-2M") << describe(*b);
@@ -242,6 +295,12 @@ TEST_F(BufferVfio, HugepageBuffersMapByRunsAndReceiveDeviceData) {
     lba += 1000;
     rig->held.push_back(std::move(*b));
   }
+  if (!rig->huge) {
+    const auto* anon = source("anon-4K");
+    ASSERT_NE(anon, nullptr);
+    EXPECT_GE(anon->stats().live_bytes, (85ull << 20)) << "every buffer is anonymous memory";
+    return;
+  }
   const auto* huge = source("hugepage-2M");
   ASSERT_NE(huge, nullptr);
   EXPECT_GE(huge->stats().live_bytes, (84ull << 20)) << "4 + 16 + 64 MiB of pages plus the carved parents";
@@ -251,7 +310,16 @@ TEST_F(BufferVfio, HugepageBuffersMapByRunsAndReceiveDeviceData) {
 // fails, then 1 MiB and 64 KiB buffers until the carved pieces left in
 // partly used hugepages are gone. Every size then comes from 4 KiB
 // anonymous memory, as one run, and the device's data still lands.
+// Without hugepages there is nothing to use up: the guest's pool is empty
+// and stays so, and the sizes come from anonymous memory all the same.
 TEST_F(BufferVfio, AnonymousMemoryAfterHugepagesRunOut) {
+  if (!rig->huge) {
+    const base::HugepageCounts hp = base::read_hugepages();
+    EXPECT_EQ(hp.total, 0u) << "a guest without hugepages gained some";
+    EXPECT_EQ(source("hugepage-2M"), nullptr);
+    EXPECT_TRUE(expect_anonymous(9000));
+    return;
+  }
   const auto* huge = source("hugepage-2M");
   ASSERT_NE(huge, nullptr);
   const auto exhaust = [](uint64_t len, std::string_view from, size_t cap) -> ::testing::AssertionResult {
@@ -276,27 +344,14 @@ TEST_F(BufferVfio, AnonymousMemoryAfterHugepagesRunOut) {
   // One page may stay free: a one-page slab costs DPDK two (its element
   // header sits before the page), so a lone page is of no use to the source.
   EXPECT_LE(hp.free, 1u) << "the kernel still has free 2 MiB pages: exhaustion was not real";
-
-  uint64_t lba = 9000;
-  for (uint64_t len : kSizes) {
-    SCOPED_TRACE(fmt::format("{} bytes", len));
-    auto counted = ::testing::AssertionSuccess();
-    auto b = alloc_counted(len, counted);
-    ASSERT_TRUE(b) << b.error().what();
-    EXPECT_TRUE(counted);
-    for (const BufferChunk& c : b->chunks()) EXPECT_EQ(c.source, "anon-4K") << describe(*b);
-    EXPECT_EQ(b->mappings(), 1u) << "anonymous memory comes as one run: " << describe(*b);
-    EXPECT_TRUE(read_lands(*b, lba));
-    lba += 1000;
-    rig->held.push_back(std::move(*b));
-  }
+  EXPECT_TRUE(expect_anonymous(9000));
 }
 
 // Freeing every buffer, trimming the recycler and flushing the arena
 // leaves the domain as it was with only the control buffer; then, with the
 // controller stopped and that buffer freed too, with no mapping at all.
 TEST_F(BufferVfio, FreeTrimFlushReturnsToBaseline) {
-  ASSERT_GT(rig->held.size(), 12u) << "the earlier cases did not run";
+  ASSERT_GE(rig->held.size(), 2 * std::size(kSizes)) << "the earlier cases did not run";
   rig->held.clear();
   rig->buffers->trim(true);
   auto st = rig->arena->flush();
@@ -307,9 +362,15 @@ TEST_F(BufferVfio, FreeTrimFlushReturnsToBaseline) {
   EXPECT_EQ(s.buffers_live, 1u);
   EXPECT_EQ(s.recycled_bytes, 0u);
   EXPECT_EQ(s.pending_flush_bytes, 0u);
-  const auto* huge = source("hugepage-2M");
-  ASSERT_NE(huge, nullptr);
-  EXPECT_EQ(huge->stats().live_bytes, 0u) << "hugepages still taken after trim";
+  if (rig->huge) {
+    const auto* huge = source("hugepage-2M");
+    ASSERT_NE(huge, nullptr);
+    EXPECT_EQ(huge->stats().live_bytes, 0u) << "hugepages still taken after trim";
+  } else {
+    const auto* anon = source("anon-4K");
+    ASSERT_NE(anon, nullptr);
+    EXPECT_EQ(anon->stats().live_bytes, rig->control.span()) << "anonymous memory beyond the control buffer after trim";
+  }
   EXPECT_EQ(rig->arena->stats().pages_in_use, 5u) << "only the control buffer's pages";
 
   ASSERT_TRUE(rig->ctrl->disable());

@@ -4,9 +4,12 @@
 // controller fetches commands from the pool blocks and writes completions
 // and data where the pools say. Odd-shaped blocks (68 bytes, align 32, no
 // 4 KiB crossing) receive device writes at exactly their bytes. Afterwards
-// the pools account for every block and refuse a double free.
+// the pools account for every block and refuse a double free. The pools'
+// memory is what the guest has: hugepage pieces when it has hugepages,
+// anonymous 4 KiB pages when it has none.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
@@ -15,6 +18,7 @@
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
 #include "checks.hpp"
+#include "facts.hpp"
 #include "guest.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/vfio.hpp"
@@ -48,11 +52,20 @@ void fill(void* p, size_t n, uint8_t v) {
 class PoolVfio : public ::testing::Test {
  protected:
   void SetUp() override {
+    // Read before the EAL starts (once per process), so the hugepage counts
+    // are the guest's own.
+    const auto& facts = guest_facts();
+    ASSERT_TRUE(facts) << facts.error().what();
+    ASSERT_TRUE(on_vfio(kNvmeBdf, "the NVMe under test"));
+    huge_ = facts->hugepages_free > 0;
+    // auto: hugepages exactly when the guest has some free; the --no-huge
+    // heap stays small, the pools never use it.
     base::EalSettings eal;
-    eal.mode = "huge";
+    eal.mode = "auto";
+    eal.memory_mb = 64;
     auto info = base::ensure_eal(eal);
     ASSERT_TRUE(info) << info.error().what();
-    ASSERT_TRUE((*info)->hugepages);
+    ASSERT_EQ((*info)->hugepages, huge_) << (*info)->reason << "\n" << facts->str();
     auto domain = VfioDomain::open(std::string_view(kNvmeBdf));
     ASSERT_TRUE(domain) << domain.error().what();
     domain_ = std::move(*domain);
@@ -107,6 +120,15 @@ class PoolVfio : public ::testing::Test {
 
   static DmaRef ref(const DmaBlock& b, size_t len = kPage) { return DmaRef{b.vaddr, b.iova, len}; }
 
+  // Bytes the allocator's anonymous 4 KiB source has handed out.
+  uint64_t anon_live() const {
+    for (const auto* s : buffers_->sources())
+      if (s->name() == "anon-4K") return s->stats().live_bytes;
+    ADD_FAILURE() << "the allocator has no anon-4K source";
+    return 0;
+  }
+
+  bool huge_ = false;
   std::unique_ptr<VfioDomain> domain_;
   std::unique_ptr<iommu::IovaArena> arena_;
   std::unique_ptr<alloc_buffer::BufferAllocator> buffers_;
@@ -233,6 +255,34 @@ TEST_F(PoolVfio, OddBlocksReceiveExactlyTheDeviceWrite) {
   EXPECT_EQ(s.validation_failures, 0u);
   EXPECT_FALSE(pool.free(blocks[5])) << "a double free was accepted";
   EXPECT_EQ(pool.stats().validation_failures, 1u);
+}
+
+// Where the pools' chunks come from follows the guest: with hugepages the
+// queue pool's chunk is hugepage memory (no anonymous page is used), without
+// them the anonymous source, the allocator's only one, holds exactly it.
+TEST_F(PoolVfio, PoolChunksComeFromTheGuestsMemory) {
+  const auto q = queue_pool_->stats();
+  ASSERT_GE(q.chunks, 1u);
+  std::vector<std::string_view> names;
+  for (const auto* s : buffers_->sources()) names.push_back(s->name());
+  if (huge_) {
+    EXPECT_NE(std::find(names.begin(), names.end(), "hugepage-2M"), names.end());
+    EXPECT_EQ(anon_live(), 0u) << "pool chunks taken from anonymous memory although hugepages are free";
+  } else {
+    EXPECT_EQ(names, std::vector<std::string_view>{"anon-4K"});
+    EXPECT_EQ(anon_live(), q.chunks * q.chunk_bytes);
+  }
+  // A 64 KiB block pool grows by one chunk from the same memory.
+  auto big = DmaPool::create(*buffers_, "big", 64 << 10, 64 << 10, 0);
+  ASSERT_TRUE(big) << big.error().what();
+  const uint64_t anon_before = anon_live();
+  auto b = (*big)->alloc();
+  ASSERT_TRUE(b) << b.error().what();
+  EXPECT_EQ(b->iova % (64 << 10), 0u);
+  const auto s = (*big)->stats();
+  EXPECT_EQ(s.chunks, 1u);
+  EXPECT_EQ(anon_live() - anon_before, huge_ ? 0u : s.chunk_bytes);
+  EXPECT_TRUE((*big)->free(*b));
 }
 
 }  // namespace

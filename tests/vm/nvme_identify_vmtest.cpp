@@ -46,6 +46,7 @@ std::string ascii_field(const std::byte* base, size_t off, size_t len) {
 class NvmeVfio : public ::testing::Test {
  protected:
   void SetUp() override {
+    ASSERT_TRUE(on_vfio(kNvmeBdf, "the NVMe under test"));
     auto kmsg = KmsgWatch::open();
     ASSERT_TRUE(kmsg) << kmsg.error().what();
     kmsg_.emplace(std::move(*kmsg));

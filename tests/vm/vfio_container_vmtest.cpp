@@ -2,15 +2,22 @@
 // emulated Intel IOMMU. What the container reports must be what the kernel
 // reports for this IOMMU; refused requests must be clear errors that agree
 // with the simulated domain; bad input must fail cleanly without leaking fds.
+// Expectations come from the guest's own facts (the Intel IOMMU's capability
+// register, the dma_entry_limit parameter, the devices on vfio-pci), so the
+// file holds in guests with other IOMMU widths or devices.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <linux/vfio.h>
 #include <sys/ioctl.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <iostream>
 #include <memory>
 #include <string>
 
+#include "checks.hpp"
+#include "facts.hpp"
 #include "guest.hpp"
 #include "iommu/pci.hpp"
 #include "iommu/sim_domain.hpp"
@@ -24,8 +31,6 @@ namespace pci = iommu::pci;
 using ::testing::HasSubstr;
 
 constexpr uint64_t kPage = 4096;
-constexpr uint64_t kGuestPageSizes = 0x40201000;  // 4K | 2M | 1G
-const std::vector<iommu::IovaWindow> kGuestWindows = {{0x0, 0xfedfffff}, {0xfef00000, 0x7fffffffff}};
 
 size_t open_fds() {
   size_t n = 0;
@@ -33,11 +38,39 @@ size_t open_fds() {
   return n;
 }
 
-// Every test must leave the process with the fds it started with.
+// Every test must leave the process with the fds it started with. The
+// guest facts are read first (once per process, with no group open).
 class Vfio : public ::testing::Test {
  protected:
-  void SetUp() override { fds_ = open_fds(); }
-  void TearDown() override { EXPECT_EQ(open_fds(), fds_) << "file descriptors leaked"; }
+  void SetUp() override {
+    const auto& facts = guest_facts();
+    ASSERT_TRUE(facts) << facts.error().what();
+    facts_ = &*facts;
+    ASSERT_TRUE(on_vfio(kNvmeBdf, "the NVMe under test"));
+    fds_ = open_fds();
+  }
+  void TearDown() override {
+    if (fds_ != 0) {
+      EXPECT_EQ(open_fds(), fds_) << "file descriptors leaked";
+    }
+  }
+
+  // A device on vfio-pci in another usable group than the NVMe's.
+  ::testing::AssertionResult other_device(std::string& bdf) const {
+    bdf = facts_->other_usable_device(kNvmeBdf);
+    if (!bdf.empty()) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "this case needs a second device on vfio-pci in a group of its own\n"
+                                         << facts_->str();
+  }
+
+  // What the IOMMU's capability register says VFIO must report: the MGAW
+  // wide space with the x86 MSI range cut out.
+  std::vector<iommu::IovaWindow> expected_windows() const {
+    const uint64_t top = facts_->dmar_address_bits >= 64 ? ~0ull : (1ull << facts_->dmar_address_bits) - 1;
+    return {{0, kX86MsiFirst - 1}, {kX86MsiLast + 1, top}};
+  }
+
+  const GuestFacts* facts_ = nullptr;
   size_t fds_ = 0;
 };
 
@@ -69,11 +102,14 @@ TEST_F(Vfio, ContainerReportsTheGuestIommu) {
   EXPECT_EQ((*c)->iommu_type(), static_cast<uint32_t>(VFIO_TYPE1v2_IOMMU));
   const auto& info = (*c)->info();
   EXPECT_EQ(info.backend, "vfio-type1v2");
-  EXPECT_EQ(info.page_sizes, kGuestPageSizes);
-  EXPECT_EQ(info.windows, kGuestWindows);
+  std::cout << facts_->str() << "\n";
+  ASSERT_NE(facts_->dmar_address_bits, 0u) << "no Intel IOMMU capability register in sysfs";
+  EXPECT_EQ(info.page_sizes, facts_->dmar_page_sizes);
+  EXPECT_EQ(info.windows, expected_windows());
   ASSERT_TRUE(info.dma_avail.has_value());
-  EXPECT_EQ(*info.dma_avail, 65535u);
-  EXPECT_EQ((*c)->dma_avail(), 65535u);
+  ASSERT_GT(facts_->dma_entry_limit, 0u) << "vfio_iommu_type1's dma_entry_limit is unreadable";
+  EXPECT_EQ(*info.dma_avail, facts_->dma_entry_limit);
+  EXPECT_EQ((*c)->dma_avail(), facts_->dma_entry_limit);
   auto after = g->status();
   ASSERT_TRUE(after);
   EXPECT_TRUE(*after & VFIO_GROUP_FLAGS_CONTAINER_SET);
@@ -88,7 +124,7 @@ TEST_F(Vfio, MapAndUnmapReachTheKernel) {
 
   ASSERT_TRUE(dom.map(mem->data(), 0x100000, 2 * kPage, iommu::kReadWrite));
   ASSERT_TRUE(dom.map(mem->data() + 2 * kPage, 0x102000, 2 * kPage, iommu::kRead));
-  EXPECT_EQ(dom.dma_avail(), 65533u);  // the kernel counts one entry per MAP_DMA
+  EXPECT_EQ(dom.dma_avail(), facts_->dma_entry_limit - 2);  // the kernel counts one entry per MAP_DMA
   auto s = dom.stats();
   EXPECT_EQ(s.map_calls, 2u);
   EXPECT_EQ(s.mappings, 2u);
@@ -113,7 +149,7 @@ TEST_F(Vfio, MapAndUnmapReachTheKernel) {
   EXPECT_EQ(s.mappings, 0u);
   EXPECT_EQ(s.mapped_bytes, 0u);
   EXPECT_EQ(s.unmap_calls, 1u);
-  EXPECT_EQ(dom.dma_avail(), 65535u);
+  EXPECT_EQ(dom.dma_avail(), facts_->dma_entry_limit);
   // Unmapping nothing succeeds and removes nothing (type1v2 semantics).
   EXPECT_TRUE(dom.unmap(0x100000, kPage));
 }
@@ -140,12 +176,18 @@ int raw_map_errno(int container_fd, const void* vaddr, uint64_t iova, uint64_t l
 TEST_F(Vfio, MapsIntoTheMsiHoleOrPastTheWidthAreRefusedLikeTheSimDomain) {
   auto d = vfio::VfioDomain::open(std::string_view(kNvmeBdf));
   ASSERT_TRUE(d) << d.error().what();
-  auto sim = iommu::SimDomain::create();
+  // The simulated domain models this guest's IOMMU width.
+  iommu::SimConfig sim_cfg;
+  sim_cfg.address_bits = facts_->address_bits;
+  auto sim = iommu::SimDomain::create(sim_cfg);
   ASSERT_TRUE(sim) << sim.error().what();
   auto mem = DmaMemory::allocate(kPage);
   ASSERT_TRUE(mem) << mem.error().what();
+  const uint64_t top = facts_->iova_last();
+  ASSERT_EQ(top, expected_windows().back().last) << facts_->str();
 
-  for (uint64_t iova : {0xfee00000ull, 0xfeeff000ull, 0x8000000000ull, 0xfedff000ull + kPage}) {
+  // The MSI range's first and last page, and the first page past the width.
+  for (uint64_t iova : {kX86MsiFirst, kX86MsiLast + 1 - kPage, top + 1}) {
     auto r = (*d)->map(mem->data(), iova, kPage, iommu::kReadWrite);
     ASSERT_FALSE(r) << fmt::format("{:#x}", iova);
     EXPECT_EQ(r.error().code, Errc::invalid_argument);
@@ -160,7 +202,7 @@ TEST_F(Vfio, MapsIntoTheMsiHoleOrPastTheWidthAreRefusedLikeTheSimDomain) {
         << fmt::format("{:#x}", iova);
   }
   // A range that straddles the hole's lower edge.
-  auto straddle = (*d)->map(mem->data(), 0xfedff000, 2 * kPage, iommu::kReadWrite);
+  auto straddle = (*d)->map(mem->data(), kX86MsiFirst - kPage, 2 * kPage, iommu::kReadWrite);
   ASSERT_FALSE(straddle);
   EXPECT_EQ(straddle.error().code, Errc::invalid_argument);
   // Misaligned: refused before the kernel.
@@ -169,8 +211,8 @@ TEST_F(Vfio, MapsIntoTheMsiHoleOrPastTheWidthAreRefusedLikeTheSimDomain) {
   EXPECT_EQ(odd.error().code, Errc::invalid_argument);
   EXPECT_THAT(odd.error().message, HasSubstr("not aligned"));
   // The last page below the hole and the last page of the window are fine.
-  EXPECT_TRUE((*d)->map(mem->data(), 0xfedff000, kPage, iommu::kReadWrite));
-  EXPECT_TRUE((*d)->map(mem->data(), 0x7ffffff000, kPage, iommu::kReadWrite));
+  EXPECT_TRUE((*d)->map(mem->data(), kX86MsiFirst - kPage, kPage, iommu::kReadWrite));
+  EXPECT_TRUE((*d)->map(mem->data(), top + 1 - kPage, kPage, iommu::kReadWrite));
   EXPECT_EQ((*d)->stats().mappings, 2u);
 }
 
@@ -264,44 +306,54 @@ TEST_F(Vfio, ADeviceOfAnotherGroupIsRefusedByTheDomain) {
   auto d = vfio::VfioDomain::open(std::string_view(kNvmeBdf));
   ASSERT_TRUE(d) << d.error().what();
   // VfioDomain::open_device never attaches by itself (core::Context does).
-  auto nic = (*d)->open_device(kNicBdf);
-  ASSERT_FALSE(nic);
-  EXPECT_EQ(nic.error().code, Errc::not_found);
-  EXPECT_THAT(nic.error().message, HasSubstr("did not attach"));
+  std::string other;
+  ASSERT_TRUE(other_device(other));
+  auto dev = (*d)->open_device(other);
+  ASSERT_FALSE(dev);
+  EXPECT_EQ(dev.error().code, Errc::not_found);
+  EXPECT_THAT(dev.error().message, HasSubstr("did not attach"));
 }
 
 TEST_F(Vfio, TwoGroupsShareOneContainer) {
-  const std::string both[] = {kNvmeBdf, kNicBdf};
+  std::string other;
+  ASSERT_TRUE(other_device(other));
+  const std::string both[] = {kNvmeBdf, other};
   auto d = vfio::VfioDomain::open(both);
   ASSERT_TRUE(d) << d.error().what();
   EXPECT_EQ((*d)->group_count(), 2u);
   auto nvme = (*d)->open_device(kNvmeBdf);
   ASSERT_TRUE(nvme) << nvme.error().what();
-  auto nic = (*d)->open_device(kNicBdf);
-  ASSERT_TRUE(nic) << nic.error().what();
+  auto dev = (*d)->open_device(other);
+  ASSERT_TRUE(dev) << dev.error().what();
   auto mem = DmaMemory::allocate(kPage);
   ASSERT_TRUE(mem);
   EXPECT_TRUE((*d)->map(mem->data(), 0x100000, kPage, iommu::kReadWrite));
 }
 
 TEST_F(Vfio, ADeviceNotOnVfioPciIsAClearError) {
+  std::string other;
+  ASSERT_TRUE(other_device(other));
   pci::BindOptions opt;
   opt.state_dir = "/tmp/dmakit-vmtest-state";
-  auto released = pci::unbind_vfio(kNicBdf, opt);
+  auto released = pci::unbind_vfio(other, opt);
   ASSERT_TRUE(released) << released.error().what();
   ASSERT_TRUE(released->was_bound);
-  EXPECT_EQ(released->restored_driver, "");  // the guest kernel has no e1000e driver
+  // Whatever driver the guest kernel has for it (often none) took it back.
+  auto now = pci::current_driver(*pci::Bdf::parse(other));
+  ASSERT_TRUE(now) << now.error().what();
+  EXPECT_NE(*now, "vfio-pci");
+  EXPECT_EQ(released->restored_driver, *now);
 
-  auto d = vfio::VfioDomain::open(std::string_view(kNicBdf));
+  auto d = vfio::VfioDomain::open(std::string_view(other));
   ASSERT_FALSE(d);
   EXPECT_EQ(d.error().code, Errc::not_found);
-  EXPECT_THAT(d.error().message, HasSubstr("0000:00:04.0 (no driver)"));
+  EXPECT_THAT(d.error().message, HasSubstr(fmt::format("{} ({})", other, now->empty() ? "no driver" : *now)));
   EXPECT_THAT(d.error().message, HasSubstr("dmakit bind"));
 
-  auto bound = pci::bind_vfio(kNicBdf, opt);
+  auto bound = pci::bind_vfio(other, opt);
   ASSERT_TRUE(bound) << bound.error().what();
-  EXPECT_EQ(bound->previous_driver, "");
-  auto again = vfio::VfioDomain::open(std::string_view(kNicBdf));
+  EXPECT_EQ(bound->previous_driver, *now);
+  auto again = vfio::VfioDomain::open(std::string_view(other));
   EXPECT_TRUE(again) << again.error().what();
 }
 
@@ -319,18 +371,25 @@ TEST_F(Vfio, ProbeReportsTheBoundGroups) {
   EXPECT_TRUE(r->present) << r->reason;
   EXPECT_EQ(r->api_version, VFIO_API_VERSION);
   EXPECT_TRUE(r->type1v2);
-  int probed = 0;
+  std::vector<int> probed;
   for (const auto& g : r->groups) {
     if (!g.all_vfio) continue;
-    ++probed;
+    probed.push_back(g.number);
     EXPECT_EQ(g.error, "");
     ASSERT_TRUE(g.iommu.has_value()) << "group " << g.number;
     EXPECT_EQ(g.viable, std::optional<bool>(true));
-    EXPECT_EQ(g.iommu->page_sizes, kGuestPageSizes);
-    EXPECT_EQ(g.iommu->windows, kGuestWindows);
-    EXPECT_EQ(g.iommu->dma_avail, std::optional<uint32_t>(65535));
+    EXPECT_EQ(g.iommu->page_sizes, facts_->dmar_page_sizes);
+    EXPECT_EQ(g.iommu->windows, expected_windows());
+    EXPECT_EQ(g.iommu->dma_avail, std::optional<uint32_t>(facts_->dma_entry_limit));
   }
-  EXPECT_EQ(probed, 2);  // the NVMe and the NIC
+  // Exactly the groups sysfs shows with every member on vfio-pci.
+  std::vector<int> want;
+  for (const auto& g : facts_->groups)
+    if (g.all_vfio) want.push_back(g.number);
+  std::sort(probed.begin(), probed.end());
+  std::sort(want.begin(), want.end());
+  EXPECT_FALSE(want.empty());
+  EXPECT_EQ(probed, want) << facts_->str();
 }
 
 }  // namespace

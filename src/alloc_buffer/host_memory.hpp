@@ -1,0 +1,65 @@
+// HostMemoryGuard: refuses anonymous DMA memory the host cannot back.
+//
+// Committing anonymous memory (mprotect to read-write) succeeds under the
+// default overcommit policy whatever the host has left; the pages are only
+// found missing when someone first touches them - the caller filling a
+// buffer, the zeroing thread, or VFIO pinning it at map time - and then the
+// OOM killer ends the process without a message. So before the anonymous
+// source commits a run, the guard checks it against what the kernel reports
+// as available (MemAvailable in /proc/meminfo) less a reserve for everything
+// else, and the request fails with Errc::no_memory instead.
+//
+// The file is read at most every kRefresh; in between, bytes committed
+// since the last read are subtracted from it, so a burst of takes cannot
+// all pass on one stale figure. Pages given back raise MemAvailable at the
+// next read.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <string_view>
+
+#include "base/error.hpp"
+
+namespace dmakit::alloc_buffer {
+
+class HostMemoryGuard {
+ public:
+  static constexpr std::chrono::milliseconds kRefresh{10};
+
+  // The process's guard on /proc/meminfo, shared by every anonymous source.
+  static HostMemoryGuard& process();
+
+  // reserve_bytes 0 = MemTotal / 16, kept within [32 MiB, 1 GiB].
+  explicit HostMemoryGuard(std::string meminfo_path, uint64_t reserve_bytes = 0);
+
+  // OK and counted when `bytes` more can be committed; else Errc::no_memory
+  // naming who asked, the size, what is available and the reserve. When the
+  // file cannot be read the guard lets everything through (and says so once
+  // in the log): it must never be the reason memory that exists is refused.
+  Status admit(uint64_t bytes, std::string_view who);
+  // Bytes admitted before and now given back to the kernel.
+  void give_back(uint64_t bytes);
+
+  uint64_t refusals() const;
+
+ private:
+  struct Reading {
+    uint64_t available = 0, total = 0;
+    bool ok = false;
+  };
+  Reading read() const;
+
+  std::string path_;
+  uint64_t reserve_fixed_;
+  mutable std::mutex mu_;
+  Reading last_;
+  std::chrono::steady_clock::time_point read_at_{};
+  uint64_t since_read_ = 0;  // bytes admitted since last_ was read
+  uint64_t refusals_ = 0;
+  bool warned_ = false;
+};
+
+}  // namespace dmakit::alloc_buffer
