@@ -70,7 +70,7 @@ struct Options {
 };
 
 // A finished command. status is the completion's status field: SC in bits
-// 7:0, SCT in 10:8, More and DNR above (0 = success).
+// 7:0, SCT in 10:8, CRD, More and DNR above (0 = success).
 struct Completion {
   uint16_t cid = 0;
   uint16_t status = 0;
@@ -114,8 +114,8 @@ class Queue {
   // Interrupts consumed while waiting so far.
   uint64_t interrupts() const { return interrupts_; }
 
-  // Queues an NVM command for namespace nsid and rings the doorbell; returns
-  // its CID for wait(). data may be empty (Flush).
+  // Queues an NVM Read or Write of blocks LBAs from lba of namespace nsid
+  // and rings the doorbell; returns its CID for wait().
   Result<uint16_t> submit(uint8_t opcode, uint32_t nsid, uint64_t lba, uint32_t blocks, const DataRef& data);
   // Any command: the CID and the PRPs of data are filled in here.
   Result<uint16_t> submit(const RawCommand& cmd, const DataRef& data);

@@ -9,6 +9,8 @@
 #include <dmakit/dmakit.hpp>
 
 #include <algorithm>
+#include <cinttypes>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -147,6 +149,8 @@ TEST_F(NvmeDriver, PatternsReadBackEqualOnSeveralQueues) {
   ASSERT_TRUE(src && dst);
   auto src_segs = src.segments(), dst_segs = dst.segments();
   ASSERT_TRUE(src_segs && dst_segs);
+  std::printf("data buffers of %" PRIu64 " bytes: %zu and %zu host runs\n", len, src_segs->size(),
+              dst_segs->size());
 
   uint32_t seed = 1;
   for (const Case& k : cases) {
