@@ -1,6 +1,7 @@
 // dmakit: inspect the IOMMU, bind devices to vfio-pci, stress and benchmark
 // the DMA allocators.
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
 #include "base/json.hpp"
@@ -54,6 +55,12 @@ int main(int argc, char** argv) {
                  "PCI device (BDF) whose IOMMU group the context attaches; repeat for several (replaces "
                  "iommu.devices)")
       ->allow_extra_args(false);
+  // A config named by the environment must exist and be a small regular
+  // file: ignoring it silently would run with other settings than meant.
+  if (const char* env = std::getenv("DMAKIT_CONFIG"); env != nullptr && *env != '\0') {
+    if (auto st = base::check_config_file(env); !st)
+      return tool::report_error(tool, "DMAKIT_CONFIG: " + st.error().message, tool::kExitUsage);
+  }
   core::add_config_options(app, tool.cfg, base::default_config_path());
 
   tool::add_info(app, tool);

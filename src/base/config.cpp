@@ -42,6 +42,20 @@ Status check_size_list(const char* key, const std::string& list) {
   return ok();
 }
 
+Status check_config_file(const std::string& path) {
+  constexpr uint64_t kMaxBytes = 1ull << 20;
+  std::error_code ec;
+  const auto st = std::filesystem::status(path, ec);
+  if (ec || !std::filesystem::exists(st)) return fail(Errc::not_found, "{}: config file not found", path);
+  if (!std::filesystem::is_regular_file(st))
+    return fail(Errc::invalid_argument, "{}: not a regular file (a config file is TOML text)", path);
+  const auto size = std::filesystem::file_size(path, ec);
+  if (ec) return fail(Errc::io, "{}: cannot read its size: {}", path, ec.message());
+  if (size > kMaxBytes)
+    return fail(Errc::invalid_argument, "{}: {} bytes; a config file may have at most {}", path, size, kMaxBytes);
+  return ok();
+}
+
 std::string default_config_path() {
   if (const char* env = std::getenv("DMAKIT_CONFIG"); env != nullptr && *env != '\0') return env;
   for (const char* p : {"config/dmakit.toml", "/etc/dmakit/dmakit.toml"})

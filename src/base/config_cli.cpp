@@ -46,8 +46,13 @@ class FlatToml : public CLI::ConfigTOML {
 }  // namespace
 
 void add_config_file_option(CLI::App& app, std::string default_path, std::vector<SettingCheck> keys) {
-  app.set_config("--config", std::move(default_path), "TOML config file (see config/dmakit.toml)",
-                 false);
+  app.set_config("--config", std::move(default_path), "TOML config file (see config/dmakit.toml)", false)
+      ->check(CLI::Validator(
+          [](std::string& path) -> std::string {
+            auto st = check_config_file(path);
+            return st ? std::string() : st.error().message;
+          },
+          "FILE", "config file"));
   app.config_formatter(std::make_shared<FlatToml>(&app, std::move(keys)));
   app.allow_config_extras(CLI::config_extras_mode::error);
 }

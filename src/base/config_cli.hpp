@@ -29,10 +29,20 @@ struct SettingCheck {
 void add_config_file_option(CLI::App& app, std::string default_path, std::vector<SettingCheck> keys);
 
 // Adds the setting `key` as the flag "--key" bound to field, in the
-// "Settings" group, showing its default.
+// "Settings" group, showing its default. The value is parsed by
+// parse_value<T> (not CLI11's own conversion, which reads "010" as octal and
+// wraps "-1"), so a flag and a file line read the same.
 template <class T>
 CLI::Option* add_setting_flag(CLI::App& app, const std::string& key, const std::string& help, T& field) {
-  return app.add_option("--" + key, field, help)->capture_default_str()->group("Settings");
+  auto* opt = app.add_option_function<std::string>(
+      "--" + key,
+      [key, &field](const std::string& text) {
+        auto v = parse_value<T>(key, text);
+        if (!v) throw CLI::ValidationError("--" + key, v.error().message);
+        field = std::move(*v);
+      },
+      help);
+  return opt->default_str(show_value(field))->group("Settings");
 }
 
 // Turns a CLI11 parse error into one line naming the file and key when the

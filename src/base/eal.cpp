@@ -7,6 +7,7 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
@@ -135,6 +136,40 @@ Result<EalInfo> plan_eal(const EalSettings& s, const HugepageCounts& huge) {
   std::istringstream extra(s.extra_args);
   for (std::string a; extra >> a;) info.args.push_back(a);
   return info;
+}
+
+Status check_eal_extra_args(const std::string& extra_args) {
+  // Options and whether they take a value (as "--opt=v" or "--opt v").
+  static constexpr std::pair<std::string_view, bool> kAllowed[] = {
+      {"--log-level", true},       {"--iova-mode", true},     {"--base-virtaddr", true},
+      {"--socket-mem", true},      {"--socket-limit", true},  {"--huge-dir", true},
+      {"--legacy-mem", false},     {"--single-file-segments", false}, {"--match-allocations", false},
+      {"--huge-unlink", false},    {"--no-shconf", false},    {"--in-memory", false},
+      {"--vfio-intr", true},       {"--vfio-vf-token", true}, {"--no-telemetry", false},
+      {"--syslog", true},          {"--log-color", false},
+  };
+  std::istringstream in(extra_args);
+  for (std::string a; in >> a;) {
+    const std::string name = a.substr(0, a.find('='));
+    const auto* hit = std::find_if(std::begin(kAllowed), std::end(kAllowed),
+                                   [&](const auto& o) { return o.first == name; });
+    if (hit == std::end(kAllowed)) {
+      std::string allowed;
+      for (const auto& o : kAllowed) allowed += (allowed.empty() ? "" : " ") + std::string(o.first);
+      return fail(Errc::invalid_argument,
+                  "key 'eal.extra_args': '{}' is not passed to the EAL (dmakit sets the cores, file prefix, memory "
+                  "mode and PCI scan itself); allowed: {}",
+                  a, allowed);
+    }
+    if (hit->second && a.find('=') == std::string::npos) {
+      std::string value;
+      if (!(in >> value) || value.starts_with("-"))
+        return fail(Errc::invalid_argument, "key 'eal.extra_args': {} needs a value", name);
+    } else if (!hit->second && a.find('=') != std::string::npos) {
+      return fail(Errc::invalid_argument, "key 'eal.extra_args': {} takes no value", name);
+    }
+  }
+  return ok();
 }
 
 Result<const EalInfo*> ensure_eal(const EalSettings& s) {

@@ -22,6 +22,13 @@ struct HugepageCounts {
 // Reads /sys/kernel/mm/hugepages/hugepages-<kb>kB/*; all zero when absent.
 HugepageCounts read_hugepages(uint64_t page_kb = 2048);
 
+// eal.extra_args, checked before the EAL sees them: only options that tune
+// memory and logging are passed on. Anything else - --help or -h (DPDK
+// prints its usage and exits), an unknown option (usage on stdout, init
+// fails), a second -l or --file-prefix (dmakit sets them) or a bare word - is
+// Errc::invalid_argument naming the argument.
+Status check_eal_extra_args(const std::string& extra_args);
+
 struct EalInfo {
   bool started_by_dmakit = false;  // false: the host application owns the EAL
   bool hugepages = false;          // EAL memory is hugepage backed

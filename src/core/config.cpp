@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "base/log.hpp"
+#include "base/eal.hpp"
 #include "base/runtime_dir.hpp"
 #include "core/config_cli.hpp"
 #include "iommu/pci.hpp"
@@ -115,6 +116,7 @@ Status validate(const Config& c) {
   if (c.eal.memory_mb < 16)
     return fail(Errc::invalid_argument, "key 'eal.memory_mb': {} is below the 16 MiB minimum", c.eal.memory_mb);
   if (!c.eal.file_prefix.empty()) DMAKIT_TRY(base::check_file_prefix(c.eal.file_prefix));
+  DMAKIT_TRY(base::check_eal_extra_args(c.eal.extra_args));
   if (!one_of(c.iommu.backend, {"auto", "vfio", "sim"}))
     return fail(Errc::invalid_argument, "key 'iommu.backend': '{}' is not auto, vfio or sim", c.iommu.backend);
   if (auto list = iommu::pci::parse_bdf_list(c.iommu.devices); !list)
@@ -132,6 +134,12 @@ Status validate(const Config& c) {
     return fail(Errc::invalid_argument, "key 'arena.iova_end': {:#x} is not above arena.iova_start {:#x}",
                 c.arena.iova_end, c.arena.iova_start);
   DMAKIT_TRY(check_size_list("buffer.orders", c.buffer.orders));
+  if (c.pool.cache_size > 65536)
+    return fail(Errc::invalid_argument, "key 'pool.cache_size': {} is above 65536 blocks", c.pool.cache_size);
+  if (c.stress.max_bytes < 4096 || c.stress.max_bytes > (1ull << 40))
+    return fail(Errc::invalid_argument, "key 'stress.max_bytes': {} is outside 4096..1T", c.stress.max_bytes);
+  if (c.stress.seconds > 366.0 * 86400)
+    return fail(Errc::invalid_argument, "key 'stress.seconds': {} is more than a year", c.stress.seconds);
   if (c.stress.threads == 0 || c.stress.threads > 256)
     return fail(Errc::invalid_argument, "key 'stress.threads': {} is outside 1..256", c.stress.threads);
   if (!(c.stress.seconds > 0.0))

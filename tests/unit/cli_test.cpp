@@ -34,7 +34,7 @@ TEST(Cli, MalformedConfigIsOneLineNamingFileAndKeyExit2) {
   auto r = run("--config " + path.string() + " info");
   std::filesystem::remove(path);
   EXPECT_EQ(r.code, 2);
-  EXPECT_EQ(r.out, "dmakit: " + path.string() + ": key 'arena.shards': 'many' is not a non-negative integer in range\n");
+  EXPECT_EQ(r.out, "dmakit: " + path.string() + ": key 'arena.shards': 'many' is not a decimal number from 0 to 4294967295\n");
 }
 
 TEST(Cli, MissingConfigFileExit2) {
@@ -88,4 +88,33 @@ TEST(Cli, InfoListsEveryDeviceGivenWithDevice) {
   auto twice = run("info --device 00:1e.0 --device 0000:00:1e.0");
   EXPECT_EQ(twice.code, 2) << twice.out;
   EXPECT_NE(twice.out.find("named twice"), std::string::npos) << twice.out;
+}
+
+// Usage errors exit 2 with one line naming the input; the EAL never sees
+// an argument that would make it print its usage.
+TEST(Cli, BadNumbersConfigFilesAndEalArgumentsExit2) {
+  struct Case {
+    std::string args, expect;
+  } cases[] = {
+      {"stress --stress.max_bytes -1", "'-1' is not a non-negative decimal number"},
+      {"stress --stress.seconds inf", "'inf' is not a finite, non-negative decimal number"},
+      {"stress --pool.cache_size 4294967295", "pool.cache_size"},
+      {"stress --stress.max_bytes 0", "stress.max_bytes"},
+      {"stress --eal.extra_args --help", "'--help' is not passed to the EAL"},
+      {"stress --eal.extra_args=--bogus", "'--bogus' is not passed to the EAL"},
+      {"info --config /dev/zero", "/dev/zero: not a regular file"},
+      {"info --device 00:03.x", "00:03.x"},
+  };
+  for (const auto& c : cases) {
+    auto r = run(c.args);
+    EXPECT_EQ(r.code, 2) << c.args << ": " << r.out;
+    EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << ": " << r.out;
+    EXPECT_EQ(r.out.find("Usage:"), std::string::npos) << c.args << ": DPDK's usage leaked: " << r.out;
+  }
+  ::setenv("DMAKIT_CONFIG", "/nonexistent/dmakit.toml", 1);
+  auto env = run("info");
+  ::unsetenv("DMAKIT_CONFIG");
+  EXPECT_EQ(env.code, 2) << env.out;
+  EXPECT_NE(env.out.find("DMAKIT_CONFIG: /nonexistent/dmakit.toml: config file not found"), std::string::npos)
+      << env.out;
 }

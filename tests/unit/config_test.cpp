@@ -73,10 +73,16 @@ TEST(Config, MalformedValuesNameFileKeyAndReason) {
   struct Case {
     std::string text, expect;
   } cases[] = {
-      {"[arena]\nshards = four\n", "key 'arena.shards': 'four' is not a non-negative integer"},
+      {"[arena]\nshards = four\n", "key 'arena.shards': 'four' is not a decimal number from 0 to 4294967295"},
       {"[arena]\nstrict = maybe\n", "key 'arena.strict': 'maybe' is not a boolean"},
-      {"[arena]\nlarge_share = lots\n", "key 'arena.large_share': 'lots' is not a number"},
-      {"[arena]\nshards = -1\n", "key 'arena.shards': '-1' is not a non-negative integer"},
+      {"[arena]\nlarge_share = lots\n", "key 'arena.large_share': 'lots' is not a finite, non-negative"},
+      {"[arena]\nlarge_share = inf\n", "key 'arena.large_share': 'inf' is not a finite, non-negative"},
+      {"[arena]\nshards = -1\n", "key 'arena.shards': '-1' is not a decimal number"},
+      {"[arena]\nstale_max_pages = -1\n", "key 'arena.stale_max_pages': '-1' is not a non-negative decimal"},
+      {"[stress]\nmax_bytes = 0\n", "key 'stress.max_bytes': 0 is outside 4096..1T"},
+      {"[pool]\ncache_size = 4294967295\n", "key 'pool.cache_size': 4294967295 is above 65536 blocks"},
+      {"[eal]\nextra_args = \"--help\"\n", "key 'eal.extra_args': '--help' is not passed to the EAL"},
+      {"[eal]\nextra_args = \"--log-level\"\n", "key 'eal.extra_args': --log-level needs a value"},
       {"[arena]\nshards = 3\n", "key 'arena.shards': 3 is not 0 or a power of two up to 16"},
       {"[eal]\nmode = \"fast\"\n", "key 'eal.mode': 'fast' is not auto, huge or nohuge"},
       {"[buffer]\norders = \"2M,3K\"\n", "key 'buffer.orders': '3K' is not a power of two"},
@@ -107,4 +113,32 @@ TEST(Config, FlagsOverrideTheFile) {
   app.parse(args);
   EXPECT_EQ(cfg.arena.shards, 8u) << "the flag wins over the file";
   EXPECT_EQ(cfg.stress.threads, 3u) << "the file wins over the default";
+}
+
+// The same text means the same value in a file and on the command line:
+// decimal only ("010" is ten, not eight), sizes with K/M/G on 64-bit keys.
+TEST(Config, FlagsAndFileReadNumbersAlike) {
+  TempFile f("[stress]\nthreads = 010\nmax_bytes = \"16M\"\n[arena]\nstale_max_pages = 8K\n");
+  auto from_file = core::load_config_file(f.path());
+  ASSERT_TRUE(from_file) << from_file.error().what();
+  EXPECT_EQ(from_file->stress.threads, 10u);
+  EXPECT_EQ(from_file->stress.max_bytes, 16u << 20);
+  EXPECT_EQ(from_file->arena.stale_max_pages, 8192u);
+
+  core::Config cfg;
+  CLI::App app{"t"};
+  core::add_config_options(app, cfg, "");
+  std::vector<std::string> args = {"16M", "--stress.max_bytes", "010", "--stress.threads"};  // reversed
+  ASSERT_NO_THROW(app.parse(args));
+  EXPECT_EQ(cfg.stress.threads, 10u);
+  EXPECT_EQ(cfg.stress.max_bytes, 16u << 20);
+
+  for (std::vector<std::string> bad : {std::vector<std::string>{"-1", "--stress.max_bytes"},
+                                       {"inf", "--stress.seconds"}, {"0x10", "--stress.threads"},
+                                       {"1e3", "--stress.seconds"}, {"4294967296", "--stress.threads"}}) {
+    core::Config c2;
+    CLI::App app2{"t"};
+    core::add_config_options(app2, c2, "");
+    EXPECT_THROW(app2.parse(bad), CLI::ValidationError) << bad[1] << " " << bad[0];
+  }
 }
