@@ -29,6 +29,12 @@ void add_bench(CLI::App& app, Tool& tool) {
   sub->add_option("name", name, "dmapool, arena or buffer")
       ->required()
       ->check(CLI::IsMember({"dmapool", "arena", "buffer"}));
+  sub->footer(
+      "Examples:\n"
+      "  dmakit bench dmapool --json       small-block pools against DPDK's mempool and the C API\n"
+      "  dmakit bench arena                IOVA alloc/free and lazy against strict unmapping\n"
+      "  dmakit bench buffer --device 0000:00:03.0   on a real VFIO container\n"
+      "Figures are for comparison within one run; see docs/PERFORMANCE.md.");
   sub->callback([&tool] { tool.exit_code = run(tool, name); });
 }
 

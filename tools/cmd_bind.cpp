@@ -68,6 +68,14 @@ void add_bind(CLI::App& app, Tool& tool) {
   auto* unbind = app.add_subcommand("unbind", "return a PCI device from vfio-pci to the driver it had before");
   bind->add_option("bdf", *bind_bdf, "PCI address, e.g. 0000:00:03.0 or 00:03.0")->required();
   unbind->add_option("bdf", *unbind_bdf, "PCI address, e.g. 0000:00:03.0 or 00:03.0")->required();
+  bind->footer(
+      "Examples:\n"
+      "  dmakit bind 0000:00:03.0          hand the NVMe controller to vfio-pci\n"
+      "  dmakit bind 00:03.0 --json\n"
+      "Every device of its IOMMU group must be on vfio-pci (or no driver) before a context can use it.");
+  unbind->footer(
+      "Examples:\n"
+      "  dmakit unbind 0000:00:03.0        give it back to the driver bind recorded (e.g. nvme)");
   bind->callback([&tool, bind_bdf] { tool.exit_code = run_bind(tool, *bind_bdf); });
   unbind->callback([&tool, unbind_bdf] { tool.exit_code = run_unbind(tool, *unbind_bdf); });
 }

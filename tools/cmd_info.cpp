@@ -143,9 +143,10 @@ int run_info(Tool& tool, bool pools) {
   } else {
     j.add("vfio_reason", vfio ? vfio->reason : vfio.error().what());
   }
-  const bool use_vfio = tool.cfg.iommu.backend == "vfio" ||
-                        (tool.cfg.iommu.backend == "auto" && vfio && vfio->present && !tool.cfg.iommu.devices.empty());
-  j.add("backend", use_vfio ? "vfio" : "sim");
+  auto choice = core::Context::choose_backend(tool.cfg);
+  if (!choice) return report_error(tool, choice.error().what(), kExitUsage);
+  const bool use_vfio = choice->backend == "vfio";
+  j.add("backend", choice->backend).add("backend_reason", choice->reason);
   const auto devices = device_lines(tool);
   auto dev_json = base::Json::array();
   for (const auto& d : devices) {
@@ -193,7 +194,8 @@ int run_info(Tool& tool, bool pools) {
   } else {
     std::cout << "VFIO:      not available: " << (vfio ? vfio->reason : vfio.error().what()) << "\n";
   }
-  std::cout << "backend:   " << (use_vfio ? "vfio" : "sim (simulated VFIO type1 IOMMU)") << "\n";
+  std::cout << "backend:   " << (use_vfio ? "vfio" : "sim (simulated VFIO type1 IOMMU)") << " - "
+            << choice->reason << "\n";
   if (sim_info) print_iommu(*sim_info, "           ");
   for (const auto& d : devices) {
     if (d.error.empty())
@@ -214,6 +216,11 @@ void add_info(CLI::App& app, Tool& tool) {
   auto* sub = app.add_subcommand("info", "report the IOMMU, VFIO groups, hugepages and pools");
   static bool pools = false;
   sub->add_flag("--pools", pools, "create the pool.presets pools and list them as the kernel's dma pools file does");
+  sub->footer(
+      "Examples:\n"
+      "  dmakit info                       VFIO groups with their IOMMU windows, hugepages, the backend and why\n"
+      "  dmakit info --device 0000:00:03.0 --device 0000:00:05.0   the devices a context would attach\n"
+      "  dmakit info --pools --json        the pool.presets pools as the kernel's dma pools file lists them");
   sub->callback([&tool] { tool.exit_code = run_info(tool, pools); });
 }
 

@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <sstream>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -630,6 +632,7 @@ void Allocator::trim(bool all) {
 // Background threads.
 
 void Allocator::zero_loop() {
+  ::pthread_setname_np(::pthread_self(), "dmakit-zero");
   std::unique_lock lock(mu_);
   for (;;) {
     work_cv_.wait(lock, [&] { return stopping_ || (hold_zeroing_ == 0 && dirty_bytes_ != 0); });
@@ -662,6 +665,7 @@ bool Allocator::wait_prezeroed(std::chrono::milliseconds timeout) {
 // Memory pressure: a PSI trigger (150 ms of stall in a 2 s window) wakes
 // this thread, which retires every recycled buffer and flushes the arena.
 void Allocator::psi_loop(int psi_fd) {
+  ::pthread_setname_np(::pthread_self(), "dmakit-psi");
   pollfd fds[2] = {{psi_fd, POLLPRI, 0}, {stop_fd_, POLLIN, 0}};
   for (;;) {
     int n = ::poll(fds, 2, -1);
@@ -684,7 +688,15 @@ void Allocator::psi_loop(int psi_fd) {
 void Allocator::start(bool psi) {
   subscribe(arena_, this);
   subscribed_ = true;
-  if (prezero_) zero_thread_ = std::thread([this] { zero_loop(); });
+  // A thread that cannot start (std::system_error: EAGAIN, RLIMIT_NPROC)
+  // costs only its service: zeroed requests are then memset by the caller.
+  if (prezero_) {
+    try {
+      zero_thread_ = std::thread([this] { zero_loop(); });
+    } catch (const std::system_error& e) {
+      base::log().warn("buffer allocator: no pre-zeroing thread: {}", e.what());
+    }
+  }
   if (!psi) return;
   int fd = ::open("/proc/pressure/memory", O_RDWR | O_NONBLOCK | O_CLOEXEC);
   static std::once_flag logged;
@@ -711,8 +723,14 @@ void Allocator::start(bool psi) {
     ::close(fd);
     return;
   }
+  try {
+    psi_thread_ = std::thread([this, fd] { psi_loop(fd); });
+  } catch (const std::system_error& e) {
+    base::log().warn("buffer allocator: no memory-pressure thread: {}", e.what());
+    ::close(fd);
+    return;
+  }
   psi_armed_.store(true);
-  psi_thread_ = std::thread([this, fd] { psi_loop(fd); });
 }
 
 Allocator::~Allocator() {

@@ -11,8 +11,9 @@
 //
 // The file is read at most every kRefresh; in between, bytes committed
 // since the last read are subtracted from it, so a burst of takes cannot
-// all pass on one stale figure. Pages given back raise MemAvailable at the
-// next read.
+// all pass on one stale figure. The anonymous source faults its pages in
+// when it commits them, so everything admitted before a reading is in that
+// reading. Pages given back raise MemAvailable at the next read.
 #pragma once
 
 #include <chrono>

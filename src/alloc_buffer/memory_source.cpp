@@ -175,6 +175,19 @@ class AnonSource final : public MemorySource {
       release_if_idle(region);
       return fail_errno(err, "{}: madvise(MADV_DONTFORK) of {} at {}", name_, size_name(len), p);
     }
+    // The pages are faulted in now, so what the guard admitted shows in the
+    // host's MemAvailable at its next reading (an untouched commit would be
+    // counted twice as free), and a shortfall is an error here rather than
+    // a kill at first touch. Kernels before 5.14 lack it (EINVAL): the
+    // pages then come at first touch, as before.
+    if (::madvise(p, len, MADV_POPULATE_WRITE) != 0 && errno != EINVAL) {
+      const int err = errno;
+      HostMemoryGuard::process().give_back(len);
+      ++failures_;
+      ::mmap(p, len, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0);
+      release_if_idle(region);
+      return fail(Errc::no_memory, "{}: populating {} at {}: {}", name_, size_name(len), p, std::strerror(err));
+    }
     carve(r, at, len);
     taken_.emplace(at, len);
     live_ += len;

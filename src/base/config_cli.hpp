@@ -38,7 +38,7 @@ CLI::Option* add_setting_flag(CLI::App& app, const std::string& key, const std::
       "--" + key,
       [key, &field](const std::string& text) {
         auto v = parse_value<T>(key, text);
-        if (!v) throw CLI::ValidationError("--" + key, v.error().message);
+        if (!v) throw CLI::ValidationError(v.error().message);
         field = std::move(*v);
       },
       help);

@@ -36,11 +36,24 @@ Context::~Context() {
 
 const std::string& Context::backend() const { return domain_->info().backend; }
 
+Result<Context::BackendChoice> Context::choose_backend(const Config& cfg) {
+  const auto devices = DMAKIT_TRY(iommu::pci::parse_bdf_list(cfg.iommu.devices));
+  if (cfg.iommu.backend == "vfio") return BackendChoice{"vfio", "iommu.backend is vfio"};
+  if (cfg.iommu.backend == "sim") return BackendChoice{"sim", "iommu.backend is sim"};
+  if (cfg.iommu.backend != "auto")
+    return fail(Errc::invalid_argument, "key 'iommu.backend': '{}' is not auto, vfio or sim", cfg.iommu.backend);
+  // A container needs a group to hold its IOMMU domain: without a device
+  // named there is nothing to attach, so auto uses the simulated model.
+  if (!std::filesystem::exists("/dev/vfio/vfio"))
+    return BackendChoice{"sim", "auto: /dev/vfio/vfio does not exist (no VFIO on this host)"};
+  if (devices.empty())
+    return BackendChoice{"sim", "auto: VFIO is present but no device is named (--device BDF or iommu.devices)"};
+  return BackendChoice{"vfio", "auto: VFIO is present and devices are named"};
+}
+
 Result<std::unique_ptr<iommu::Domain>> Context::make_domain(const Config& cfg) {
   const auto devices = DMAKIT_TRY(iommu::pci::parse_bdf_list(cfg.iommu.devices));
-  std::string backend = cfg.iommu.backend;
-  if (backend == "auto")
-    backend = std::filesystem::exists("/dev/vfio/vfio") && !devices.empty() ? "vfio" : "sim";
+  const std::string backend = DMAKIT_TRY(choose_backend(cfg)).backend;
   if (backend == "sim") {
     auto sim_cfg = DMAKIT_TRY(iommu::SimConfig::from_settings(cfg.iommu));
     auto sim = DMAKIT_TRY(iommu::SimDomain::create(sim_cfg));
@@ -54,7 +67,7 @@ Result<std::unique_ptr<iommu::Domain>> Context::make_domain(const Config& cfg) {
     auto vfio = DMAKIT_TRY(iommu::vfio::VfioDomain::open(devices));
     return std::unique_ptr<iommu::Domain>(std::move(vfio));
   }
-  return fail(Errc::invalid_argument, "key 'iommu.backend': '{}' is not auto, vfio or sim", backend);
+  return fail(Errc::internal, "backend '{}' chosen but not built", backend);
 }
 
 Result<std::unique_ptr<Context>> Context::create(const Config& cfg) {

@@ -106,6 +106,14 @@ class Context {
   // and iommu.devices names a device, else sim.
   static Result<std::unique_ptr<iommu::Domain>> make_domain(const Config& cfg);
 
+  // Which backend make_domain opens for cfg ("vfio" or "sim") and why, in
+  // words for `dmakit info`. The one place "auto" is decided.
+  struct BackendChoice {
+    std::string backend;
+    std::string reason;
+  };
+  static Result<BackendChoice> choose_backend(const Config& cfg);
+
  private:
   Config cfg_;
   std::unique_ptr<iommu::Domain> domain_;

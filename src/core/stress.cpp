@@ -55,6 +55,7 @@ struct Shared {
   std::mutex handoff_mu;
   std::deque<Block> handoff;  // blocks freed by a thread other than their allocator
   std::atomic<bool> stop{false};
+  std::atomic<uint64_t> ops{0};  // for progress reports, besides each worker's count
   std::mutex fail_mu;
   std::string first_failure;
   std::atomic<uint64_t> failures{0};
@@ -105,6 +106,20 @@ class Worker {
   }
 
  private:
+  // Counts one operation in the worker's report and for progress.
+  void count_op(StressReport& r, uint64_t n = 1) {
+    r.ops += n;
+    sh_.ops.fetch_add(n, std::memory_order_relaxed);
+  }
+  static uint64_t now_ns() {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                     std::chrono::steady_clock::now().time_since_epoch())
+                                     .count());
+  }
+  static void timed(StressReport& r, StressOp op, uint64_t since) {
+    r.latency[static_cast<size_t>(op)].add(now_ns() - since);
+  }
+
   std::string where(const char* what, uint64_t iova) {
     return fmt::format("thread {}: {} at iova {:#x}", id_, what, iova);
   }
@@ -117,8 +132,10 @@ class Worker {
     alloc_buffer::BufferRequest req;
     req.len = len;
     req.zeroed = rng_.below(3) == 0;
+    const uint64_t t0 = now_ns();
     auto b = sh_.ctx.buffers().alloc(req);
-    ++r.ops;
+    timed(r, StressOp::buffer_alloc, t0);
+    count_op(r);
     if (!b) {
       if (b.error().code == Errc::no_memory || b.error().code == Errc::no_space) {
         ++r.alloc_errors;
@@ -159,7 +176,7 @@ class Worker {
       if (n == 0) continue;
       auto view = sh_.sim->translate(c.iova, n, iommu::kRead | iommu::kWrite);
       ++r.device_checks;
-      ++r.ops;
+      count_op(r);
       if (!view) {
         sh_.failed(where(("device cannot reach a live chunk: " + view.error().message).c_str(), c.iova));
         return;
@@ -178,15 +195,19 @@ class Worker {
       if (check(c.vaddr, n, lb.tag ^ off) != n) sh_.failed(where("buffer pattern changed while owned", c.iova));
     }
     std::swap(bufs_[i], bufs_.back());
+    const uint64_t t0 = now_ns();
     bufs_.pop_back();  // the Buffer returns to its allocator here
-    ++r.ops;
+    timed(r, StressOp::buffer_free, t0);
+    count_op(r);
   }
 
   void alloc_block(StressReport& r) {
     size_t shape = static_cast<size_t>(rng_.below(std::size(kShapes)));
     const PoolShape& ps = kShapes[shape];
+    const uint64_t t0 = now_ns();
     auto blk = sh_.pools[shape]->alloc();
-    ++r.ops;
+    timed(r, StressOp::block_alloc, t0);
+    count_op(r);
     if (!blk) {
       if (blk.error().code == Errc::no_memory || blk.error().code == Errc::no_space) {
         ++r.alloc_errors;
@@ -206,7 +227,7 @@ class Worker {
     if (sh_.sim != nullptr) {
       auto view = sh_.sim->translate(blk->iova, ps.size, iommu::kRead | iommu::kWrite);
       ++r.device_checks;
-      ++r.ops;
+      count_op(r);
       if (!view || view->data() != blk->vaddr) sh_.failed(where("device view of a block is not the block", blk->iova));
     }
     blocks_.push_back({*blk, shape, tag});
@@ -230,8 +251,10 @@ class Worker {
   }
 
   void release(const Block& b, StressReport& r) {
+    const uint64_t t0 = now_ns();
     auto st = sh_.pools[b.shape]->free(b.b.vaddr, b.b.iova);
-    ++r.ops;
+    timed(r, StressOp::block_free, t0);
+    count_op(r);
     if (!st) sh_.failed(where(("valid free refused: " + st.error().message).c_str(), b.b.iova));
   }
 
@@ -256,7 +279,7 @@ class Worker {
     auto first = p.free(blk->vaddr, blk->iova);
     auto second = p.free(blk->vaddr, blk->iova);
     auto inside = p.free(static_cast<char*>(blk->vaddr) + 8, blk->iova + 8);
-    r.ops += 4;
+    count_op(r, 4);
     if (!first) sh_.failed(where("valid free refused", blk->iova));
     if (second) sh_.failed(where("double free accepted", blk->iova));
     if (inside) sh_.failed(where("free of a pointer inside a block accepted", blk->iova + 8));
@@ -273,7 +296,9 @@ class Worker {
 
 }  // namespace
 
-Result<StressReport> run_stress(Context& ctx, const StressSettings& s, const std::atomic<bool>* stop) {
+Result<StressReport> run_stress(Context& ctx, const StressSettings& s, const std::atomic<bool>* stop,
+                                const std::function<void(const StressProgress&)>& progress,
+                                std::chrono::milliseconds progress_every) {
   StressReport total;
   total.backend = ctx.backend();
   Shared sh{ctx, dynamic_cast<iommu::SimDomain*>(&ctx.domain())};
@@ -298,10 +323,16 @@ Result<StressReport> run_stress(Context& ctx, const StressSettings& s, const std
   // Short slices, so an interrupt stops the run within one.
   const auto deadline = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                  std::chrono::duration<double>(s.seconds));
+  auto next_report = t0 + progress_every;
   while (std::chrono::steady_clock::now() < deadline) {
     if (stop != nullptr && stop->load(std::memory_order_relaxed)) {
       total.interrupted = true;
       break;
+    }
+    if (progress && std::chrono::steady_clock::now() >= next_report) {
+      next_report += progress_every;
+      progress(StressProgress{std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                              sh.ops.load(std::memory_order_relaxed), sh.failures.load(std::memory_order_relaxed)});
     }
     std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
         deadline - std::chrono::steady_clock::now(), std::chrono::milliseconds(20)));
@@ -324,6 +355,7 @@ Result<StressReport> run_stress(Context& ctx, const StressSettings& s, const std
     total.device_checks += p.device_checks;
     total.refused_bad_frees += p.refused_bad_frees;
     total.alloc_errors += p.alloc_errors;
+    for (size_t k = 0; k < kStressOps; ++k) total.latency[k].merge(p.latency[k]);
   }
 
   // Everything was freed: pools, recycled buffers and stale IOVAs must all

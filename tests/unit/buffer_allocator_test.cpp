@@ -4,6 +4,9 @@
 // fallback, layout, recycling and every failure path can be driven exactly.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <fstream>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -559,6 +562,35 @@ TEST_F(BufferTest, RecycledBuffersBelowADmaLimitAreRetiredForARequestThatNeedsTh
   auto b = alloc_->alloc({.len = 8 * K, .dma_limit = kLimit});
   ASSERT_TRUE(b) << b.error().what();
   EXPECT_LE(b->iova() + b->span() - 1, kLimit);
+}
+
+}  // namespace
+
+namespace {
+
+// The allocator's own threads carry names an operator can find in top or
+// /proc/PID/task, and go away with it.
+int threads_named(const std::string& name) {
+  int n = 0;
+  for (const auto& t : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(t.path() / "comm");
+    std::string c;
+    std::getline(comm, c);
+    n += c == name;
+  }
+  return n;
+}
+
+TEST_F(BufferTest, ItsThreadsAreNamedAndEndWithIt) {
+  const int before = threads_named("dmakit-zero");
+  settings_.prezero = true;
+  make();
+  // The thread names itself when it starts running.
+  for (int i = 0; i < 2000 && threads_named("dmakit-zero") != before + 1; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(threads_named("dmakit-zero"), before + 1);
+  alloc_.reset();
+  EXPECT_EQ(threads_named("dmakit-zero"), before);
 }
 
 }  // namespace

@@ -118,3 +118,55 @@ TEST(Cli, BadNumbersConfigFilesAndEalArgumentsExit2) {
   EXPECT_NE(env.out.find("DMAKIT_CONFIG: /nonexistent/dmakit.toml: config file not found"), std::string::npos)
       << env.out;
 }
+
+// The run's own flags override the stress.* settings (and the file), and
+// are parsed as strictly; --help shows examples.
+TEST(Cli, StressFlagsOverrideTheSettings) {
+  auto r = run("stress --json --threads 3 --seconds 0.2 --seed 11 --max-bytes 64K --stress.threads 5");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("\"threads\":3,"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"seed\":11,"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"failures\":0,"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"mappings_at_end\":0"), std::string::npos) << r.out;
+
+  auto zero = run("stress --threads 0");
+  EXPECT_EQ(zero.code, 2) << zero.out;
+  EXPECT_NE(zero.out.find("stress.threads"), std::string::npos) << zero.out;
+  auto word = run("stress --seconds soon");
+  EXPECT_EQ(word.code, 2) << word.out;
+  EXPECT_NE(word.out.find("'soon' is not a finite, non-negative decimal number"), std::string::npos) << word.out;
+
+  auto help = run("stress --help");
+  EXPECT_EQ(help.code, 0) << help.out;
+  EXPECT_NE(help.out.find("Examples:"), std::string::npos) << help.out;
+  EXPECT_NE(help.out.find("--device 0000:00:03.0 --device"), std::string::npos) << help.out;
+}
+
+// Progress goes to stderr once a second when it is not a terminal (none
+// with --quiet); the summary ends with the per-operation latency table.
+TEST(Cli, StressShowsProgressAndALatencyTable) {
+  auto r = run("stress --seconds 1.3 --threads 1");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("stress: 1.0 s, "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" failures\n"), std::string::npos) << r.out;
+  for (const char* row : {"operation", "buffer alloc", "buffer free", "block alloc", "block free", "p99"})
+    EXPECT_NE(r.out.find(row), std::string::npos) << row << " missing: " << r.out;
+  EXPECT_EQ(r.out.find('\r'), std::string::npos) << "terminal control in a pipe: " << r.out;
+
+  auto q = run("stress --seconds 1.3 --threads 1 --quiet");
+  EXPECT_EQ(q.code, 0) << q.out;
+  EXPECT_EQ(q.out.find("stress: 1.0 s"), std::string::npos) << q.out;
+
+  auto j = run("stress --json --quiet --seconds 0.2");
+  EXPECT_EQ(j.code, 0) << j.out;
+  EXPECT_NE(j.out.find("\"latency\":{\"buffer_alloc\":{\"count\":"), std::string::npos) << j.out;
+  EXPECT_NE(j.out.find("\"block_free\":{\"count\":"), std::string::npos) << j.out;
+}
+
+TEST(Cli, EverySubcommandsHelpShowsExamples) {
+  for (const char* sub : {"info", "bind", "unbind", "stress", "bench"}) {
+    auto r = run(std::string(sub) + " --help");
+    EXPECT_EQ(r.code, 0) << sub << ": " << r.out;
+    EXPECT_NE(r.out.find("Examples:\n  dmakit " + std::string(sub)), std::string::npos) << sub << ": " << r.out;
+  }
+}
