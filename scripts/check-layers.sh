@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks that calls go down only: base <- iommu <- alloc_buffer <- pool <- core <- tools,
 # that ioctls stay in src/iommu and DPDK calls in the memory sources and the EAL owner,
-# that the public headers (include/dmakit/) do not reach into src/,
+# that the public headers (include/dmakit/) and the examples do not reach into src/,
 # and that no header under src/ but the config_cli ones brings in CLI11.
 set -euo pipefail
 root=${1:-$(cd "$(dirname "$0")/.." && pwd)}
@@ -30,6 +30,10 @@ fi
 # outside headers only, never the internal ones under src/.
 if hits=$(grep -rnE '#include\s*[<"](base|iommu|alloc_buffer|pool|core)/' include); then
   echo "public header includes an internal one:"; echo "$hits"; fail=1
+fi
+# The example drivers see the public API alone: no internal header, no DPDK.
+if [ -d examples ] && hits=$(grep -rnE '#include\s*[<"]((base|iommu|alloc_buffer|pool|core)/|rte_)' examples); then
+  echo "example includes an internal or DPDK header:"; echo "$hits"; fail=1
 fi
 # CLI11 stays out of every layer's interface: under src/ only base/config_cli.hpp
 # includes it, and only .cpp files (and core/config_cli.hpp) include a config_cli.hpp.

@@ -72,6 +72,9 @@ int run(Tool& tool, bool quiet) {
   if (tool.json) {
     auto j = base::Json::object();
     j.add("ops", r->ops).add("failures", r->failures).add("seconds", r->seconds).add("backend", r->backend);
+    auto devices = base::Json::array();  // the attached devices; none on the simulated backend
+    for (const auto& d : (*ctx)->devices()) devices.push(d);
+    j.add("devices", devices);
     j.add("threads", tool.cfg.stress.threads).add("seed", tool.cfg.stress.seed);
     j.add("buffer_allocs", r->buffer_allocs).add("buffer_bytes", r->buffer_bytes);
     j.add("block_allocs", r->block_allocs).add("cross_thread_frees", r->cross_thread_frees);

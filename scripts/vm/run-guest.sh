@@ -13,19 +13,22 @@
 #   --file SRC:DEST    extra file to pack as is
 #   --hugepages N      2 MiB pages the guest reserves (default 64)
 #   --memory SIZE      guest memory (default 512M)
-#   --bind "BDF ..."   devices the init binds to vfio-pci
-#                      (default "0000:00:03.0 0000:00:04.0"; "" binds none)
-#   --nvme-driver      let the kernel's nvme driver claim 00:03.0 first
-#   --disk-mib N       size of the NVMe disk (default 16)
+#   --bind "BDF ..."   devices the init binds to vfio-pci (default: every
+#                      NVMe controller and the NIC; "" binds none)
+#   --nvme-driver      let the kernel's nvme driver claim the NVMe controllers first
+#   --nvme-count N     NVMe controllers (default 1): the first at 00:03.0, the
+#                      others at 00:05.0, 00:06.0, ..., each with its own disk
+#   --disk-mib N       size of each NVMe disk (default 16)
 #   --iommu-aw-bits N  address width of the guest's IOMMU (QEMU 7.2: 39, the
 #                      default, or 48); the init checks the guest got it
 #   --timeout SEC      limit for the whole boot (default 240)
 #   --keep DIR         keep the initramfs and the serial log in DIR
 #
 # The guest: q35 with an emulated Intel IOMMU (interrupt remapping on),
-# an NVMe controller at 00:03.0 backed by a raw disk whose every 512-byte LBA
-# holds its own LBA number as 64-bit little-endian words, and an e1000e NIC at
-# 00:04.0. The guest reports through isa-debug-exit: QEMU exits (N << 1) | 1
+# an NVMe controller at 00:03.0 (serial dmakit0) backed by a raw disk whose
+# every 512-byte LBA holds its own LBA number as 64-bit little-endian words,
+# and an e1000e NIC at 00:04.0; with --nvme-count, controller k (serial
+# dmakitK) at 00:0(4+k).0 with a disk of the same pattern. The guest reports through isa-debug-exit: QEMU exits (N << 1) | 1
 # for guest-exit N, so 1 = pass; 0 means the guest died without a report.
 set -euo pipefail
 
@@ -33,8 +36,8 @@ die() { echo "run-guest: error: $*" >&2; exit 1; }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 guest="" name="" kind=cmd hugepages=64 memory=512M disk_mib=16 timeout_s=240 keep=""
-bind="0000:00:03.0 0000:00:04.0"
-nvme_driver=0
+bind="" bind_given=0
+nvme_driver=0 nvme_count=1
 iommu_aw=""
 bins=() files=()
 while [ $# -gt 0 ]; do
@@ -46,8 +49,9 @@ while [ $# -gt 0 ]; do
     --file) files+=("$2"); shift 2 ;;
     --hugepages) hugepages=$2; shift 2 ;;
     --memory) memory=$2; shift 2 ;;
-    --bind) bind=$2; shift 2 ;;
+    --bind) bind=$2; bind_given=1; shift 2 ;;
     --nvme-driver) nvme_driver=1; shift ;;
+    --nvme-count) nvme_count=$2; shift 2 ;;
     --disk-mib) disk_mib=$2; shift 2 ;;
     --iommu-aw-bits) iommu_aw=$2; shift 2 ;;
     --timeout) timeout_s=$2; shift 2 ;;
@@ -62,6 +66,13 @@ case $kind in gtest|cmd) ;; *) die "--kind must be gtest or cmd, not '$kind'" ;;
 [[ $hugepages =~ ^[0-9]+$ ]] || die "--hugepages '$hugepages' is not a number"
 [[ $disk_mib =~ ^[1-9][0-9]*$ ]] || die "--disk-mib '$disk_mib' is not a positive number"
 [ -z "$iommu_aw" ] || [[ $iommu_aw =~ ^[1-9][0-9]*$ ]] || die "--iommu-aw-bits '$iommu_aw' is not a number"
+[[ $nvme_count =~ ^[1-4]$ ]] || die "--nvme-count '$nvme_count': want 1 to 4"
+# NVMe controller k: slot 3 for the first (as always), then 5, 6, 7.
+nvme_slot() { if [ "$1" -eq 0 ]; then echo 3; else echo $((4 + $1)); fi; }
+if [ "$bind_given" = 0 ]; then
+  bind="0000:00:03.0 0000:00:04.0"
+  for ((k = 1; k < nvme_count; k++)); do bind="$bind 0000:00:0$(nvme_slot $k).0"; done
+fi
 [ -n "$name" ] || name=$(basename "$1")
 
 for tool in qemu-system-x86_64 cpio ldd strip perl timeout; do
@@ -170,19 +181,28 @@ cat "$guest/base.cpio" "$tmp/test.cpio" > "$tmp/initrd.cpio"
 # test can tell exactly which block landed where.
 perl -e 'my $n = shift; for my $i (0 .. $n - 1) { print pack("Q<", $i) x 64 }' \
   $((disk_mib * 2048)) > "$tmp/disk.raw" || die "cannot write the disk image"
+nvme_args=(-drive if=none,id=nvm,file="$tmp/disk.raw",format=raw -device nvme,serial=dmakit0,drive=nvm,addr=0x3)
+for ((k = 1; k < nvme_count; k++)); do
+  cp "$tmp/disk.raw" "$tmp/disk$k.raw" || die "cannot copy the disk image"
+  nvme_args+=(-drive if=none,id=nvm$k,file="$tmp/disk$k.raw",format=raw
+              -device nvme,serial=dmakit$k,drive=nvm$k,addr=0x$(nvme_slot $k))
+done
 
-append="console=ttyS0 intel_iommu=on panic=-1 quiet"
+# no_timer_check: under emulation on a busy host the kernel's early check
+# that the timer interrupt arrives through the interrupt-remapped IO-APIC
+# can time out and panic the boot ("timer doesn't work through
+# Interrupt-remapped IO-APIC"); the timer works, it is only slow.
+append="console=ttyS0 intel_iommu=on panic=-1 quiet no_timer_check"
 [ "$nvme_driver" = 1 ] || append="$append initcall_blacklist=nvme_init"
 
-echo "run-guest: booting $name (memory $memory, $hugepages hugepages, timeout ${timeout_s}s)"
+echo "run-guest: booting $name (memory $memory, $hugepages hugepages, $nvme_count NVMe, timeout ${timeout_s}s)"
 start=$(date +%s.%N)
 set +e
 timeout -k 5 "$timeout_s" qemu-system-x86_64 \
   -machine q35 -accel tcg -cpu max -smp 1 -m "$memory" \
   -nodefaults -nographic -no-reboot -serial stdio -monitor none \
   -device "intel-iommu,intremap=on,caching-mode=on${iommu_aw:+,aw-bits=$iommu_aw}" \
-  -drive if=none,id=nvm,file="$tmp/disk.raw",format=raw \
-  -device nvme,serial=dmakit0,drive=nvm,addr=0x3 \
+  "${nvme_args[@]}" \
   -device e1000e,addr=0x4,romfile= \
   -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
   -kernel "$guest/vmlinuz" -initrd "$tmp/initrd.cpio" \

@@ -8,7 +8,9 @@
 #   - cxx/, a CMake project with find_package(dmakit): dmakit::dmakit and
 #     dmakit::dmakit_static;
 #   - examples/e1000e on its own (find_package(dmakit)), built only: it
-#     needs an 82574L to run, so only its --help is run.
+#     needs an 82574L to run, so only its --help is run;
+#   - examples/nvme the same way; without a controller its command is run
+#     for its usage and for a clear error about a device that does not exist.
 # With --tool, the dmakit command must be installed (bin/dmakit) and run.
 # Each consumer runs on the simulated IOMMU without hugepages and must print
 # its ok line. No compile or link line may name the source or build tree, or
@@ -148,5 +150,28 @@ grep -F "libdmakit.so" <<<"$libs" | grep -F "$libdir/" >/dev/null ||
   die "dmakit-e1000e does not load the installed libdmakit.so: $libs"
 help=$("$tmp/e1000e-build/dmakit-e1000e" --help) || die "dmakit-e1000e --help fails"
 grep -qF -- '--loopback' <<<"$help" || die "dmakit-e1000e --help does not list --loopback: $help"
+
+echo "== examples/nvme standalone through find_package(dmakit)"
+[ -f "$source/examples/nvme/CMakeLists.txt" ] || die "$source/examples/nvme/CMakeLists.txt missing"
+cp -r "$source/examples/nvme" "$tmp/nvme-src"
+"$cmake" -S "$tmp/nvme-src" -B "$tmp/nvme-build" -DCMAKE_PREFIX_PATH="$prefix" \
+  -DCMAKE_BUILD_TYPE=Release -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF >"$tmp/nvme-configure.log" 2>&1 ||
+  { cat "$tmp/nvme-configure.log"; die "examples/nvme does not configure on its own"; }
+grep -F "from $libdir/cmake/dmakit" "$tmp/nvme-configure.log" ||
+  { cat "$tmp/nvme-configure.log"; die "examples/nvme did not take the installed package"; }
+"$cmake" --build "$tmp/nvme-build" -j2 --verbose >"$tmp/nvme-build.log" 2>&1 ||
+  { cat "$tmp/nvme-build.log"; die "examples/nvme does not build on its own"; }
+check_clean "the nvme example's build" "$tmp/nvme-build.log"
+nvme=$tmp/nvme-build/dmakit-nvme
+libs=$(ldd "$nvme") || die "ldd dmakit-nvme failed"
+grep -F "libdmakit.so" <<<"$libs" | grep -F "$libdir/" >/dev/null ||
+  die "dmakit-nvme does not load the installed libdmakit.so: $libs"
+"$nvme" --help >/dev/null || die "dmakit-nvme --help fails"
+# Bad usage is 2; a device that cannot be opened is 1 with a message naming it.
+rc=0; "$nvme" identify >/dev/null 2>&1 || rc=$?
+[ $rc -eq 2 ] || die "dmakit-nvme identify without a device exited $rc, want 2"
+rc=0; out=$("$nvme" identify 0000:00:1f.7 2>&1) || rc=$?
+[ $rc -eq 1 ] && grep -qF "0000:00:1f.7" <<<"$out" || die "dmakit-nvme identify 0000:00:1f.7 exited $rc: $out"
+echo "dmakit-nvme identify 0000:00:1f.7: $out"
 
 echo "install_consumers: ok"

@@ -10,6 +10,10 @@
 // through its Domain first. Every wait is bounded (CAP.TO for enable and
 // disable, a fixed limit for commands) and a timeout is Errc::timeout with
 // the controller's registers in the message, so a test never hangs.
+//
+// Tests of what a driver on the public API sees use examples/nvme instead;
+// this one stays for tests that map memory through a raw VfioDomain at
+// IOVAs they choose, below the public API.
 #pragma once
 
 #include <chrono>
