@@ -132,41 +132,35 @@ if readelf -d "$tmp/cxx-build/consumer_cxx_static" | grep -q 'NEEDED.*libdmakit'
 fi
 expect_ok consumer_cxx "$tmp/cxx-build/consumer_cxx_static"
 
-echo "== examples/e1000e standalone through find_package(dmakit)"
-[ -f "$source/examples/e1000e/CMakeLists.txt" ] || die "$source/examples/e1000e/CMakeLists.txt missing"
-# A copy, so that no compile line names the source tree.
-cp -r "$source/examples/e1000e" "$tmp/e1000e-src"
-"$cmake" -S "$tmp/e1000e-src" -B "$tmp/e1000e-build" -DCMAKE_PREFIX_PATH="$prefix" \
-  -DCMAKE_BUILD_TYPE=Release -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF >"$tmp/e1000e-configure.log" 2>&1 ||
-  { cat "$tmp/e1000e-configure.log"; die "examples/e1000e does not configure on its own"; }
-grep -F "from $libdir/cmake/dmakit" "$tmp/e1000e-configure.log" ||
-  { cat "$tmp/e1000e-configure.log"; die "examples/e1000e did not take the installed package"; }
-"$cmake" --build "$tmp/e1000e-build" -j2 --verbose >"$tmp/e1000e-build.log" 2>&1 ||
-  { cat "$tmp/e1000e-build.log"; die "examples/e1000e does not build on its own"; }
-check_clean "the e1000e example's build" "$tmp/e1000e-build.log"
-# Outputs captured first: grep -q leaving early must not fail a pipeline under pipefail.
-libs=$(ldd "$tmp/e1000e-build/dmakit-e1000e") || die "ldd dmakit-e1000e failed"
-grep -F "libdmakit.so" <<<"$libs" | grep -F "$libdir/" >/dev/null ||
-  die "dmakit-e1000e does not load the installed libdmakit.so: $libs"
-help=$("$tmp/e1000e-build/dmakit-e1000e" --help) || die "dmakit-e1000e --help fails"
-grep -qF -- '--loopback' <<<"$help" || die "dmakit-e1000e --help does not list --loopback: $help"
+# Builds examples/NAME on its own against the installed package (a copy, so
+# that no compile line names the source tree) and checks its command BIN
+# loads the installed libdmakit.so and answers --help. Sets $example_bin.
+build_example() {  # build_example NAME BIN
+  local name=$1 bin=$2 src=$tmp/$1-src out=$tmp/$1-build libs
+  echo "== examples/$name standalone through find_package(dmakit)"
+  [ -f "$source/examples/$name/CMakeLists.txt" ] || die "$source/examples/$name/CMakeLists.txt missing"
+  cp -r "$source/examples/$name" "$src"
+  "$cmake" -S "$src" -B "$out" -DCMAKE_PREFIX_PATH="$prefix" \
+    -DCMAKE_BUILD_TYPE=Release -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF >"$out.configure.log" 2>&1 ||
+    { cat "$out.configure.log"; die "examples/$name does not configure on its own"; }
+  grep -F "from $libdir/cmake/dmakit" "$out.configure.log" ||
+    { cat "$out.configure.log"; die "examples/$name did not take the installed package"; }
+  "$cmake" --build "$out" -j2 --verbose >"$out.build.log" 2>&1 ||
+    { cat "$out.build.log"; die "examples/$name does not build on its own"; }
+  check_clean "the $name example's build" "$out.build.log"
+  example_bin=$out/$bin
+  # Outputs captured first: grep -q leaving early must not fail a pipeline under pipefail.
+  libs=$(ldd "$example_bin") || die "ldd $bin failed"
+  grep -F "libdmakit.so" <<<"$libs" | grep -F "$libdir/" >/dev/null ||
+    die "$bin does not load the installed libdmakit.so: $libs"
+  example_help=$("$example_bin" --help) || die "$bin --help fails"
+}
 
-echo "== examples/nvme standalone through find_package(dmakit)"
-[ -f "$source/examples/nvme/CMakeLists.txt" ] || die "$source/examples/nvme/CMakeLists.txt missing"
-cp -r "$source/examples/nvme" "$tmp/nvme-src"
-"$cmake" -S "$tmp/nvme-src" -B "$tmp/nvme-build" -DCMAKE_PREFIX_PATH="$prefix" \
-  -DCMAKE_BUILD_TYPE=Release -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF >"$tmp/nvme-configure.log" 2>&1 ||
-  { cat "$tmp/nvme-configure.log"; die "examples/nvme does not configure on its own"; }
-grep -F "from $libdir/cmake/dmakit" "$tmp/nvme-configure.log" ||
-  { cat "$tmp/nvme-configure.log"; die "examples/nvme did not take the installed package"; }
-"$cmake" --build "$tmp/nvme-build" -j2 --verbose >"$tmp/nvme-build.log" 2>&1 ||
-  { cat "$tmp/nvme-build.log"; die "examples/nvme does not build on its own"; }
-check_clean "the nvme example's build" "$tmp/nvme-build.log"
-nvme=$tmp/nvme-build/dmakit-nvme
-libs=$(ldd "$nvme") || die "ldd dmakit-nvme failed"
-grep -F "libdmakit.so" <<<"$libs" | grep -F "$libdir/" >/dev/null ||
-  die "dmakit-nvme does not load the installed libdmakit.so: $libs"
-"$nvme" --help >/dev/null || die "dmakit-nvme --help fails"
+build_example e1000e dmakit-e1000e
+grep -qF -- '--loopback' <<<"$example_help" || die "dmakit-e1000e --help does not list --loopback: $example_help"
+
+build_example nvme dmakit-nvme
+nvme=$example_bin
 # Bad usage is 2; a device that cannot be opened is 1 with a message naming it.
 rc=0; "$nvme" identify >/dev/null 2>&1 || rc=$?
 [ $rc -eq 2 ] || die "dmakit-nvme identify without a device exited $rc, want 2"

@@ -24,6 +24,7 @@
 #include <string_view>
 
 #include "base/error.hpp"
+#include "nvme/spec.hpp"
 #include "iommu/vfio.hpp"
 
 namespace dmakit::vmtest {
@@ -148,17 +149,9 @@ class NvmeController {
   QueuePair io_;
 };
 
-// The NVMe register offsets in BAR0 (NVMe base spec, "Controller Registers").
-namespace nvme_reg {
-inline constexpr size_t kCap = 0x00;     // Controller Capabilities (64-bit)
-inline constexpr size_t kVs = 0x08;      // Version
-inline constexpr size_t kCc = 0x14;      // Controller Configuration
-inline constexpr size_t kCsts = 0x1c;    // Controller Status
-inline constexpr size_t kAqa = 0x24;     // Admin Queue Attributes
-inline constexpr size_t kAsq = 0x28;     // Admin SQ Base Address (64-bit)
-inline constexpr size_t kAcq = 0x30;     // Admin CQ Base Address (64-bit)
-inline constexpr size_t kDoorbells = 0x1000;
-}  // namespace nvme_reg
+// The NVMe register offsets in BAR0: the example driver's (its spec.hpp
+// is the one statement of the specification in the tree).
+namespace nvme_reg = ::nvme::spec;
 
 // Queue memory for start_nvme: the admin pair, and the I/O pair when a test
 // wants it created at once; entries per queue.
