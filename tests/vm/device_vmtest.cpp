@@ -188,6 +188,32 @@ TEST(Devices, InterruptsEnableMaskAndTearDown) {
   EXPECT_TRUE(fd2) << fd2.error().what();
 }
 
+// MSI (the NVMe model offers MSI-X only; the 82574L has both).
+TEST(Devices, MsiIsEnabledMaskedAndTornDownOnTheNic) {
+  auto ctx = vfio_context(kNic);
+  ASSERT_TRUE(ctx) << ctx.error().what();
+  auto nic = ctx->open_device(kNic);
+  ASSERT_TRUE(nic) << nic.error().what();
+  auto n = nic->irq_count(dmakit::IrqType::msi);
+  ASSERT_TRUE(n) << n.error().what();
+  ASSERT_GE(*n, 1u);
+  auto fds = nic->irq_enable(dmakit::IrqType::msi, 1);
+  ASSERT_TRUE(fds) << fds.error().what();
+  EXPECT_GE((*fds)[0], 0);
+  auto other = nic->irq_enable(dmakit::IrqType::msix, 1);
+  ASSERT_FALSE(other);
+  EXPECT_EQ(other.error().code, dmakit::Errc::busy) << other.error().what();
+  ASSERT_TRUE(nic->irq_mask(dmakit::IrqType::msi, 0));
+  ASSERT_TRUE(nic->irq_unmask(dmakit::IrqType::msi, 0));
+  auto quiet = nic->irq_wait(dmakit::IrqType::msi, 0, 20);
+  ASSERT_FALSE(quiet);
+  EXPECT_EQ(quiet.error().code, dmakit::Errc::timeout);
+  ASSERT_TRUE(nic->irq_disable(dmakit::IrqType::msi));
+  // Off again: MSI-X can be enabled now.
+  auto msix = nic->irq_enable(dmakit::IrqType::msix, 1);
+  EXPECT_TRUE(msix) << msix.error().what();
+}
+
 TEST(Devices, GroupsJoinAndLeaveWhileMappingsExist) {
   auto ctx = vfio_context(kNvme);
   ASSERT_TRUE(ctx) << ctx.error().what();
