@@ -95,6 +95,7 @@ stage_file() {
 
 # Packs an ELF file's shared libraries (and the dynamic loader) at the paths
 # the loader will look for them. ldd lists the whole dependency closure.
+guest_libdir=/opt/dmakit-vm/lib  # in the guest: on LD_LIBRARY_PATH (set in /test/run)
 stage_libs() {
   local elf=$1 out
   out=$(ldd "$elf" 2>&1) || {
@@ -107,7 +108,12 @@ stage_libs() {
   fi
   while read -r a b c _; do
     if [ "$b" = "=>" ] && [ "${c:0:1}" = / ]; then
-      stage_file "$c" "$c"
+      case $c in
+        /usr/* | /lib*) stage_file "$c" "$c" ;;
+        # Libraries of the build tree (libdmakit.so.N): their host path may lie
+        # under /tmp or /run, where the guest mounts tmpfs over the initramfs.
+        *) stage_file "$c" "$guest_libdir/$(basename "$c")" ;;
+      esac
     elif [ "${a:0:1}" = / ]; then
       stage_file "$a" "$a"  # the dynamic loader
     fi
@@ -166,6 +172,7 @@ done
   printf 'IOMMU_AW_BITS=%q\n' "$iommu_aw"
 } > "$stage/test/env"
 {
+  printf 'export LD_LIBRARY_PATH=%q\n' "$guest_libdir"
   printf 'exec'
   printf ' %q' "$@"
   printf '\n'
