@@ -3,14 +3,18 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <new>
 
 #include "base/log.hpp"
 
 namespace dmakit::alloc_buffer {
 
 HostMemoryGuard& HostMemoryGuard::process() {
-  static HostMemoryGuard guard("/proc/meminfo");
-  return guard;
+  // Never destroyed: a source may give memory back from a static destructor
+  // that runs after this function's statics would have been.
+  alignas(HostMemoryGuard) static unsigned char storage[sizeof(HostMemoryGuard)];
+  static HostMemoryGuard* const guard = ::new (storage) HostMemoryGuard("/proc/meminfo");
+  return *guard;
 }
 
 HostMemoryGuard::HostMemoryGuard(std::string meminfo_path, uint64_t reserve_bytes)
