@@ -1,12 +1,11 @@
 #include <signal.h>
-
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <functional>
-#include <optional>
 #include <iostream>
+#include <optional>
 
 #include "base/config.hpp"
 #include "base/json.hpp"
