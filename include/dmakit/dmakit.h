@@ -4,9 +4,10 @@
  *
  * Object model. A context (::dmakit_ctx) is one IOMMU domain: a VFIO type1
  * container (or, on hosts without VFIO, a simulated type1 IOMMU) with one
- * IOVA space that dmakit allocates from. Buffers (::dmakit_buffer), DMA pools
- * (::dmakit_pool) and registrations of caller memory (dmakit_mem_map()) belong
- * to one context.
+ * IOVA space that dmakit allocates from, shared by every device whose IOMMU
+ * group is attached to it. Buffers (::dmakit_buffer), DMA pools
+ * (::dmakit_pool), registrations of caller memory (dmakit_mem_map()) and
+ * open devices (::dmakit_device) belong to one context.
  *
  * Errors. Every call that can fail returns 0 (#DMAKIT_OK) or a negative
  * ::dmakit_errc; dmakit_last_error() then holds a message naming the object
