@@ -127,7 +127,7 @@ int run(Tool& tool, bool quiet) {
 struct StressFlags {
   std::optional<uint32_t> threads;
   std::optional<double> seconds;
-  std::optional<uint64_t> seed, max_bytes;
+  std::optional<uint64_t> seed, max_bytes, ops;
 };
 
 template <class T>
@@ -151,6 +151,8 @@ void add_stress(CLI::App& app, Tool& tool) {
   add_flag(sub, "--seconds", "run length in seconds (default stress.seconds)", flags.seconds);
   add_flag(sub, "--seed", "random seed; the same seed repeats the run's choices (default stress.seed)", flags.seed);
   add_flag(sub, "--max-bytes", "largest buffer requested, e.g. 4M (default stress.max_bytes)", flags.max_bytes);
+  add_flag(sub, "--ops", "stop once this many operations are done (--seconds stays the limit; default stress.ops)",
+           flags.ops);
   sub->footer(
       "Examples:\n"
       "  dmakit stress                                   the configured run (simulated IOMMU without VFIO)\n"
@@ -163,6 +165,11 @@ void add_stress(CLI::App& app, Tool& tool) {
     if (flags.seconds) tool.cfg.stress.seconds = *flags.seconds;
     if (flags.seed) tool.cfg.stress.seed = *flags.seed;
     if (flags.max_bytes) tool.cfg.stress.max_bytes = *flags.max_bytes;
+    if (flags.ops) {
+      tool.cfg.stress.ops = *flags.ops;
+      // An operation count alone runs until it is reached (within a day).
+      if (!flags.seconds) tool.cfg.stress.seconds = 86400;
+    }
     tool.exit_code = run(tool, quiet);
   });
 }

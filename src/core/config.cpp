@@ -67,6 +67,7 @@ const std::vector<Entry>& entries() {
       DMAKIT_SETTING(stress, threads, "stress threads"),
       DMAKIT_SETTING(stress, max_bytes, "largest buffer a stress operation requests"),
       DMAKIT_SETTING(stress, seed, "random seed for the stress run"),
+      DMAKIT_SETTING(stress, ops, "stop the stress run after this many operations (0 = run for stress.seconds)"),
   };
   return table;
 }

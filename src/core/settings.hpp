@@ -12,6 +12,7 @@ struct StressSettings {
   uint32_t threads = 2;
   uint64_t max_bytes = 4 << 20;        // largest buffer a stress op asks for
   uint64_t seed = 1;
+  uint64_t ops = 0;                     // stop after this many operations; 0 = the time decides
 };
 
 }  // namespace dmakit::core

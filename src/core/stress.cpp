@@ -329,6 +329,7 @@ Result<StressReport> run_stress(Context& ctx, const StressSettings& s, const std
       total.interrupted = true;
       break;
     }
+    if (s.ops != 0 && sh.ops.load(std::memory_order_relaxed) >= s.ops) break;
     if (progress && std::chrono::steady_clock::now() >= next_report) {
       next_report += progress_every;
       progress(StressProgress{std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),

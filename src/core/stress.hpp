@@ -74,7 +74,8 @@ struct StressReport {
   LatencyHistogram latency[kStressOps];  // by StressOp
 };
 
-// Runs for s.seconds, or until *stop (when given) turns true; either way
+// Runs for s.seconds (or until s.ops operations when that is set, with
+// s.seconds still the limit), or until *stop (when given) turns true; either way
 // everything is freed and checked before it returns.
 // progress (when given) is called from the calling thread about every
 // progress_every while the workers run.

@@ -170,3 +170,17 @@ TEST(Cli, EverySubcommandsHelpShowsExamples) {
     EXPECT_NE(r.out.find("Examples:\n  dmakit " + std::string(sub)), std::string::npos) << sub << ": " << r.out;
   }
 }
+
+// --ops ends the run by operation count (at least that many are done).
+TEST(Cli, StressStopsAfterAnOperationCount) {
+  auto r = run("stress --ops 3000 --quiet --json");
+  EXPECT_EQ(r.code, 0) << r.out;
+  const auto at = r.out.find("\"ops\":");
+  ASSERT_NE(at, std::string::npos) << r.out;
+  const uint64_t ops = std::stoull(r.out.substr(at + 6));
+  EXPECT_GE(ops, 3000u) << r.out;
+  EXPECT_NE(r.out.find("\"failures\":0,"), std::string::npos) << r.out;
+  auto bad = run("stress --ops -5");
+  EXPECT_EQ(bad.code, 2) << bad.out;
+  EXPECT_NE(bad.out.find("'-5' is not a non-negative decimal number"), std::string::npos) << bad.out;
+}
