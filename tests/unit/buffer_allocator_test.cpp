@@ -590,6 +590,9 @@ TEST_F(BufferTest, ItsThreadsAreNamedAndEndWithIt) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_EQ(threads_named("dmakit-zero"), before + 1);
   alloc_.reset();
+  // Joined; the kernel drops the task from /proc a moment after it exits.
+  for (int i = 0; i < 2000 && threads_named("dmakit-zero") != before; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_EQ(threads_named("dmakit-zero"), before);
 }
 
