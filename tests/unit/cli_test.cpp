@@ -145,17 +145,18 @@ TEST(Cli, StressFlagsOverrideTheSettings) {
 // Progress goes to stderr once a second when it is not a terminal (none
 // with --quiet); the summary ends with the per-operation latency table.
 TEST(Cli, StressShowsProgressAndALatencyTable) {
-  auto r = run("stress --seconds 1.3 --threads 1");
+  // 2.5 s leave room for a late wake-up; the first line says about 1 s.
+  auto r = run("stress --seconds 2.5 --threads 1");
   EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_NE(r.out.find("stress: 1.0 s, "), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find(" failures\n"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("stress: 1."), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" ops/s), 0 failures\n"), std::string::npos) << r.out;
   for (const char* row : {"operation", "buffer alloc", "buffer free", "block alloc", "block free", "p99"})
     EXPECT_NE(r.out.find(row), std::string::npos) << row << " missing: " << r.out;
   EXPECT_EQ(r.out.find('\r'), std::string::npos) << "terminal control in a pipe: " << r.out;
 
-  auto q = run("stress --seconds 1.3 --threads 1 --quiet");
+  auto q = run("stress --seconds 2.5 --threads 1 --quiet");
   EXPECT_EQ(q.code, 0) << q.out;
-  EXPECT_EQ(q.out.find("stress: 1.0 s"), std::string::npos) << q.out;
+  EXPECT_EQ(q.out.find(" ops/s), "), std::string::npos) << q.out;
 
   auto j = run("stress --json --quiet --seconds 0.2");
   EXPECT_EQ(j.code, 0) << j.out;
