@@ -7,7 +7,7 @@
 #include <iostream>
 #include <optional>
 
-#include "base/config.hpp"
+#include "base/config_cli.hpp"
 #include "base/json.hpp"
 #include "core/context.hpp"
 #include "core/stress.hpp"
@@ -132,14 +132,7 @@ struct StressFlags {
 
 template <class T>
 void add_flag(CLI::App* sub, const std::string& name, const std::string& help, std::optional<T>& out) {
-  sub->add_option_function<std::string>(
-      name,
-      [name, &out](const std::string& text) {
-        auto v = base::parse_value<T>(name, text);
-        if (!v) throw CLI::ValidationError(v.error().message);
-        out = *v;
-      },
-      help);
+  base::add_parsed_option<T>(*sub, name, name, help, [&out](T v) { out = v; });
 }
 
 void add_stress(CLI::App& app, Tool& tool) {

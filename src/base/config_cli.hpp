@@ -28,21 +28,31 @@ struct SettingCheck {
 // file. Add the settings' flags (add_setting_flag) after this.
 void add_config_file_option(CLI::App& app, std::string default_path, std::vector<SettingCheck> keys);
 
-// Adds the setting `key` as the flag "--key" bound to field, in the
-// "Settings" group, showing its default. The value is parsed by
-// parse_value<T> (not CLI11's own conversion, which reads "010" as octal and
-// wraps "-1"), so a flag and a file line read the same.
-template <class T>
-CLI::Option* add_setting_flag(CLI::App& app, const std::string& key, const std::string& help, T& field) {
-  auto* opt = app.add_option_function<std::string>(
-      "--" + key,
-      [key, &field](const std::string& text) {
+// Adds the option `name` whose text is parsed by parse_value<T> (not
+// CLI11's own conversion, which reads "010" as octal and wraps "-1") and
+// handed to on_value; a bad value is a usage error with parse_value's
+// message, which names `key`.
+template <class T, class OnValue>
+CLI::Option* add_parsed_option(CLI::App& app, const std::string& name, const std::string& key,
+                               const std::string& help, OnValue on_value) {
+  return app.add_option_function<std::string>(
+      name,
+      [key, on_value](const std::string& text) {
         auto v = parse_value<T>(key, text);
         if (!v) throw CLI::ValidationError(v.error().message);
-        field = std::move(*v);
+        on_value(std::move(*v));
       },
       help);
-  return opt->default_str(show_value(field))->group("Settings");
+}
+
+// Adds the setting `key` as the flag "--key" bound to field, in the
+// "Settings" group, showing its default; parsed as add_parsed_option does,
+// so a flag and a file line read the same.
+template <class T>
+CLI::Option* add_setting_flag(CLI::App& app, const std::string& key, const std::string& help, T& field) {
+  return add_parsed_option<T>(app, "--" + key, key, help, [&field](T v) { field = std::move(v); })
+      ->default_str(show_value(field))
+      ->group("Settings");
 }
 
 // Turns a CLI11 parse error into one line naming the file and key when the

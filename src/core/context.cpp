@@ -52,7 +52,6 @@ Result<Context::BackendChoice> Context::choose_backend(const Config& cfg) {
 }
 
 Result<std::unique_ptr<iommu::Domain>> Context::make_domain(const Config& cfg) {
-  const auto devices = DMAKIT_TRY(iommu::pci::parse_bdf_list(cfg.iommu.devices));
   const std::string backend = DMAKIT_TRY(choose_backend(cfg)).backend;
   if (backend == "sim") {
     auto sim_cfg = DMAKIT_TRY(iommu::SimConfig::from_settings(cfg.iommu));
@@ -60,6 +59,7 @@ Result<std::unique_ptr<iommu::Domain>> Context::make_domain(const Config& cfg) {
     return std::unique_ptr<iommu::Domain>(std::move(sim));
   }
   if (backend == "vfio") {
+    const auto devices = DMAKIT_TRY(iommu::pci::parse_bdf_list(cfg.iommu.devices));  // checked by choose_backend
     if (devices.empty())
       return fail(Errc::invalid_argument,
                   "iommu.backend is 'vfio' but iommu.devices is empty: name the PCI devices (BDFs) whose "

@@ -13,15 +13,6 @@ namespace dmakit::core {
 
 namespace {
 
-const char* kind_name(uint32_t type) {
-  switch (type) {
-    case VFIO_PCI_INTX_IRQ_INDEX: return "INTx";
-    case VFIO_PCI_MSI_IRQ_INDEX: return "MSI";
-    case VFIO_PCI_MSIX_IRQ_INDEX: return "MSI-X";
-    default: return "?";
-  }
-}
-
 Status check_kind(const std::string& bdf, uint32_t type) {
   if (type > VFIO_PCI_MSIX_IRQ_INDEX)
     return fail(Errc::invalid_argument, "{}: interrupt type {} is not INTx (0), MSI (1) or MSI-X (2)", bdf, type);
@@ -74,13 +65,13 @@ Result<std::vector<int>> Device::irq_enable(uint32_t type, uint32_t count) {
   const auto info = DMAKIT_TRY(dev_.irq_info(type));
   if (count == 0 || count > info.count)
     return fail(Errc::invalid_argument, "{}: {} vectors asked for {}, the device offers {}", bdf(), count,
-                kind_name(type), info.count);
+                iommu::vfio::irq_name(type), info.count);
   if ((info.flags & VFIO_IRQ_INFO_EVENTFD) == 0)
-    return fail(Errc::unsupported, "{}: VFIO cannot signal {} through an eventfd", bdf(), kind_name(type));
+    return fail(Errc::unsupported, "{}: VFIO cannot signal {} through an eventfd", bdf(), iommu::vfio::irq_name(type));
   std::lock_guard lock(irq_mu_);
   if (irq_type_ >= 0 && static_cast<uint32_t>(irq_type_) != type)
     return fail(Errc::busy, "{}: {} is enabled; disable it before enabling {}", bdf(),
-                kind_name(static_cast<uint32_t>(irq_type_)), kind_name(type));
+                iommu::vfio::irq_name(static_cast<uint32_t>(irq_type_)), iommu::vfio::irq_name(type));
   // Re-enabling the same kind starts over with fresh vectors.
   DMAKIT_TRY(disable_locked());
   std::vector<base::UniqueFd> fds;
@@ -90,7 +81,7 @@ Result<std::vector<int>> Device::irq_enable(uint32_t type, uint32_t count) {
   for (uint32_t i = 0; i < count; ++i) {
     // Non-blocking: irq_wait polls first and never stalls in read().
     base::UniqueFd fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    if (!fd) return fail_errno(errno, "{}: eventfd for {} vector {}", bdf(), kind_name(type), i);
+    if (!fd) return fail_errno(errno, "{}: eventfd for {} vector {}", bdf(), iommu::vfio::irq_name(type), i);
     raw.push_back(fd.get());
     fds.push_back(std::move(fd));
   }
@@ -116,18 +107,18 @@ Status Device::irq_disable(uint32_t type) {
   DMAKIT_TRY(check_kind(bdf(), type));
   std::lock_guard lock(irq_mu_);
   if (irq_type_ != static_cast<int>(type))
-    return fail(Errc::not_found, "{}: {} is not enabled", bdf(), kind_name(type));
+    return fail(Errc::not_found, "{}: {} is not enabled", bdf(), iommu::vfio::irq_name(type));
   return disable_locked();
 }
 
 Status Device::check_enabled(uint32_t type, uint32_t vector, const char* what) const {
   DMAKIT_TRY(check_kind(bdf(), type));
   if (irq_type_ != static_cast<int>(type))
-    return fail(Errc::invalid_argument, "{}: {} of {} vector {}: {} is not enabled", bdf(), what, kind_name(type),
-                vector, kind_name(type));
+    return fail(Errc::invalid_argument, "{}: {} of {} vector {}: {} is not enabled", bdf(), what, iommu::vfio::irq_name(type),
+                vector, iommu::vfio::irq_name(type));
   if (vector >= efds_.size())
     return fail(Errc::invalid_argument, "{}: {} of {} vector {}: only {} vectors are enabled", bdf(), what,
-                kind_name(type), vector, efds_.size());
+                iommu::vfio::irq_name(type), vector, efds_.size());
   return ok();
 }
 
@@ -155,14 +146,14 @@ Result<uint64_t> Device::irq_wait(uint32_t type, uint32_t vector, int timeout_ms
   for (;;) {
     const int n = ::poll(&p, 1, timeout_ms);
     if (n < 0 && errno == EINTR) continue;  // a signal of the application's: keep waiting
-    if (n < 0) return fail_errno(errno, "{}: poll on the eventfd of {} vector {}", bdf(), kind_name(type), vector);
+    if (n < 0) return fail_errno(errno, "{}: poll on the eventfd of {} vector {}", bdf(), iommu::vfio::irq_name(type), vector);
     if (n == 0)
-      return fail(Errc::timeout, "{}: no {} interrupt on vector {} within {} ms", bdf(), kind_name(type), vector,
+      return fail(Errc::timeout, "{}: no {} interrupt on vector {} within {} ms", bdf(), iommu::vfio::irq_name(type), vector,
                   timeout_ms);
     uint64_t count = 0;
     if (::read(fd, &count, sizeof count) == static_cast<ssize_t>(sizeof count)) return count;
     if (errno != EAGAIN && errno != EINTR)
-      return fail_errno(errno, "{}: read of the eventfd of {} vector {}", bdf(), kind_name(type), vector);
+      return fail_errno(errno, "{}: read of the eventfd of {} vector {}", bdf(), iommu::vfio::irq_name(type), vector);
   }
 }
 

@@ -235,6 +235,9 @@ class BarMapping {
   uint64_t offset_ = 0;
 };
 
+// "INTx", "MSI", "MSI-X", "error", "request" for a VFIO PCI IRQ index.
+const char* irq_name(uint32_t index);
+
 // VFIO_DEVICE_GET_IRQ_INFO, parsed. Index: VFIO_PCI_INTX_IRQ_INDEX (0),
 // _MSI_ (1), _MSIX_ (2), ...
 struct IrqInfo {

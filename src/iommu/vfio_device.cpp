@@ -19,6 +19,17 @@ bool RegionInfo::mmappable() const { return flags & VFIO_REGION_INFO_FLAG_MMAP; 
 bool DeviceInfo::is_pci() const { return flags & VFIO_DEVICE_FLAGS_PCI; }
 bool DeviceInfo::can_reset() const { return flags & VFIO_DEVICE_FLAGS_RESET; }
 
+const char* irq_name(uint32_t index) {
+  switch (index) {
+    case VFIO_PCI_INTX_IRQ_INDEX: return "INTx";
+    case VFIO_PCI_MSI_IRQ_INDEX: return "MSI";
+    case VFIO_PCI_MSIX_IRQ_INDEX: return "MSI-X";
+    case VFIO_PCI_ERR_IRQ_INDEX: return "error";
+    case VFIO_PCI_REQ_IRQ_INDEX: return "request";
+    default: return "unknown";
+  }
+}
+
 // ---- BarMapping -------------------------------------------------------------
 
 BarMapping::BarMapping(BarMapping&& other) noexcept
@@ -237,17 +248,6 @@ Status Device::disable_bus_master() const {
 }
 
 namespace {
-
-const char* irq_name(uint32_t index) {
-  switch (index) {
-    case VFIO_PCI_INTX_IRQ_INDEX: return "INTx";
-    case VFIO_PCI_MSI_IRQ_INDEX: return "MSI";
-    case VFIO_PCI_MSIX_IRQ_INDEX: return "MSI-X";
-    case VFIO_PCI_ERR_IRQ_INDEX: return "error";
-    case VFIO_PCI_REQ_IRQ_INDEX: return "request";
-    default: return "unknown";
-  }
-}
 
 // vfio_irq_set is followed by its data (here: one int32 eventfd per vector).
 Status set_irqs(int fd, const std::string& bdf, uint32_t index, uint32_t flags, uint32_t start, uint32_t count,
