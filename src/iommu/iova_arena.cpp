@@ -1,12 +1,13 @@
 #include "iommu/iova_arena.hpp"
 
-#include <sys/mman.h>
 #include <time.h>
 
 #include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cerrno>
+#include <cstring>
+#include <new>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -18,33 +19,200 @@ namespace dmakit::iommu {
 
 namespace detail {
 
+namespace {
+
+constexpr std::array<WordGroup, kSegGroups> filled(uint64_t used) {
+  std::array<WordGroup, kSegGroups> a{};
+  for (WordGroup& g : a) g.used = used;
+  return a;
+}
+
+constexpr uint64_t kMidEntries = 1ull << kMidShift;
+
+// Middles whose every segment is a sentinel: what the top level starts with
+// (zero) and what a hole spanning a whole middle becomes. Never written.
+Middle* sentinel_middle(const WordGroup* seg) {
+  auto* m = ::new (std::nothrow) Middle;  // leaked on purpose: shared by every arena for the process's life
+  if (m == nullptr) return nullptr;
+  for (auto& e : m->seg) e.store(const_cast<WordGroup*>(seg), std::memory_order_relaxed);
+  return m;
+}
+Middle* zero_middle() {
+  static Middle* const m = sentinel_middle(kZeroSegment.data());
+  return m;
+}
+Middle* hole_middle() {
+  static Middle* const m = sentinel_middle(kHoleSegment.data());
+  return m;
+}
+}  // namespace
+
+bool is_sentinel_middle(const Middle* m) { return m == zero_middle() || m == hole_middle(); }
+
+namespace {
+
+constexpr std::align_val_t kSegAlign{64};  // a group never straddles a cache line
+
+}  // namespace
+
+alignas(64) constinit const std::array<WordGroup, kSegGroups> kZeroSegment = filled(0);
+alignas(64) constinit const std::array<WordGroup, kSegGroups> kHoleSegment = filled(~0ull);
+
 Result<PageBits> PageBits::create(uint64_t first_pn, uint64_t end_pn) {
   PageBits b;
-  b.base_word_ = first_pn >> 6;
-  const uint64_t words = ((end_pn + 63) >> 6) - b.base_word_;
-  b.bytes_ = words * sizeof(WordGroup);
-  // Reserved, not committed: the kernel materialises a page of groups on
-  // first touch, so a large space costs memory only where it is used.
-  void* p = mmap(nullptr, b.bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                 -1, 0);
-  if (p == MAP_FAILED)
-    return fail_errno(errno, "mmap of {} bytes for the IOVA arena's bitmaps ({} pages)", b.bytes_,
-                      end_pn - first_pn);
-  b.groups_ = static_cast<WordGroup*>(p);
+  Middle* zero = zero_middle();
+  if (zero == nullptr || hole_middle() == nullptr)
+    return fail(Errc::no_memory, "IOVA arena: no memory for the bitmaps' shared empty directory");
+  b.top_base_ = (first_pn & ~63ull) >> kTopShift;
+  b.top_len_ = ((end_pn - 1) >> kTopShift) - b.top_base_ + 1;
+  b.top_.reset(::new (std::nothrow) std::atomic<Middle*>[b.top_len_]);
+  if (!b.top_)
+    return fail(Errc::no_memory, "IOVA arena: no memory for the bitmaps' directory ({} bytes for {} pages)",
+                b.top_len_ * sizeof(void*), end_pn - first_pn);
+  for (uint64_t i = 0; i < b.top_len_; ++i) b.top_[i].store(zero, std::memory_order_relaxed);
+  b.committed_.store(b.top_len_ * sizeof(void*), std::memory_order_relaxed);
   return b;
 }
 
 PageBits::~PageBits() {
-  if (groups_ != nullptr) munmap(groups_, bytes_);
+  if (!top_) return;
+  for (uint64_t i = 0; i < top_len_; ++i) {
+    Middle* m = top_[i].load(std::memory_order_relaxed);
+    if (is_sentinel_middle(m)) continue;
+    std::unique_ptr<Middle> owned(m);
+    for (auto& e : m->seg) {
+      WordGroup* s = e.load(std::memory_order_relaxed);
+      if (!is_sentinel(s)) ::operator delete[](s, kSegAlign);
+    }
+  }
+}
+
+Middle* PageBits::ensure_middle(uint64_t pn) {
+  std::atomic<Middle*>& slot = top_[(pn >> kTopShift) - top_base_];
+  Middle* m = slot.load(std::memory_order_acquire);
+  if (!is_sentinel_middle(m)) return m;
+  auto fresh = std::unique_ptr<Middle>(::new (std::nothrow) Middle);
+  if (!fresh) return nullptr;
+  // A middle under a hole keeps the hole's segments.
+  for (uint64_t i = 0; i < kMidEntries; ++i)
+    fresh->seg[i].store(m->seg[i].load(std::memory_order_relaxed), std::memory_order_relaxed);
+  if (slot.compare_exchange_strong(m, fresh.get(), std::memory_order_acq_rel, std::memory_order_acquire)) {
+    committed_.fetch_add(sizeof(Middle), std::memory_order_relaxed);
+    return fresh.release();
+  }
+  return m;  // another thread installed one first
+}
+
+bool PageBits::ensure(uint64_t pn, uint64_t n) {
+  for (uint64_t at = pn & ~(kSegPages - 1); at < pn + n; at += kSegPages) {
+    if (!is_sentinel(segment(at))) continue;
+    Middle* m = ensure_middle(at);
+    if (m == nullptr) return false;
+    std::atomic<WordGroup*>& slot = m->seg[(at >> kSegShift) & (kMidEntries - 1)];
+    WordGroup* cur = slot.load(std::memory_order_acquire);
+    if (!is_sentinel(cur)) continue;
+    auto* fresh = static_cast<WordGroup*>(::operator new[](kSegGroups * sizeof(WordGroup), kSegAlign, std::nothrow));
+    if (fresh == nullptr) return false;
+    std::memcpy(fresh, cur, kSegGroups * sizeof(WordGroup));  // zero, or a hole's edge
+    if (slot.compare_exchange_strong(cur, fresh, std::memory_order_acq_rel, std::memory_order_acquire)) {
+      committed_.fetch_add(kSegGroups * sizeof(WordGroup), std::memory_order_relaxed);
+    } else {
+      ::operator delete[](fresh, kSegAlign);
+    }
+  }
+  return true;
+}
+
+bool PageBits::ready(uint64_t pn, uint64_t n) const {
+  for (uint64_t at = pn & ~(kSegPages - 1); at < pn + n; at += kSegPages)
+    if (is_sentinel(segment(at))) return false;
+  return true;
+}
+
+bool PageBits::mark_hole(uint64_t pn, uint64_t n) {
+  const uint64_t end = pn + n;
+  while (pn < end) {
+    const uint64_t top_end = (pn | ((1ull << kTopShift) - 1)) + 1;
+    const uint64_t seg_end = (pn | (kSegPages - 1)) + 1;
+    if ((pn & ((1ull << kTopShift) - 1)) == 0 && top_end <= end) {
+      top_[(pn >> kTopShift) - top_base_].store(hole_middle(), std::memory_order_release);
+      pn = top_end;
+    } else if ((pn & (kSegPages - 1)) == 0 && seg_end <= end) {
+      Middle* m = ensure_middle(pn);
+      if (m == nullptr) return false;
+      m->seg[(pn >> kSegShift) & (kMidEntries - 1)].store(const_cast<WordGroup*>(kHoleSegment.data()),
+                                                         std::memory_order_release);
+      pn = seg_end;
+    } else {
+      const uint64_t k = std::min(seg_end, end) - pn;
+      if (!ensure(pn, k)) return false;
+      assign(&WordGroup::used, pn, k, true);
+      pn += k;
+    }
+  }
+  return true;
+}
+
+// pn lies in a sentinel segment: the end of the run of pages around it that
+// reads the same, a whole middle at a time where the middle is a sentinel
+// too (so a scan over a 57-bit space steps 2^29 pages at a time).
+uint64_t PageBits::sentinel_end(uint64_t pn) const {
+  if (is_sentinel_middle(top_[(pn >> kTopShift) - top_base_].load(std::memory_order_acquire)))
+    return (pn | ((1ull << kTopShift) - 1)) + 1;
+  return (pn | (kSegPages - 1)) + 1;
+}
+
+uint64_t PageBits::next_real(uint64_t pn, uint64_t to) const {
+  while (pn < to && is_sentinel(segment(pn))) pn = sentinel_end(pn);
+  return pn < to ? pn : to;
+}
+
+uint64_t PageBits::next(Field f, bool set, uint64_t from, uint64_t to) const {
+  uint64_t pn = from;
+  while (pn < to) {
+    const WordGroup* seg = segment(pn);
+    if (is_sentinel(seg)) {
+      // Every bit of f in a sentinel has one value: used in a hole, else 0.
+      const bool value = seg == kHoleSegment.data() && f == &WordGroup::used;
+      if (value == set) return pn;
+      pn = sentinel_end(pn);
+      continue;
+    }
+    const uint64_t seg_end = std::min((pn | (kSegPages - 1)) + 1, to);
+    uint64_t wi = (pn >> 6) & (kSegGroups - 1);
+    uint64_t w = set ? seg[wi].*f : ~(seg[wi].*f);
+    w &= ~0ull << (pn & 63);
+    uint64_t base = pn & ~63ull;
+    for (;;) {
+      if (w != 0) {
+        const uint64_t hit = base + static_cast<uint64_t>(std::countr_zero(w));
+        return hit < to ? hit : to;
+      }
+      base += 64;
+      if (base >= seg_end) break;
+      ++wi;
+      w = set ? seg[wi].*f : ~(seg[wi].*f);
+    }
+    pn = seg_end;
+  }
+  return to;
 }
 
 uint64_t PageBits::count(Field f, uint64_t pn, uint64_t n) const {
   uint64_t c = 0;
   while (n > 0) {
+    const WordGroup* seg = segment(pn);
+    if (is_sentinel(seg)) {
+      const uint64_t k = std::min(n, sentinel_end(pn) - pn);
+      if (seg == kHoleSegment.data() && f == &WordGroup::used) c += k;
+      pn += k;
+      n -= k;
+      continue;
+    }
     const uint64_t bit = pn & 63;
     const uint64_t k = n < 64 - bit ? n : 64 - bit;
     const uint64_t mask = (k == 64 ? ~0ull : ((1ull << k) - 1)) << bit;
-    c += static_cast<uint64_t>(std::popcount(word(pn).*f & mask));
+    c += static_cast<uint64_t>(std::popcount(seg[(pn >> 6) & (kSegGroups - 1)].*f & mask));
     pn += k;
     n -= k;
   }
@@ -57,12 +225,15 @@ namespace {
 
 using detail::Counter;
 using detail::Field;
+using detail::kSegGroups;
+using detail::kSegShift;
 using detail::WordGroup;
 using detail::PageBits;
 using detail::SpinLock;
 
 constexpr uint64_t kNone = ~0ull;
 constexpr uint64_t kBusy = ~0ull - 1;
+constexpr uint64_t kNoMemory = ~0ull - 2;  // the bitmaps could not grow to cover the range found
 // Smallest small shard: below this, splitting costs more locality than it buys.
 constexpr uint64_t kMinShardPages = 512;
 
@@ -111,9 +282,14 @@ struct alignas(64) Shard {
   uint64_t hint = 0;              // next-fit: where the next search starts
   uint64_t first = 0;
   uint64_t end = 0;
+  // The materialised segment the fast paths write without a directory walk:
+  // its number (pn >> kSegShift; kNone = none yet) and groups. Set by the
+  // general path after a commit; segments live as long as the arena.
+  uint64_t seg_no = kNone;
+  WordGroup* seg = nullptr;
+  Counter in_use, stale;
   uint64_t stale_lo = kNone;      // extent of the stale bits, so a flush scans only it
   uint64_t stale_hi = 0;
-  Counter in_use, stale;
   uint64_t pending_ranges = 0;    // stale ranges not yet flushed
   uint64_t flush_at = 0;          // flush when stale pages reach this
   int64_t oldest_ns = 0;          // coarse time when the oldest stale range was freed; 0 = none yet
@@ -293,12 +469,15 @@ Status ShardedArena::init() {
       if (small_shift_ == 63) p.end = hi_;
     }
     p.hint = p.first;
+    p.seg = const_cast<WordGroup*>(detail::kZeroSegment.data());  // read before seg_no is compared: harmless
     p.flush_at = cfg_.stale_max_pages;
   }
   // Holes are permanently used and never a head, so they are never handed
   // out and never accepted by free().
   for (auto [pn, len] : holes_) {
-    bits_.assign(kUsed, pn, len, true);
+    if (!bits_.mark_hole(pn, len))
+      return fail(Errc::no_memory, "IOVA arena: no memory for the bitmap of the hole at IOVA {:#x} ({} pages)",
+                  pn << shift_, len);
     for (uint64_t left = len, at = pn; left > 0;) {
       Shard& p = shards_[shard_of(at)];
       const uint64_t k = std::min(left, p.end - at);
@@ -420,24 +599,44 @@ uint64_t ShardedArena::take(Shard& p, const Need& need, bool wait, bool borrow) 
   return take_locked(p, need, borrow);
 }
 
-// take() once p.lock is held; releases it.
+// take() once p.lock is held; releases it. Returns kNoMemory when the range
+// found lies in untouched bitmap segments that could not be allocated
+// (nothing changed then).
 uint64_t ShardedArena::take_locked(Shard& p, const Need& need, bool borrow) {
   const uint64_t to = std::min(p.end, need.limit_end);
-  const uint64_t from = p.hint >= p.first && p.hint < to ? p.hint : p.first;
-  uint64_t pn = find(from, to, need);
-  if (pn == kNone) {
-    // Waiting for a concurrent flush (unmapping != 0) also goes through
-    // flush_shard: its mutex returns once that flush has finished.
-    if (p.stale.get() != 0 || p.unmapping.get() != 0) {
-      p.lock.unlock();
-      (void)flush_shard(p, true);  // an error is logged and counted; the pages stay reserved
-      p.lock.lock();
+  uint64_t pn = kNone;
+  for (;;) {
+    const uint64_t from = p.hint >= p.first && p.hint < to ? p.hint : p.first;
+    pn = find(from, to, need);
+    if (pn == kNone) {
+      // Waiting for a concurrent flush (unmapping != 0) also goes through
+      // flush_shard: its mutex returns once that flush has finished.
+      if (p.stale.get() != 0 || p.unmapping.get() != 0) {
+        p.lock.unlock();
+        (void)flush_shard(p, true);  // an error is logged and counted; the pages stay reserved
+        p.lock.lock();
+      }
+      pn = find(p.first, to, need);
     }
-    pn = find(p.first, to, need);
+    if (pn == kNone || bits_.ready(pn, need.n)) break;
+    // First use of this part of the space: its bitmap segments are
+    // allocated without the lock, then the search runs again (the shard
+    // may have changed meanwhile).
+    p.lock.unlock();
+    if (!bits_.ensure(pn, need.n)) return kNoMemory;
+    p.lock.lock();
   }
   bool due = false;
   if (pn != kNone) {
     commit(p, pn, need.n);
+    // The fast paths write the segment of the page after this range
+    // without a directory walk, once it exists.
+    const uint64_t last = pn + need.n - 1;
+    const uint64_t at = pn + need.n < p.end && !PageBits::is_sentinel(bits_.segment(pn + need.n)) ? pn + need.n : last;
+    if (at >> kSegShift != p.seg_no) {
+      p.seg_no = at >> kSegShift;
+      p.seg = bits_.segment(at);
+    }
     if (borrow) p.borrows.add(1);
     due = tick(p);
   }
@@ -456,10 +655,10 @@ Result<IovaSpan> ShardedArena::alloc(const IovaRequest& req) {
     Shard& p = shards_[thread_number() & (nsmall_ - 1)];
     if (p.lock.try_lock()) [[likely]] {
       const uint64_t from = p.hint;  // always inside [first, end)
-      WordGroup& g = bits_.word(from);
+      WordGroup& g = p.seg[(from >> 6) & (kSegGroups - 1)];
       const uint64_t free_bits = ~g.used & (~0ull << (from & 63));
       const uint64_t pn = (from & ~63ull) + static_cast<uint64_t>(std::countr_zero(free_bits));
-      if (free_bits != 0 && pn < p.end) [[likely]] {
+      if (from >> kSegShift == p.seg_no && free_bits != 0 && pn < p.end) [[likely]] {
         const uint64_t bit = free_bits & (0 - free_bits);
         g.used |= bit;
         g.head |= bit;
@@ -488,7 +687,7 @@ Result<IovaSpan> ShardedArena::alloc_checked(Shard& p, uint64_t pn) {
 // (flushing it if that is what it takes), else borrow on the general path.
 Result<IovaSpan> ShardedArena::alloc_home_slow(Shard& p, const IovaRequest& req) {
   const uint64_t got = take_locked(p, Need{1, 1, hi_}, false);
-  if (got != kNone) return IovaSpan{got << shift_, page_};
+  if (got < kNoMemory) return IovaSpan{got << shift_, page_};
   return alloc_general(req);
 }
 
@@ -526,12 +725,15 @@ Result<IovaSpan> ShardedArena::alloc_general(const IovaRequest& req) {
     return k < nsmall_ ? (slot + k) & (nsmall_ - 1) : nsmall_;
   };
   uint32_t busy = 0;
+  bool no_memory = false;  // a shard had room but its bitmap could not grow there
   for (uint32_t k = 0; k < count; ++k) {
     const uint32_t i = shard_at(k);
     if (shards_[i].first >= need.limit_end) continue;
     const uint64_t pn = take(shards_[i], need, false, i != home);
     if (pn == kBusy) {
       busy |= 1u << i;
+    } else if (pn == kNoMemory) {
+      no_memory = true;
     } else if (pn != kNone) {
       return IovaSpan{pn << shift_, need.n << shift_};
     }
@@ -541,9 +743,15 @@ Result<IovaSpan> ShardedArena::alloc_general(const IovaRequest& req) {
     const uint32_t i = shard_at(k);
     if ((busy & (1u << i)) == 0) continue;
     const uint64_t pn = take(shards_[i], need, true, i != home);
-    if (pn != kNone) return IovaSpan{pn << shift_, need.n << shift_};
+    if (pn == kNoMemory) no_memory = true;
+    else if (pn != kNone) return IovaSpan{pn << shift_, need.n << shift_};
   }
   failures_.fetch_add(1, std::memory_order_relaxed);
+  if (no_memory)
+    return fail(Errc::no_memory,
+                "IOVA request of {:#x} bytes: no memory to extend the arena's bitmaps over untouched IOVA space "
+                "({} KiB of bookkeeping so far, {} KiB more per 512 MiB of 4K IOVAs)",
+                req.len, bits_.committed_bytes() >> 10, (kSegGroups * sizeof(WordGroup)) >> 10);
   const ArenaStats s = stats();
   return fail(Errc::no_space,
               "no free IOVA range of {:#x} bytes (align {:#x}, dma_limit {:#x}) in the arena {:#x}-{:#x}: "
@@ -561,9 +769,12 @@ Status ShardedArena::free(IovaSpan range) {
   const uint64_t pn = range.iova >> shift_;
   if (range.len - 1 < fast_free_len_ && (range.iova & (page_ - 1)) == 0 && pn - lo_ < hi_ - lo_) [[likely]] {
     Shard& p = shards_[shard_of(pn)];
-    WordGroup& g = bits_.word(pn);
     const uint64_t bit = 1ull << (pn & 63);
     if (p.lock.try_lock()) [[likely]] {
+      // A page of a live allocation lies in a materialised segment; a
+      // sentinel has no head or tail, so a bad free reads zeros and goes on.
+      WordGroup* seg = pn >> kSegShift == p.seg_no ? p.seg : bits_.segment(pn);
+      WordGroup& g = seg[(pn >> 6) & (kSegGroups - 1)];
       if ((g.head & g.tail & bit) != 0) [[likely]] {
         g.head &= ~bit;
         g.tail &= ~bit;
@@ -774,6 +985,7 @@ ArenaStats ShardedArena::stats() const {
   }
   s.failures = failures_.load(std::memory_order_relaxed);
   s.total_pages = total_pages_;
+  s.bitmap_bytes = bits_.committed_bytes();
   s.shards = nsmall_;
   s.large_shard = has_large_;
   return s;
@@ -797,7 +1009,8 @@ Status ShardedArena::check_shard(const Shard& p) const {
   if (stale != p.stale.get())
     return fail(Errc::internal, "IOVA arena shard {:#x}: {} stale pages, counter says {}", p.first << shift_, stale,
                 p.stale.get());
-  for (uint64_t pn = p.first & ~63ull; pn < p.end; pn += 64) {
+  for (uint64_t pn = bits_.next_real(p.first & ~63ull, p.end); pn < p.end;
+       pn = bits_.next_real(pn + 64, p.end)) {
     const WordGroup& g = bits_.word(pn);
     if ((g.stale & ~g.used) != 0 || ((g.head | g.tail) & (~g.used | g.stale)) != 0)
       return fail(Errc::internal, "IOVA arena: inconsistent bits at IOVA {:#x}", pn << shift_);

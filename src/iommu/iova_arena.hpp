@@ -7,14 +7,17 @@
 // cache line serves an operation: used (allocated, stale or being unmapped;
 // holes are permanently set), stale (freed, mapping still in place), head and
 // tail (first and last page of every live allocation, so free() validates a
-// range in O(1) for one page and O(pages/64) in general). The bitmaps are
-// reserved as anonymous memory and materialise only where touched: a 39-bit
-// space (128M pages of 4K) reserves 64 MiB of address space but costs memory
-// only for the parts in use (next-fit restarts low after each flush, so the
-// touched part follows the working set). A 48-bit space (the default cap,
-// max_pages = 2^36) reserves 32 GiB of address space the same way
-// (MAP_NORESERVE): IOVAs above 512 GiB are used, at no memory cost until
-// touched.
+// range in O(1) for one page and O(pages/64) in general). The bitmaps grow
+// with use, not with the window (iova_bits.hpp): a small top-level directory
+// allocated at create() (128 entries for a 48-bit window, 64 Ki for a 57-bit
+// one), and 64 KiB segments of 2^17 pages each allocated the first time an
+// allocation lands in them; untouched parts read as free, holes between
+// windows as used, at no cost. So a 57-bit window (the default cap,
+// max_pages = 2^45) costs about 1 MiB until used, and what it costs later
+// follows the IOVA space touched (next-fit restarts low after each flush, so
+// that follows the working set). Growing the bitmaps never happens under a
+// shard lock; when the memory is not there the request fails with
+// Errc::no_memory and nothing changes.
 //
 // The space is split into N small shards (N a power of two, equal size, each a
 // power-of-two page count) from the low end, and one large shard above them
@@ -29,7 +32,8 @@
 //
 // Fast path (1 page, lazy mode; budget 20 ns for an alloc+free pair on one
 // thread, about 70 instructions each way and one try-lock): alloc takes the
-// home shard's lock, the first zero bit of the hint's word (ctz), sets
+// home shard's lock, checks that the hint lies in the segment the shard
+// keeps at hand, the first zero bit of the hint's word (ctz), sets
 // used/head/tail in that one 32-byte group, moves the hint, counts down to
 // the next bounds check, unlocks. free finds the page's shard with a shift,
 // tests head and tail, sets stale, counts down, unlocks. No heap allocation,
@@ -95,7 +99,7 @@ struct ArenaConfig {
   std::chrono::milliseconds stale_max_age{50};  // 0 = no age bound
   uint64_t iova_start = 0;              // narrow the space (0/0 = all windows)
   uint64_t iova_end = 0;                // inclusive; 0 = end of the last window
-  uint64_t max_pages = 1ull << 36;      // cap on the space (a whole 48-bit IOVA space of 4K pages), from its low end
+  uint64_t max_pages = 1ull << 45;      // cap on the space (a whole 57-bit IOVA space of 4K pages), from its low end
 
   static ArenaConfig from_settings(const ArenaSettings& s);
 };
@@ -113,9 +117,10 @@ struct ArenaStats {
   uint64_t unmap_calls = 0;    // Domain::unmap calls issued by the arena
   uint64_t ranges_flushed = 0; // stale ranges before merging (strict mode: ranges unmapped)
   uint64_t borrows = 0;        // served by a shard other than the caller's
-  uint64_t failures = 0;       // requests refused for lack of space
+  uint64_t failures = 0;       // requests refused for lack of space (or of memory for the bitmaps)
   uint64_t flush_errors = 0;   // unmap calls that failed (their runs stay stale)
   uint64_t total_pages = 0;    // usable pages (holes excluded)
+  uint64_t bitmap_bytes = 0;   // bookkeeping allocated so far (grows with the IOVA space touched)
   uint32_t shards = 0;         // small shards
   bool large_shard = false;
 };

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bench_arena.hpp"
+#include "child_process.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"
 
@@ -717,6 +718,123 @@ TEST(IovaArena48, DefaultArenaCoversTheWhole48BitWindow) {
   }
   for (const auto& x : spans) ASSERT_TRUE(a->free(x));
   EXPECT_LT(rss_bytes(), rss_before + (64ull << 20)) << "the bitmaps cost memory for the whole window";
+  // The bookkeeping allocated is the directory and the few segments used.
+  EXPECT_GT(a->stats().bitmap_bytes, 0u);
+  EXPECT_LT(a->stats().bitmap_bytes, 2ull << 20);
+  EXPECT_LT(t->stats().bitmap_bytes, 1ull << 20);
+  ASSERT_TRUE(a->check());
+  ASSERT_TRUE(t->check());
+}
+
+// The same arena where the address space is scarce: RLIMIT_AS counts every
+// mapping, MAP_NORESERVE or not, as strict overcommit charges every writable
+// one; with 256 MiB to spare the whole 48-bit arena starts and serves IOVAs
+// above 512 GiB and in the top gigabyte.
+TEST(IovaArena48, StartsAndWorksWithLittleAddressSpace) {
+  auto [code, msg] = testing_child::run_in_child([] {
+    SimConfig sc;
+    sc.address_bits = 48;
+    auto d = SimDomain::create(sc);
+    if (!d) return std::pair<int, std::string>(1, d.error().what());
+    if (!testing_child::limit_address_space(256ull << 20)) return std::pair<int, std::string>(1, "setrlimit");
+    auto a = IovaArena::create(**d, ArenaConfig{});
+    if (!a) return std::pair<int, std::string>(2, a.error().what());
+    ArenaConfig high;
+    high.iova_start = 1ull << 40;
+    auto h = IovaArena::create(**d, high);
+    if (!h) return std::pair<int, std::string>(3, h.error().what());
+    std::vector<IovaSpan> got;
+    for (int i = 0; i < 4096; ++i) {
+      auto s = (i % 2 ? *h : *a)->alloc(IovaRequest{i % 3 == 0 ? 64 * K4 : K4});
+      if (!s) return std::pair<int, std::string>(4, s.error().what());
+      if (i % 2 && s->iova < (1ull << 40)) return std::pair<int, std::string>(5, "IOVA below 1 TiB");
+      got.push_back(*s);
+    }
+    for (size_t i = 0; i < got.size(); ++i)
+      if (auto st = (i % 2 ? *h : *a)->free(got[i]); !st) return std::pair<int, std::string>(6, st.error().what());
+    if (auto st = (*a)->check(); !st) return std::pair<int, std::string>(7, st.error().what());
+    if (auto st = (*h)->check(); !st) return std::pair<int, std::string>(7, st.error().what());
+    return std::pair<int, std::string>(0, std::to_string((*a)->stats().bitmap_bytes + (*h)->stats().bitmap_bytes));
+  });
+  ASSERT_EQ(code, 0) << msg;
+  EXPECT_LT(std::stoull(msg), 4ull << 20) << "bytes of bookkeeping";
+}
+
+// A 57-bit IOMMU (5-level paging): the default arena covers the whole
+// window; the large shard sits in its top quarter, far above 48 bits, and
+// the bookkeeping stays small.
+TEST(IovaArena57, DefaultArenaCoversTheWhole57BitWindow) {
+  SimConfig sc;
+  sc.address_bits = 57;
+  auto d = sim(sc);
+  ASSERT_TRUE(d);
+  auto a = arena(*d, ArenaConfig{});
+  ASSERT_TRUE(a);
+  uint64_t end = 0;
+  for (const auto& sp : a->shard_spans()) end = std::max(end, sp.iova + sp.len);
+  EXPECT_EQ(end, 1ull << 57) << "the arena stops short of the window's end";
+  EXPECT_EQ(a->stats().total_pages, ((1ull << 57) >> 12) - 1 - 256);  // less IOVA 0 and the MSI hole
+  ASSERT_TRUE(a->stats().large_shard);
+
+  auto big = a->alloc(IovaRequest{M2, M2});  // above large_threshold_pages: the large shard
+  ASSERT_TRUE(big) << big.error().what();
+  EXPECT_GE(big->iova, 1ull << 48) << "a large request stays below 48 bits";
+  auto small = a->alloc(IovaRequest{K4});
+  ASSERT_TRUE(small) << small.error().what();
+  HostPage page;
+  ASSERT_NE(page.get(), nullptr);
+  ASSERT_TRUE(d->map(page.get(), big->iova + M2 - K4, K4, kReadWrite));
+  auto view = d->translate(big->iova + M2 - K4, K4, kWrite);
+  ASSERT_TRUE(view) << view.error().what();
+  ASSERT_TRUE(a->free(*big));
+  ASSERT_TRUE(a->free(*small));
+  ASSERT_TRUE(a->flush());
+  EXPECT_EQ(d->stats().mappings, 0u) << "the flush did not unmap the stale range";
+
+  ArenaConfig top;
+  top.iova_start = (1ull << 57) - G1;
+  auto t = arena(*d, top);
+  ASSERT_TRUE(t);
+  auto hi = t->alloc(IovaRequest{64 * K4});
+  ASSERT_TRUE(hi) << hi.error().what();
+  EXPECT_GE(hi->iova, (1ull << 57) - G1);
+  ASSERT_TRUE(t->free(*hi));
+
+  EXPECT_LT(a->stats().bitmap_bytes, 2ull << 20);
+  ASSERT_TRUE(a->check());
+  ASSERT_TRUE(t->check());
+}
+
+// Holes cost nothing however large: two windows 2^50 pages apart.
+TEST(IovaArena57, AHugeHoleBetweenWindowsIsNeitherHandedOutNorPaidFor) {
+  SimConfig sc;
+  sc.address_bits = 57;
+  sc.windows = {{1ull << 20, (1ull << 30) - 1}, {1ull << 56, (1ull << 57) - 1}};
+  auto d = sim(sc);
+  ASSERT_TRUE(d);
+  ArenaConfig cfg;
+  cfg.shards = 1;
+  cfg.large_share = 0;
+  cfg.large_threshold_pages = 1ull << 40;  // every request starts low
+  cfg.stale_max_pages = 0;
+  cfg.stale_max_age = std::chrono::milliseconds(0);
+  cfg.iova_end = (1ull << 56) + (1ull << 40) - 1;  // a TiB of the upper window
+  auto a = arena(*d, cfg);
+  ASSERT_TRUE(a);
+  EXPECT_EQ(a->stats().total_pages, (((1ull << 30) - (1ull << 20)) >> 12) + ((1ull << 40) >> 12));
+  EXPECT_LT(a->stats().bitmap_bytes, 1ull << 20);
+  // The whole lower window, then the next range comes from above the hole.
+  auto low = a->alloc(IovaRequest{(1ull << 30) - (1ull << 20)});
+  ASSERT_TRUE(low) << low.error().what();
+  EXPECT_EQ(low->iova, 1ull << 20);
+  auto up = a->alloc(IovaRequest{K4});
+  ASSERT_TRUE(up) << up.error().what();
+  EXPECT_EQ(up->iova, 1ull << 56);
+  ASSERT_TRUE(a->check());
+  ASSERT_TRUE(a->free(*low));
+  ASSERT_TRUE(a->free(*up));
+  ASSERT_TRUE(a->flush());
+  ASSERT_TRUE(a->check());
 }
 
 }  // namespace
