@@ -2,6 +2,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/capability.h>
+#include <sys/syscall.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -348,18 +350,13 @@ MemlockState current_memlock() {
   rlimit rl{};
   if (::getrlimit(RLIMIT_MEMLOCK, &rl) == 0)
     s.soft_limit = rl.rlim_cur == RLIM_INFINITY ? std::numeric_limits<uint64_t>::max() : rl.rlim_cur;
-  // CapEff is a hex mask; CAP_IPC_LOCK is bit 14. VFIO skips the memlock
-  // accounting for tasks that have it.
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("CapEff:", 0) != 0) continue;
-    uint64_t caps = 0;
-    std::string_view hex = std::string_view(line).substr(7);
-    while (!hex.empty() && (hex.front() == '\t' || hex.front() == ' ')) hex.remove_prefix(1);
-    std::from_chars(hex.data(), hex.data() + hex.size(), caps, 16);
-    s.cap_ipc_lock = (caps >> 14) & 1;
-  }
+  // The effective set, straight from capget (two system calls in all, so a
+  // caller may ask at every pin as the kernel does). VFIO skips the memlock
+  // accounting for tasks that have CAP_IPC_LOCK.
+  __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3]{};
+  if (::syscall(SYS_capget, &hdr, data) == 0)
+    s.cap_ipc_lock = (data[CAP_IPC_LOCK / 32].effective >> (CAP_IPC_LOCK % 32)) & 1;
   return s;
 }
 

@@ -133,7 +133,7 @@ struct MemlockState {
   uint64_t soft_limit = 0;  // bytes; UINT64_MAX = unlimited
 };
 
-// This process's state (getrlimit + CapEff in /proc/self/status).
+// This process's state (getrlimit + the effective capabilities from capget).
 MemlockState current_memlock();
 
 // OK when `need` bytes can be pinned; else Errc::permission with the limit,

@@ -1,12 +1,15 @@
 #include "iommu/sim_domain.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <bit>
 #include <cstring>
 #include <sstream>
 #include <string>
 
 #include "base/config.hpp"
+#include "iommu/pci.hpp"
 
 namespace dmakit::iommu {
 
@@ -19,6 +22,13 @@ const char* access_name(uint32_t access) {
 }
 
 uint64_t top_of(uint32_t bits) { return bits >= 64 ? ~0ull : (1ull << bits) - 1; }
+
+// type1 counts locked memory in host pages (PAGE_SIZE), whatever the IOMMU
+// page size.
+constexpr uint64_t kHostPage = 4096;
+
+// The model's mm->locked_vm: pages pinned by all simulated domains.
+std::atomic<uint64_t> g_pinned_pages{0};
 
 // The x86 MSI doorbell window that VT-d/AMD-Vi reserve (IOMMU_RESV_MSI).
 constexpr uint64_t kMsiStart = 0xfee00000;
@@ -92,7 +102,44 @@ Result<std::unique_ptr<SimDomain>> SimDomain::create(const SimConfig& cfg) {
     }
     info.windows = cfg.windows;
   }
-  return std::unique_ptr<SimDomain>(new SimDomain(std::move(info), cfg.dma_entry_limit));
+  return std::unique_ptr<SimDomain>(new SimDomain(std::move(info), cfg.dma_entry_limit, cfg.memlock_limit));
+}
+
+SimDomain::~SimDomain() {
+  // Closing the container unmaps everything and gives the pins back.
+  g_pinned_pages.fetch_sub(mapped_bytes_ / kHostPage, std::memory_order_relaxed);
+}
+
+uint64_t SimDomain::process_pinned_bytes() {
+  return g_pinned_pages.load(std::memory_order_relaxed) * kHostPage;
+}
+
+// vfio_pin_pages_remote: the limit is RLIMIT_MEMLOCK in pages, read at the
+// map; a task with CAP_IPC_LOCK is not limited. The whole map fails (the
+// pages pinned so far are released), so nothing is charged on ENOMEM.
+Status SimDomain::pin(uint64_t iova, uint64_t len) {
+  const uint64_t pages = len / kHostPage;
+  uint64_t limit_bytes = 0;
+  if (memlock_limit_) {
+    limit_bytes = *memlock_limit_;
+  } else {
+    const pci::MemlockState mem = pci::current_memlock();
+    if (mem.cap_ipc_lock) {
+      g_pinned_pages.fetch_add(pages, std::memory_order_relaxed);
+      return ok();
+    }
+    limit_bytes = mem.soft_limit;
+  }
+  const uint64_t limit = limit_bytes / kHostPage;
+  uint64_t cur = g_pinned_pages.load(std::memory_order_relaxed);
+  do {
+    if (cur + pages > limit)
+      return fail_errno(ENOMEM,
+                        "map iova {:#x} len {:#x}: RLIMIT_MEMLOCK exceeded: {} KiB already pinned by the process's "
+                        "DMA mappings and {} KiB more would pass the limit of {} KiB (ulimit -l, or CAP_IPC_LOCK)",
+                        iova, len, cur * (kHostPage / 1024), len / 1024, limit * (kHostPage / 1024));
+  } while (!g_pinned_pages.compare_exchange_weak(cur, cur + pages, std::memory_order_relaxed));
+  return ok();
 }
 
 Status SimDomain::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t prot) {
@@ -113,6 +160,7 @@ Status SimDomain::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t p
   if (maps_.size() >= limit_)
     return fail_errno(ENOSPC, "map iova {:#x} len {:#x}: all {} mapping entries (dma_entry_limit) in use",
                       iova, len, limit_);
+  DMAKIT_TRY(pin(iova, len));
   maps_.emplace_hint(it, iova,
                      Mapping{static_cast<std::byte*>(const_cast<void*>(vaddr)), len, prot});
   host_index_.add(vaddr, iova, len);
@@ -143,6 +191,7 @@ Status SimDomain::unmap(uint64_t iova, uint64_t len) {
   }
   for (auto m = maps_.lower_bound(iova); m != end;) {
     mapped_bytes_ -= m->second.len;
+    g_pinned_pages.fetch_sub(m->second.len / kHostPage, std::memory_order_relaxed);
     m = maps_.erase(m);
   }
   host_index_.remove_inside(iova, len);

@@ -4,6 +4,16 @@
 // device: translate() / device_read() / device_write() reach host memory only
 // through live mappings with the needed permission, like DMA through an IOMMU.
 //
+// Locked memory, as type1 charges it: every map() pins len / 4K host pages
+// and charges them to the process (mm->locked_vm) against RLIMIT_MEMLOCK,
+// unless the process has CAP_IPC_LOCK; past the limit the map fails with
+// ENOMEM and nothing stays pinned. The charge is per mapping: the kernel
+// looks for an earlier pin of a page only among the same mapping's own
+// (vfio_find_vpfn), so one page mapped at two IOVAs, or in two containers,
+// is charged twice. unmap() and the domain's end give the charge back. The
+// model keeps one process-wide total for all simulated domains (locked_vm
+// is per process); memory the process mlock()s itself is not in it.
+//
 // Data structure: an ordered map iova -> {vaddr, len, prot} of disjoint
 // mappings under one mutex, plus counters. Lookups are O(log n).
 //
@@ -16,6 +26,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -33,6 +44,10 @@ struct SimConfig {
   // reports: 0-0xfedfffff and 0xfef00000-(2^bits - 1), i.e. the x86 MSI
   // window 0xfee00000-0xfeefffff is a hole; below 32 bits there is no hole.
   std::vector<IovaWindow> windows;
+  // The locked-memory limit in bytes; none = the process's own, read at each
+  // map as the kernel does (RLIMIT_MEMLOCK, waived by CAP_IPC_LOCK). A value
+  // is a limit that no capability waives (for tests).
+  std::optional<uint64_t> memlock_limit;
 
   // From the iommu.sim_* settings; sim_page_sizes is a list like "4K,2M,1G".
   static Result<SimConfig> from_settings(const IommuSettings& s);
@@ -41,6 +56,11 @@ struct SimConfig {
 class SimDomain final : public Domain {
  public:
   static Result<std::unique_ptr<SimDomain>> create(const SimConfig& cfg = {});
+  ~SimDomain() override;
+
+  // Bytes pinned by the mappings of every simulated domain of the process
+  // (the model's locked_vm, in 4K pages times 4K).
+  static uint64_t process_pinned_bytes();
 
   const DomainInfo& info() const override { return info_; }
   Status map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t prot) override;
@@ -70,7 +90,11 @@ class SimDomain final : public Domain {
     uint64_t len;
   };
 
-  explicit SimDomain(DomainInfo info, uint32_t limit) : info_(std::move(info)), limit_(limit) {}
+  SimDomain(DomainInfo info, uint32_t limit, std::optional<uint64_t> memlock_limit)
+      : info_(std::move(info)), limit_(limit), memlock_limit_(memlock_limit) {}
+
+  // Charges the pages of a new mapping of len bytes; ENOMEM past the limit.
+  Status pin(uint64_t iova, uint64_t len);
 
   // Splits [iova, iova+len) into host pieces, each inside one mapping with
   // `access`; appends to `out`. Caller holds mu_.
@@ -78,6 +102,7 @@ class SimDomain final : public Domain {
 
   const DomainInfo info_;
   const uint32_t limit_;
+  const std::optional<uint64_t> memlock_limit_;
   mutable std::mutex mu_;
   std::map<uint64_t, Mapping> maps_;  // key: iova; ranges never overlap
   uint64_t map_calls_ = 0;

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "child_process.hpp"
 #include "iommu/sim_domain.hpp"
 
 namespace dmakit::iommu {
@@ -296,6 +297,67 @@ TEST(SimDomain, HugePageSizesOnlyRequireSmallestPage) {
   EXPECT_EQ(d->info().min_page(), M2);
   HostPages mem(K4);
   expect_errno(d->map(mem.at(0), M2, K4, kRead), EINVAL, Errc::invalid_argument);
+}
+
+}  // namespace
+}  // namespace dmakit::iommu
+
+namespace dmakit::iommu {
+namespace {
+
+// type1's locked-memory rule: each mapping charges its pages, the same page
+// twice when it is mapped twice; past the limit the map fails with ENOMEM
+// and nothing is charged; unmap and the domain's end give the charge back.
+TEST(SimDomainMemlock, ChargesEveryMappingAndRefusesPastTheLimit) {
+  const uint64_t base = SimDomain::process_pinned_bytes();
+  SimConfig cfg;
+  cfg.memlock_limit = base + 64 * K4;
+  auto d = make(cfg);
+  ASSERT_TRUE(d);
+  HostPages mem(64 * K4);
+  ASSERT_TRUE(d->map(mem.at(0), 0x100000, 32 * K4, kReadWrite));
+  EXPECT_EQ(SimDomain::process_pinned_bytes(), base + 32 * K4);
+  // The same host pages at a second IOVA are charged again.
+  ASSERT_TRUE(d->map(mem.at(0), 0x200000, 16 * K4, kReadWrite));
+  EXPECT_EQ(SimDomain::process_pinned_bytes(), base + 48 * K4);
+  const Status over = d->map(mem.at(16 * K4), 0x300000, 17 * K4, kReadWrite);
+  expect_errno(over, ENOMEM, Errc::no_memory);
+  for (const char* part : {"RLIMIT_MEMLOCK", "192 KiB already pinned", "68 KiB more", "256 KiB", "ulimit -l",
+                           "CAP_IPC_LOCK"})
+    EXPECT_NE(over.error().message.find(part), std::string::npos) << part << " not in: " << over.error().message;
+  EXPECT_EQ(d->stats().mappings, 2u);
+  EXPECT_EQ(SimDomain::process_pinned_bytes(), base + 48 * K4);
+  EXPECT_FALSE(d->translate(0x300000, K4, kRead)) << "a refused map left a mapping";
+  ASSERT_TRUE(d->map(mem.at(16 * K4), 0x300000, 16 * K4, kReadWrite));  // exactly up to the limit
+  ASSERT_TRUE(d->unmap(0x100000, 32 * K4));
+  EXPECT_EQ(SimDomain::process_pinned_bytes(), base + 32 * K4);
+  ASSERT_TRUE(d->map(mem.at(0), 0x100000, 32 * K4, kReadWrite));
+  d.reset();  // closing the container unpins what is still mapped
+  EXPECT_EQ(SimDomain::process_pinned_bytes(), base);
+}
+
+// Without a configured limit the model reads the process's: RLIMIT_MEMLOCK,
+// waived by CAP_IPC_LOCK (root has it). Run in a child that drops it.
+TEST(SimDomainMemlock, TheProcessLimitAppliesWithoutCapIpcLock) {
+  auto [code, msg] = testing_child::run_in_child([] {
+    auto d = SimDomain::create();
+    if (!d) return std::pair<int, std::string>(1, d.error().what());
+    HostPages mem(64 * K4);
+    if (!testing_child::set_memlock_soft(SimDomain::process_pinned_bytes() + 32 * K4))
+      return std::pair<int, std::string>(1, "setrlimit");
+    // With the capability the limit is waived.
+    if (auto st = (*d)->map(mem.at(0), 0x100000, 64 * K4, kReadWrite); !st)
+      return std::pair<int, std::string>(2, st.error().what());
+    if (auto st = (*d)->unmap(0x100000, 64 * K4); !st) return std::pair<int, std::string>(2, st.error().what());
+    if (!testing_child::drop_cap_ipc_lock()) return std::pair<int, std::string>(1, "capset");
+    if (auto st = (*d)->map(mem.at(0), 0x100000, 32 * K4, kReadWrite); !st)
+      return std::pair<int, std::string>(3, st.error().what());
+    auto st = (*d)->map(mem.at(32 * K4), 0x200000, K4, kReadWrite);
+    if (st) return std::pair<int, std::string>(4, "a map past RLIMIT_MEMLOCK succeeded");
+    return std::pair<int, std::string>(st.error().sys_errno == ENOMEM ? 0 : 5, st.error().what());
+  });
+  EXPECT_EQ(code, 0) << msg;
+  EXPECT_NE(msg.find("RLIMIT_MEMLOCK"), std::string::npos) << msg;
 }
 
 }  // namespace
