@@ -19,6 +19,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "alloc_buffer/host_memory.hpp"
 #include "base/config.hpp"
 #include "base/eal.hpp"
 #include "base/log.hpp"
@@ -54,6 +55,7 @@ struct Buffer::Impl {
   bool contiguous = false;
   bool zero = false;            // contents known to be zero
   bool recycled = false;
+  uint64_t pinned = 0;          // bytes admitted as pinned (HostMemoryGuard), given back with the chunks
   std::vector<BufferChunk> chunks;  // IOVA order
   std::vector<MemorySource*> from;  // source of each chunk
 };
@@ -375,6 +377,9 @@ Result<Allocator::ImplPtr> Allocator::build(const BufferRequest& req, uint64_t s
   b->anchor = anchor_;
   b->size = req.len;
   b->prot = req.prot;
+  // Mapping pins every byte (RLIMIT_MEMLOCK): refused before anything is taken.
+  DMAKIT_TRY(HostMemoryGuard::process().admit_pin(span_len, fmt::format("buffer of {} bytes", req.len)));
+  b->pinned = span_len;
   if (auto st = gather(*b, span_len); !st) return std::unexpected(st.error());
 
   // Largest chunk first: each chunk's offset is then a multiple of its size.
@@ -505,6 +510,8 @@ void Allocator::give_back(Impl& b) {
   for (size_t i = 0; i < b.chunks.size(); ++i) b.from[i]->give(b.chunks[i].vaddr, b.chunks[i].len);
   b.chunks.clear();
   b.from.clear();
+  HostMemoryGuard::process().unpin(b.pinned);
+  b.pinned = 0;
 }
 
 void Allocator::zero_memory(Impl& b) {

@@ -6,6 +6,7 @@
 #include <new>
 
 #include "base/log.hpp"
+#include "iommu/pci.hpp"
 
 namespace dmakit::alloc_buffer {
 
@@ -73,6 +74,28 @@ Status HostMemoryGuard::admit(uint64_t bytes, std::string_view who) {
 void HostMemoryGuard::give_back(uint64_t bytes) {
   std::lock_guard lock(mu_);
   since_read_ -= std::min(bytes, since_read_);
+}
+
+Status HostMemoryGuard::admit_pin(uint64_t bytes, std::string_view who) {
+  const iommu::pci::MemlockState mem = iommu::pci::current_memlock();
+  std::lock_guard lock(mu_);
+  if (auto st = iommu::pci::check_memlock(pinned_ + bytes, mem); !st) {
+    ++refusals_;
+    return fail(Errc::no_memory, "{}: {} bytes refused: {} KiB pinned already; {}", who, bytes, pinned_ / 1024,
+                st.error().message);
+  }
+  pinned_ += bytes;
+  return ok();
+}
+
+void HostMemoryGuard::unpin(uint64_t bytes) {
+  std::lock_guard lock(mu_);
+  pinned_ -= std::min(bytes, pinned_);
+}
+
+uint64_t HostMemoryGuard::pinned() const {
+  std::lock_guard lock(mu_);
+  return pinned_;
 }
 
 uint64_t HostMemoryGuard::refusals() const {

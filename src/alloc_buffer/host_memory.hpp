@@ -14,6 +14,13 @@
 // all pass on one stale figure. The anonymous source faults its pages in
 // when it commits them, so everything admitted before a reading is in that
 // reading. Pages given back raise MemAvailable at the next read.
+//
+// It also guards locked memory: every byte of a DMA buffer is pinned when
+// it is mapped (VFIO type1 charges it to the process against RLIMIT_MEMLOCK
+// unless the process has CAP_IPC_LOCK, and fails the map with ENOMEM past
+// it). admit_pin() counts what the process's buffers pin and refuses, with
+// Errc::no_memory, the request that would pass the limit, before any memory
+// is taken; unpin() gives it back when the buffer's memory is returned.
 #pragma once
 
 #include <chrono>
@@ -44,6 +51,15 @@ class HostMemoryGuard {
   // Bytes admitted before and now given back to the kernel.
   void give_back(uint64_t bytes);
 
+  // OK and counted when `bytes` more can be pinned under RLIMIT_MEMLOCK (read
+  // now, with CAP_IPC_LOCK, as the kernel does at each map); else
+  // Errc::no_memory naming who asked, both amounts and the fix, counted as a
+  // refusal.
+  Status admit_pin(uint64_t bytes, std::string_view who);
+  // Bytes admitted by admit_pin and no longer pinned.
+  void unpin(uint64_t bytes);
+  uint64_t pinned() const;
+
   uint64_t refusals() const;
 
  private:
@@ -60,6 +76,7 @@ class HostMemoryGuard {
   std::chrono::steady_clock::time_point read_at_{};
   uint64_t since_read_ = 0;  // bytes admitted since last_ was read
   uint64_t refusals_ = 0;
+  uint64_t pinned_ = 0;  // bytes admitted by admit_pin, not yet unpinned
   bool warned_ = false;
 };
 

@@ -16,6 +16,8 @@
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
 #include "buffer_support.hpp"
+#include "child_process.hpp"
+#include "alloc_buffer/host_memory.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"
 #include "pool/dma_pool.hpp"
@@ -410,6 +412,53 @@ TEST_F(BufferTest, DefaultSourcesWithoutHugepagesServeOneRun) {
   EXPECT_TRUE(b->virtually_contiguous());
   EXPECT_EQ(sim_->stats().mappings, 1u);
   EXPECT_EQ(static_cast<char*>(b->at(64 * M))[0], 0);
+}
+
+// Every buffer byte is pinned when mapped. A process without CAP_IPC_LOCK
+// (run in a child that drops it) gets Errc::no_memory for the request that
+// would pin past RLIMIT_MEMLOCK, before anything is taken; the message names
+// both amounts and the fix, the refusal is counted, and memory kept for
+// reuse is retired to make room rather than turned into a failure.
+TEST_F(BufferTest, RequestPastRlimitMemlockIsRefusedWithNothingLost) {
+  make();
+  using R = std::pair<int, std::string>;
+  auto [code, msg] = testing_child::run_in_child([this]() -> R {
+    HostMemoryGuard& guard = HostMemoryGuard::process();
+    const uint64_t pinned0 = guard.pinned();
+    if (!testing_child::drop_cap_ipc_lock()) return R(1, "capset");
+    if (!testing_child::set_memlock_soft(pinned0 + 1 * M)) return R(1, "setrlimit");
+    const uint64_t refusals0 = guard.refusals();
+    const BufferStats s0 = alloc_->stats();
+    const uint64_t maps0 = sim_->stats().mappings;
+    auto big = alloc_->alloc({.len = 2 * M});
+    if (big) return R(2, "2 MiB past a 1 MiB RLIMIT_MEMLOCK was served");
+    const Error err = big.error();
+    if (err.code != Errc::no_memory) return R(3, err.what());
+    for (const char* part : {"RLIMIT_MEMLOCK is", "KiB of DMA memory must be pinned", "ulimit -l", "CAP_IPC_LOCK"})
+      if (err.message.find(part) == std::string::npos) return R(4, std::string(part) + " not in: " + err.what());
+    if (err.message.find(fmt::format("{} KiB", (pinned0 + 2 * M) / K)) == std::string::npos)
+      return R(4, "the amount needed is not in: " + err.what());
+    if (guard.refusals() != refusals0 + 1) return R(5, "the refusal was not counted");
+    const BufferStats s1 = alloc_->stats();
+    if (s1.bytes_live != s0.bytes_live || s1.chunk_attempts != s0.chunk_attempts || sim_->stats().mappings != maps0 ||
+        guard.pinned() != pinned0)
+      return R(6, "the refused request took memory, a mapping or pinned bytes");
+    // Up to the limit exactly.
+    auto a = alloc_->alloc({.len = 512 * K});
+    auto b = alloc_->alloc({.len = 512 * K});
+    if (!a || !b) return R(7, (!a ? a.error() : b.error()).what());
+    // A recycled buffer stays pinned (mapped); a new request past the limit
+    // retires it rather than failing.
+    *a = Buffer();
+    auto c = alloc_->alloc({.len = 256 * K});
+    if (!c) return R(8, c.error().what());
+    if (guard.pinned() > pinned0 + 1 * M) return R(9, "pinned past the limit");
+    if (!testing_child::set_memlock_soft(pinned0 + 4 * M)) return R(1, "setrlimit");
+    auto again = alloc_->alloc({.len = 2 * M});
+    if (!again) return R(10, again.error().what());
+    return R(0, err.what());
+  });
+  EXPECT_EQ(code, 0) << msg;
 }
 
 TEST_F(BufferTest, DestroyingTheAllocatorLeavesLiveBuffersMapped) {
