@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "alloc_buffer/buffer_allocator.hpp"
+#include "child_process.hpp"
 #include "core/context.hpp"
 #include "core/stress.hpp"
 #include "dmakit/dmakit.h"
@@ -26,6 +27,37 @@ core::Config sim_config() {
 }
 
 }  // namespace
+
+// A Context on a 48-bit IOMMU in a process whose address space is capped
+// (RLIMIT_AS counts every mapping, as strict overcommit charges every
+// writable one): the arena's bookkeeping follows use, so the context starts,
+// and buffers and pool blocks work, with 1 GiB to spare for everything.
+TEST(Context, StartsOnA48BitIommuWithLittleAddressSpace) {
+  using R = std::pair<int, std::string>;
+  auto [code, msg] = testing_child::run_in_child([]() -> R {
+    core::Config c = sim_config();
+    c.iommu.sim_address_bits = 48;
+    c.eal.memory_mb = 64;
+    if (!testing_child::limit_address_space(1ull << 30)) return R(1, "setrlimit");
+    auto ctx = core::Context::create(c);
+    if (!ctx) return R(2, ctx.error().what());
+    alloc_buffer::BufferRequest req;
+    req.len = 1 << 20;
+    req.zeroed = true;
+    auto buf = (*ctx)->buffers().alloc(req);
+    if (!buf) return R(3, buf.error().what());
+    auto pool = (*ctx)->create_pool("sqe", 64, 64, 0);
+    if (!pool) return R(4, pool.error().what());
+    auto blk = (*pool)->alloc();
+    if (!blk) return R(5, blk.error().what());
+    if (auto st = (*pool)->free(blk->vaddr, blk->iova); !st) return R(6, st.error().what());
+    const auto arena = (*ctx)->buffers().arena().stats();
+    if (arena.total_pages < (1ull << 35)) return R(7, "the arena does not cover the 48-bit window");
+    return R(0, std::to_string(arena.bitmap_bytes));
+  });
+  ASSERT_EQ(code, 0) << msg;
+  EXPECT_LT(std::stoull(msg), 4ull << 20) << "bytes of arena bookkeeping";
+}
 
 TEST(Context, WiresTheLayersOnTheSimulatedIommu) {
   auto ctx = core::Context::create(sim_config());
