@@ -22,7 +22,7 @@ grep -E '^(CommitLimit|Committed_AS)' /proc/meminfo
 
 for mode in huge nohuge; do
   rc=0
-  dmakit stress --eal.mode "$mode" --eal.memory_mb 64 --stress.seconds 3 --stress.threads 2 \
+  dmakit stress --device 0000:00:03.0 --eal.mode "$mode" --eal.memory_mb 64 --stress.seconds 3 --stress.threads 2 \
     --stress.max_bytes 33554432 --json >/tmp/stress.json 2>/tmp/stress.err || rc=$?
   if [ "$rc" -ne 0 ]; then
     echo "eal.mode=$mode: dmakit stress exited with status $rc"
