@@ -1,5 +1,7 @@
 #include "iommu/sim_domain.hpp"
 
+#include <time.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
@@ -9,7 +11,6 @@
 #include <string>
 
 #include "base/config.hpp"
-#include "iommu/pci.hpp"
 
 namespace dmakit::iommu {
 
@@ -29,6 +30,12 @@ constexpr uint64_t kHostPage = 4096;
 
 // The model's mm->locked_vm: pages pinned by all simulated domains.
 std::atomic<uint64_t> g_pinned_pages{0};
+
+int64_t coarse_now_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
 
 // The x86 MSI doorbell window that VT-d/AMD-Vi reserve (IOMMU_RESV_MSI).
 constexpr uint64_t kMsiStart = 0xfee00000;
@@ -114,24 +121,26 @@ uint64_t SimDomain::process_pinned_bytes() {
   return g_pinned_pages.load(std::memory_order_relaxed) * kHostPage;
 }
 
-// vfio_pin_pages_remote: the limit is RLIMIT_MEMLOCK in pages, read at the
-// map; a task with CAP_IPC_LOCK is not limited. The whole map fails (the
-// pages pinned so far are released), so nothing is charged on ENOMEM.
+// vfio_pin_pages_remote: the limit is RLIMIT_MEMLOCK in pages; a task with
+// CAP_IPC_LOCK is not limited. The whole map fails (the pages pinned so far
+// are released), so nothing is charged on ENOMEM. The kernel reads both at
+// each map; the model keeps what it read for up to kMemlockReread (two
+// system calls per map would cost more than the rest of the model's map)
+// and reads again before it refuses, so a raised limit applies at once.
 Status SimDomain::pin(uint64_t iova, uint64_t len) {
   const uint64_t pages = len / kHostPage;
-  uint64_t limit_bytes = 0;
-  if (memlock_limit_) {
-    limit_bytes = *memlock_limit_;
-  } else {
-    const pci::MemlockState mem = pci::current_memlock();
-    if (mem.cap_ipc_lock) {
-      g_pinned_pages.fetch_add(pages, std::memory_order_relaxed);
-      return ok();
+  auto limit_pages = [&](bool fresh) -> uint64_t {
+    if (memlock_limit_) return *memlock_limit_ / kHostPage;
+    const int64_t now = coarse_now_ns();
+    if (fresh || mem_read_ns_ == 0 || now - mem_read_ns_ >= kMemlockReread.count()) {
+      mem_ = pci::current_memlock();
+      mem_read_ns_ = now;
     }
-    limit_bytes = mem.soft_limit;
-  }
-  const uint64_t limit = limit_bytes / kHostPage;
+    return mem_.cap_ipc_lock ? ~0ull : mem_.soft_limit / kHostPage;
+  };
   uint64_t cur = g_pinned_pages.load(std::memory_order_relaxed);
+  uint64_t limit = limit_pages(false);
+  if (cur + pages > limit) limit = limit_pages(true);
   do {
     if (cur + pages > limit)
       return fail_errno(ENOMEM,

@@ -11,6 +11,8 @@
 // looks for an earlier pin of a page only among the same mapping's own
 // (vfio_find_vpfn), so one page mapped at two IOVAs, or in two containers,
 // is charged twice. unmap() and the domain's end give the charge back. The
+// process's limit and capability are read at the first map and again after
+// 10 ms, and always before a refusal (the kernel reads them at every map). The
 // model keeps one process-wide total for all simulated domains (locked_vm
 // is per process); memory the process mlock()s itself is not in it.
 //
@@ -21,6 +23,7 @@
 // caller keeps it allocated from map() until unmap() returns, as with VFIO.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -33,6 +36,7 @@
 #include "iommu/settings.hpp"
 #include "base/error.hpp"
 #include "iommu/domain.hpp"
+#include "iommu/pci.hpp"
 
 namespace dmakit::iommu {
 
@@ -103,6 +107,10 @@ class SimDomain final : public Domain {
   const DomainInfo info_;
   const uint32_t limit_;
   const std::optional<uint64_t> memlock_limit_;
+  // The process's memlock state as last read (under mu_), and when.
+  static constexpr std::chrono::nanoseconds kMemlockReread{std::chrono::milliseconds(10)};
+  pci::MemlockState mem_;
+  int64_t mem_read_ns_ = 0;
   mutable std::mutex mu_;
   std::map<uint64_t, Mapping> maps_;  // key: iova; ranges never overlap
   uint64_t map_calls_ = 0;

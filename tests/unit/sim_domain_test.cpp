@@ -340,16 +340,19 @@ TEST(SimDomainMemlock, ChargesEveryMappingAndRefusesPastTheLimit) {
 // waived by CAP_IPC_LOCK (root has it). Run in a child that drops it.
 TEST(SimDomainMemlock, TheProcessLimitAppliesWithoutCapIpcLock) {
   auto [code, msg] = testing_child::run_in_child([] {
-    auto d = SimDomain::create();
-    if (!d) return std::pair<int, std::string>(1, d.error().what());
     HostPages mem(64 * K4);
     if (!testing_child::set_memlock_soft(SimDomain::process_pinned_bytes() + 32 * K4))
       return std::pair<int, std::string>(1, "setrlimit");
-    // With the capability the limit is waived.
-    if (auto st = (*d)->map(mem.at(0), 0x100000, 64 * K4, kReadWrite); !st)
-      return std::pair<int, std::string>(2, st.error().what());
-    if (auto st = (*d)->unmap(0x100000, 64 * K4); !st) return std::pair<int, std::string>(2, st.error().what());
+    {
+      // With the capability the limit is waived.
+      auto d = SimDomain::create();
+      if (!d) return std::pair<int, std::string>(1, d.error().what());
+      if (auto st = (*d)->map(mem.at(0), 0x100000, 64 * K4, kReadWrite); !st)
+        return std::pair<int, std::string>(2, st.error().what());
+    }
     if (!testing_child::drop_cap_ipc_lock()) return std::pair<int, std::string>(1, "capset");
+    auto d = SimDomain::create();
+    if (!d) return std::pair<int, std::string>(1, d.error().what());
     if (auto st = (*d)->map(mem.at(0), 0x100000, 32 * K4, kReadWrite); !st)
       return std::pair<int, std::string>(3, st.error().what());
     auto st = (*d)->map(mem.at(32 * K4), 0x200000, K4, kReadWrite);
