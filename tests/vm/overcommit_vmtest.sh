@@ -26,6 +26,7 @@ for mode in huge nohuge; do
     --stress.max_bytes 33554432 --json >/tmp/stress.json 2>/tmp/stress.err || rc=$?
   if [ "$rc" -ne 0 ]; then
     echo "eal.mode=$mode: dmakit stress exited with status $rc"
+    cat /tmp/stress.json
     tail -n 20 /tmp/stress.err
     fail "dmakit stress did not run under vm.overcommit_memory=2 (eal.mode=$mode)"
   fi
