@@ -5,14 +5,14 @@
 // print numbers from a broken run.
 #pragma once
 
-#include "base/json.hpp"
+#include "json.hpp"
 #include "core/context.hpp"
 #include "base/error.hpp"
 
 namespace dmakit::bench {
 
-Result<base::Json> run_arena(core::Context& ctx);
-Result<base::Json> run_buffer(core::Context& ctx);
-Result<base::Json> run_dmapool(core::Context& ctx);
+Result<Json> run_arena(core::Context& ctx);
+Result<Json> run_buffer(core::Context& ctx);
+Result<Json> run_dmapool(core::Context& ctx);
 
 }  // namespace dmakit::bench

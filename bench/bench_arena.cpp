@@ -194,56 +194,31 @@ Result<MapUnmap> map_unmap(Domain& dom, IovaSpan region, bool strict, uint64_t c
 
 }  // namespace
 
-Result<base::Json> run_arena(Domain& domain, IovaSpan region, const ArenaBenchOptions& opt) {
+Result<Json> run_arena(Domain& domain, IovaSpan region, const ArenaBenchOptions& opt) {
   if (opt.repeats < 1 || opt.pairs == 0 || opt.cycles == 0)
     return fail(Errc::invalid_argument, "arena bench: repeats, pairs and cycles must be positive");
-  auto results = base::Json::array();
+  auto results = Json::array();
   for (uint64_t pages : {1u, 16u, 512u}) {
     // Fewer pairs for big requests, so each case runs for a similar time.
     const uint64_t pairs = pages >= 512 ? std::max<uint64_t>(1, opt.pairs / 8) : opt.pairs;
     const OneThread one = DMAKIT_TRY(alloc_free_one_thread(domain, region, pages, pairs, opt.repeats));
-    results.push(base::Json::object()
-                     .add("case", "alloc_free")
-                     .add("pages", pages)
-                     .add("threads", 1)
-                     .add("ns_per_op", one.ns_per_op)
-                     .add("cpu_ns_per_op", one.cpu_ns_per_op)
-                     .add("op", "alloc+free pair")
-                     .add("pairs", pairs)
-                     .add("repeats", opt.repeats));
+    results.push_back(Json{{"case", "alloc_free"}, {"pages", pages}, {"threads", 1}, {"ns_per_op", one.ns_per_op}, {"cpu_ns_per_op", one.cpu_ns_per_op}, {"op", "alloc+free pair"}, {"pairs", pairs}, {"repeats", opt.repeats}});
   }
   const TwoThreads two = DMAKIT_TRY(alloc_free_two_threads(domain, region, opt.pairs, opt.repeats));
-  results.push(base::Json::object()
-                   .add("case", "alloc_free")
-                   .add("pages", 1)
-                   .add("threads", 2)
-                   .add("ns_per_op", two.ns_per_op)
-                   .add("ops_per_sec", two.ops_per_sec)
-                   .add("op", "alloc+free pair")
-                   .add("pairs", 2 * opt.pairs)
-                   .add("repeats", opt.repeats));
+  results.push_back(Json{{"case", "alloc_free"}, {"pages", 1}, {"threads", 2}, {"ns_per_op", two.ns_per_op}, {"ops_per_sec", two.ops_per_sec}, {"op", "alloc+free pair"}, {"pairs", 2 * opt.pairs}, {"repeats", opt.repeats}});
 
   const MapUnmap lazy = DMAKIT_TRY(map_unmap(domain, region, false, opt.cycles));
   const MapUnmap strict = DMAKIT_TRY(map_unmap(domain, region, true, opt.cycles));
   const double ratio = static_cast<double>(lazy.unmap_calls) / static_cast<double>(strict.unmap_calls);
   for (const auto& [mode, m] : {std::pair{"lazy", lazy}, std::pair{"strict", strict}}) {
-    results.push(base::Json::object()
-                     .add("case", "map_unmap")
-                     .add("mode", mode)
-                     .add("cycles", opt.cycles)
-                     .add("unmap_calls", m.unmap_calls)
-                     .add("map_calls", m.map_calls)
-                     .add("flushes", m.flushes)
-                     .add("wall_ms", m.wall_ms)
-                     .add("lazy_over_strict_unmap_calls", ratio)
-                     .add("backend", domain.info().backend));
+    results.push_back(Json{{"case", "map_unmap"}, {"mode", mode}, {"cycles", opt.cycles}, {"unmap_calls", m.unmap_calls}, {"map_calls", m.map_calls}, {"flushes", m.flushes}, {"wall_ms", m.wall_ms}, {"lazy_over_strict_unmap_calls", ratio}, {"backend", domain.info().backend}});
   }
-  auto out = base::Json::object();
-  out.add("bench", "arena").add("results", results);
+  auto out = Json::object();
+  out["bench"] = "arena"; out["results"] = results;
   return out;
 }
 
-Result<base::Json> run_arena(core::Context& ctx) {
+Result<Json> run_arena(core::Context& ctx) {
   // Reserve a region of the context's own arena, so the bench's arenas and
   // maps never meet mappings that other parts of the context own.
   iommu::IovaArena& owner = ctx.arena();

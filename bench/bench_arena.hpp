@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "base/json.hpp"
+#include "json.hpp"
 #include "base/error.hpp"
 #include "iommu/domain.hpp"
 
@@ -19,6 +19,6 @@ struct ArenaBenchOptions {
 };
 
 // Returns {"bench": "arena", "results": [...]}.
-Result<base::Json> run_arena(iommu::Domain& domain, iommu::IovaSpan region, const ArenaBenchOptions& opt);
+Result<Json> run_arena(iommu::Domain& domain, iommu::IovaSpan region, const ArenaBenchOptions& opt);
 
 }  // namespace dmakit::bench

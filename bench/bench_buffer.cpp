@@ -35,7 +35,7 @@ Result<std::vector<std::unique_ptr<MemorySource>>> fragmented_sources(std::vecto
   return v;
 }
 
-Status bench_fragmented(core::Context& ctx, base::Json& results) {
+Status bench_fragmented(core::Context& ctx, Json& results) {
   const uint64_t bytes = 4 * kM;
   // dmakit: the allocator as shipped, recycling off so every request is built.
   {
@@ -61,16 +61,7 @@ Status bench_fragmented(core::Context& ctx, base::Json& results) {
       us.push_back(static_cast<double>(t1 - t0) / 1000.0);
     }
     a->trim(true);
-    results.push(base::Json::object()
-                     .add("case", "fragmented")
-                     .add("bytes", bytes)
-                     .add("impl", "dmakit")
-                     .add("attempts", first_attempts)
-                     .add("attempts_in_backoff", later_attempts)
-                     .add("chunks", chunks)
-                     .add("orders", uint64_t{4})
-                     .add("includes", "source calls, IOVA, mapping")
-                     .add("us", median(us)));
+    results.push_back(Json{{"case", "fragmented"}, {"bytes", bytes}, {"impl", "dmakit"}, {"attempts", first_attempts}, {"attempts_in_backoff", later_attempts}, {"chunks", chunks}, {"orders", uint64_t{4}}, {"includes", "source calls, IOVA, mapping"}, {"us", median(us)}});
   }
   // naive: for every 4K of the request, try every order from the largest.
   {
@@ -103,21 +94,13 @@ Status bench_fragmented(core::Context& ctx, base::Json& results) {
       us.push_back(static_cast<double>(t1 - t0) / 1000.0);
     }
     if (chunks != bytes / 4096) return fail(Errc::internal, "bench buffer fragmented: naive took {} chunks", chunks);
-    results.push(base::Json::object()
-                     .add("case", "fragmented")
-                     .add("bytes", bytes)
-                     .add("impl", "naive")
-                     .add("attempts", attempts)
-                     .add("chunks", chunks)
-                     .add("orders", uint64_t{4})
-                     .add("includes", "source calls only")
-                     .add("us", median(us)));
+    results.push_back(Json{{"case", "fragmented"}, {"bytes", bytes}, {"impl", "naive"}, {"attempts", attempts}, {"chunks", chunks}, {"orders", uint64_t{4}}, {"includes", "source calls only"}, {"us", median(us)}});
   }
   return ok();
 }
 
 // Mapping entries for a sample of 4 MiB buffers, scaled to 1 GiB.
-Status entries_case(core::Context& ctx, bool hugepages, base::Json& results) {
+Status entries_case(core::Context& ctx, bool hugepages, Json& results) {
   alloc_buffer::BufferSettings s = ctx.config().buffer;
   s.recycle_high_mb = 0;
   s.prezero = false;
@@ -141,34 +124,23 @@ Status entries_case(core::Context& ctx, bool hugepages, base::Json& results) {
                 a->stats().map_calls, entries);
   held.clear();
   a->trim(true);
-  results.push(base::Json::object()
-                   .add("case", "entries_per_gib")
-                   .add("hugepages", hugepages)
-                   .add("entries", entries * ((1ull << 30) / sample))
-                   .add("sample_bytes", sample)
-                   .add("buffer_bytes", buffer_bytes)
-                   .add("scaled_from_sample", true)
-                   .add("hugepage_share", static_cast<double>(huge_bytes) / static_cast<double>(sample))
-                   .add("entries_one_per_4k_page", (1ull << 30) / 4096));
+  results.push_back(Json{{"case", "entries_per_gib"}, {"hugepages", hugepages}, {"entries", entries * ((1ull << 30) / sample)}, {"sample_bytes", sample}, {"buffer_bytes", buffer_bytes}, {"scaled_from_sample", true}, {"hugepage_share", static_cast<double>(huge_bytes) / static_cast<double>(sample)}, {"entries_one_per_4k_page", (1ull << 30) / 4096}});
   return ok();
 }
 
-Status bench_entries(core::Context& ctx, base::Json& results) {
+Status bench_entries(core::Context& ctx, Json& results) {
   const base::EalInfo* eal = base::eal_info();
   if (eal != nullptr && eal->hugepages) {
     DMAKIT_TRY(entries_case(ctx, true, results));
   } else {
-    results.push(base::Json::object()
-                     .add("case", "entries_per_gib")
-                     .add("hugepages", true)
-                     .add("skipped", "EAL runs without hugepages (reserve 2 MiB pages to measure)"));
+    results.push_back(Json{{"case", "entries_per_gib"}, {"hugepages", true}, {"skipped", "EAL runs without hugepages (reserve 2 MiB pages to measure)"}});
   }
   return entries_case(ctx, false, results);
 }
 
 // Times alloc of a zeroed 2 MiB buffer that was scribbled and freed: served
 // by the zeroing thread's work (prezeroed) or memset on the caller's path.
-Status bench_zeroed(core::Context& ctx, bool prezero, base::Json& results) {
+Status bench_zeroed(core::Context& ctx, bool prezero, Json& results) {
   const uint64_t bytes = 2 * kM;
   alloc_buffer::BufferSettings s = ctx.config().buffer;
   s.prezero = prezero;
@@ -206,23 +178,19 @@ Status bench_zeroed(core::Context& ctx, bool prezero, base::Json& results) {
     DMAKIT_TRY(scribble_and_free(std::move(*b)));
   }
   a->trim(true);
-  results.push(base::Json::object()
-                   .add("case", "zeroed")
-                   .add("bytes", bytes)
-                   .add("impl", prezero ? "prezeroed" : "memset")
-                   .add("ns", median(ns)));
+  results.push_back(Json{{"case", "zeroed"}, {"bytes", bytes}, {"impl", prezero ? "prezeroed" : "memset"}, {"ns", median(ns)}});
   return ok();
 }
 
 }  // namespace
 
-Result<base::Json> run_buffer(core::Context& ctx) {
-  base::Json results = base::Json::array();
+Result<Json> run_buffer(core::Context& ctx) {
+  Json results = Json::array();
   DMAKIT_TRY(bench_fragmented(ctx, results));
   DMAKIT_TRY(bench_entries(ctx, results));
   DMAKIT_TRY(bench_zeroed(ctx, true, results));
   DMAKIT_TRY(bench_zeroed(ctx, false, results));
-  return base::Json::object().add("bench", "buffer").add("results", results);
+  return Json{{"bench", "buffer"}, {"results", results}};
 }
 
 }  // namespace dmakit::bench

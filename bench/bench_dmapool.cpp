@@ -137,22 +137,11 @@ Timing summarize(const std::vector<Sample>& samples) {
   return {median(wall), *std::min_element(wall.begin(), wall.end()), median(cpu), steals};
 }
 
-base::Json result(const Shape& s, uint32_t blocks, uint32_t threads, const char* impl, uint32_t cache,
+Json result(const Shape& s, uint32_t blocks, uint32_t threads, const char* impl, uint32_t cache,
                   uint32_t rounds, const Timing& t) {
   const double pairs = double(blocks) * rounds * threads;
-  auto j = base::Json::object();
-  j.add("size", uint64_t{s.size})
-      .add("align", uint64_t{s.align})
-      .add("boundary", uint64_t{s.boundary})
-      .add("blocks", blocks)
-      .add("threads", threads)
-      .add("impl", impl)
-      .add("cache", cache)
-      .add("rounds", rounds)
-      .add("total_us", t.median_ns / 1e3)
-      .add("best_us", t.best_ns / 1e3)
-      .add("ns_per_pair", t.median_ns / pairs)
-      .add("cpu_ns_per_pair", t.cpu_median_ns / pairs);
+  auto j = Json::object();
+  j["size"] = uint64_t{s.size}; j["align"] = uint64_t{s.align}; j["boundary"] = uint64_t{s.boundary}; j["blocks"] = blocks; j["threads"] = threads; j["impl"] = impl; j["cache"] = cache; j["rounds"] = rounds; j["total_us"] = t.median_ns / 1e3; j["best_us"] = t.best_ns / 1e3; j["ns_per_pair"] = t.median_ns / pairs; j["cpu_ns_per_pair"] = t.cpu_median_ns / pairs;
   return j;
 }
 
@@ -478,7 +467,7 @@ Result<Sample> time_mempool(const Shape& s, uint32_t blocks, uint32_t threads, c
 
 }  // namespace
 
-Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOptions& o, const BackingFactory& backing) {
+Result<Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOptions& o, const BackingFactory& backing) {
   if (o.rounds == 0 || o.repeats == 0)
     return fail(Errc::invalid_argument, "dmapool bench: rounds {} and repeats {} must be positive", o.rounds,
                 o.repeats);
@@ -499,7 +488,7 @@ Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOption
     std::function<Result<Sample>()> run;
     std::vector<Sample> samples{};
   };
-  auto results = base::Json::array();
+  auto results = Json::array();
   for (const Shape& s : kShapes) {
     const uint32_t blocks = blocks_for(s, o.max_blocks);
     DMAKIT_TRY(verify_dmakit(s, blocks, o, backing));
@@ -544,24 +533,24 @@ Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOption
     auto time_ratio = [](const Sample& a, const Sample& b) { return a.wall_ns / b.wall_ns; };
     for (const Case& c : cases) {
       const Timing t = summarize(c.samples);
-      base::Json j = result(s, blocks, c.threads, c.impl, c.cache, o.rounds, t);
+      Json j = result(s, blocks, c.threads, c.impl, c.cache, o.rounds, t);
       if (c.one >= 0)  // pairs per ns over the one-thread case's
-        j.add("throughput_vs_one_thread", paired(c, cases[size_t(c.one)], [&](const Sample& two, const Sample& one) {
+        j["throughput_vs_one_thread"] = paired(c, cases[size_t(c.one)], [&](const Sample& two, const Sample& one) {
                 return one.wall_ns / (two.wall_ns / c.threads);
-              }));
-      if (std::string_view(c.impl) == "dmakit-c") j.add("vs_dmakit", paired(c, cases[0], time_ratio));
+              });
+      if (std::string_view(c.impl) == "dmakit-c") j["vs_dmakit"] = paired(c, cases[0], time_ratio);
       if (c.threads == 1 && std::string_view(c.impl) == "dmakit" && mp1 >= 0) {
-        j.add("vs_rte_mempool", paired(c, cases[size_t(mp1)], time_ratio));
-        j.add("vs_rte_mempool_explicit_cache", paired(c, cases[size_t(mpx)], time_ratio));
+        j["vs_rte_mempool"] = paired(c, cases[size_t(mp1)], time_ratio);
+        j["vs_rte_mempool_explicit_cache"] = paired(c, cases[size_t(mpx)], time_ratio);
       }
-      if (c.threads > 1 && std::string_view(c.impl).starts_with("dmakit")) j.add("steals", t.steals);
-      results.push(std::move(j));
+      if (c.threads > 1 && std::string_view(c.impl).starts_with("dmakit")) j["steals"] = t.steals;
+      results.push_back(std::move(j));
     }
   }
-  return base::Json::object().add("bench", "dmapool").add("results", results);
+  return Json{{"bench", "dmapool"}, {"results", results}};
 }
 
-Result<base::Json> run_dmapool(core::Context& ctx, const DmapoolBenchOptions& opts) {
+Result<Json> run_dmapool(core::Context& ctx, const DmapoolBenchOptions& opts) {
   DmapoolBenchOptions o = opts;
   o.c_ctx = core::borrow_c_handle(ctx);
   if (o.c_ctx == nullptr) return fail(Errc::no_space, "dmapool bench: every C context handle is in use");
@@ -572,7 +561,7 @@ Result<base::Json> run_dmapool(core::Context& ctx, const DmapoolBenchOptions& op
   return r;
 }
 
-Result<base::Json> run_dmapool(core::Context& ctx) {
+Result<Json> run_dmapool(core::Context& ctx) {
   DmapoolBenchOptions o;
   o.cache_size = ctx.config().pool.cache_size;
   return run_dmapool(ctx, o);

@@ -7,7 +7,7 @@
 #include <memory>
 
 #include "core/config.hpp"
-#include "base/json.hpp"
+#include "json.hpp"
 #include "base/error.hpp"
 #include "core/context.hpp"
 #include "dmakit/dmakit.h"
@@ -32,11 +32,11 @@ struct DmapoolBenchOptions {
 
 using BackingFactory = std::function<std::unique_ptr<pool::Backing>()>;
 
-Result<base::Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOptions& opts,
+Result<Json> run_dmapool(const core::Config& cfg, const DmapoolBenchOptions& opts,
                                const BackingFactory& backing);
 
 // On a context: the C++ pools over its buffer allocator, the C API's pools
 // in the same context through a handle of it (opts.c_ctx is set here).
-Result<base::Json> run_dmapool(core::Context& ctx, const DmapoolBenchOptions& opts);
+Result<Json> run_dmapool(core::Context& ctx, const DmapoolBenchOptions& opts);
 
 }  // namespace dmakit::bench

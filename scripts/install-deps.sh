@@ -7,6 +7,8 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   libdpdk-dev libspdlog-dev libfmt-dev libcli11-dev googletest libgtest-dev libgmock-dev
+  # JSON of the dmakit command and the benchmarks (header-only; not in installed headers)
+  nlohmann-json3-dev
   # QEMU guest for the real-VFIO tests (tests/vm)
   qemu-system-x86 busybox-static cpio xz-utils zstd kmod
 )

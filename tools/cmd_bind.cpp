@@ -2,7 +2,7 @@
 #include <iostream>
 #include <memory>
 
-#include "base/json.hpp"
+#include "json.hpp"
 #include "iommu/pci.hpp"
 #include "tool.hpp"
 
@@ -19,15 +19,7 @@ int run_bind(Tool& tool, const std::string& bdf) {
   auto r = pci::bind_vfio(bdf);
   if (!r) return report_error(tool, "bind: " + r.error().what());
   if (tool.json) {
-    std::cout << base::Json::object()
-                     .add("bdf", r->bdf)
-                     .add("driver", std::string(pci::kVfioPci))
-                     .add("iommu_group", r->group)
-                     .add("previous_driver", r->previous_driver)
-                     .add("already_bound", r->already_bound)
-                     .add("state_file", r->state_file)
-                     .str()
-              << "\n";
+    emit_json(Json{{"bdf", r->bdf}, {"driver", std::string(pci::kVfioPci)}, {"iommu_group", r->group}, {"previous_driver", r->previous_driver}, {"already_bound", r->already_bound}, {"state_file", r->state_file}});
   } else if (r->already_bound) {
     std::cout << r->bdf << " is already bound to vfio-pci (IOMMU group " << r->group << ")\n";
   } else {
@@ -42,12 +34,7 @@ int run_unbind(Tool& tool, const std::string& bdf) {
   auto r = pci::unbind_vfio(bdf);
   if (!r) return report_error(tool, "unbind: " + r.error().what());
   if (tool.json) {
-    std::cout << base::Json::object()
-                     .add("bdf", r->bdf)
-                     .add("driver", r->restored_driver)
-                     .add("was_bound", r->was_bound)
-                     .str()
-              << "\n";
+    emit_json(Json{{"bdf", r->bdf}, {"driver", r->restored_driver}, {"was_bound", r->was_bound}});
   } else if (!r->was_bound) {
     std::cout << r->bdf << " is not bound to vfio-pci (" << driver_text(r->restored_driver)
               << "); nothing to do\n";

@@ -3,7 +3,7 @@
 #include <sstream>
 
 #include "base/eal.hpp"
-#include "base/json.hpp"
+#include "json.hpp"
 #include "core/context.hpp"
 #include "iommu/vfio.hpp"
 #include "pool/dma_pool.hpp"
@@ -26,13 +26,13 @@ std::string page_sizes_text(uint64_t bitmap) {
   return out;
 }
 
-base::Json iommu_json(const iommu::DomainInfo& d) {
-  auto windows = base::Json::array();
+Json iommu_json(const iommu::DomainInfo& d) {
+  auto windows = Json::array();
   for (const auto& w : d.windows)
-    windows.push(base::Json::object().add("start", fmt::format("{:#x}", w.start)).add("last", fmt::format("{:#x}", w.last)));
-  auto j = base::Json::object();
-  j.add("backend", d.backend).add("page_sizes", fmt::format("{:#x}", d.page_sizes)).add("windows", windows);
-  if (d.dma_avail) j.add("dma_avail", static_cast<uint64_t>(*d.dma_avail));
+    windows.push_back(Json{{"start", fmt::format("{:#x}", w.start)}, {"last", fmt::format("{:#x}", w.last)}});
+  auto j = Json::object();
+  j["backend"] = d.backend; j["page_sizes"] = fmt::format("{:#x}", d.page_sizes); j["windows"] = windows;
+  if (d.dma_avail) j["dma_avail"] = static_cast<uint64_t>(*d.dma_avail);
   return j;
 }
 
@@ -71,7 +71,7 @@ Result<std::vector<Preset>> parse_presets(const std::string& text) {
 
 // Builds a context, creates the preset pools and grows each by one chunk, so
 // the listing shows what a fresh pool of that shape carves from one buffer.
-Result<std::string> pools_listing(Tool& tool, base::Json& json) {
+Result<std::string> pools_listing(Tool& tool, Json& json) {
   auto presets = DMAKIT_TRY(parse_presets(tool.cfg.pool.presets));
   auto ctx = DMAKIT_TRY(core::Context::create(tool.cfg));
   for (const auto& p : presets) {
@@ -80,14 +80,10 @@ Result<std::string> pools_listing(Tool& tool, base::Json& json) {
     DMAKIT_TRY(pool->free(blk.vaddr, blk.iova));
   }
   auto stats = ctx->pool_stats();
-  auto arr = base::Json::array();
+  auto arr = Json::array();
   for (const auto& s : stats)
-    arr.push(base::Json::object()
-                 .add("name", s.name).add("size", s.size).add("align", s.align).add("boundary", s.boundary)
-                 .add("blocks", s.blocks).add("active", s.active).add("chunks", s.chunks)
-                 .add("validation_failures", s.validation_failures)
-                 .add("steals", s.steals));
-  json.add("pools", arr);
+    arr.push_back(Json{{"name", s.name}, {"size", s.size}, {"align", s.align}, {"boundary", s.boundary}, {"blocks", s.blocks}, {"active", s.active}, {"chunks", s.chunks}, {"validation_failures", s.validation_failures}, {"steals", s.steals}});
+  json["pools"] = arr;
   return pool::format_pools(stats);
 }
 
@@ -123,51 +119,56 @@ int run_info(Tool& tool, bool pools) {
   const auto huge = base::read_hugepages();
   auto plan = base::plan_eal(tool.cfg.eal, huge);
   auto vfio = iommu::vfio::probe_vfio();
-  auto j = base::Json::object();
+  auto j = Json::object();
 
-  j.add("vfio", vfio && vfio->present);
+  j["vfio"] = vfio && vfio->present;
   if (vfio && vfio->present) {
-    j.add("vfio_api_version", vfio->api_version).add("type1v2", vfio->type1v2).add("type1", vfio->type1);
-    auto groups = base::Json::array();
+    j["vfio_api_version"] = vfio->api_version; j["type1v2"] = vfio->type1v2; j["type1"] = vfio->type1;
+    auto groups = Json::array();
     for (const auto& g : vfio->groups) {
-      auto members = base::Json::array();
-      for (const auto& m : g.members) members.push(base::Json::object().add("bdf", m.bdf).add("driver", m.driver));
-      auto gj = base::Json::object();
-      gj.add("group", g.number).add("devices", members).add("all_vfio", g.all_vfio);
-      if (g.viable) gj.add("viable", *g.viable);
-      if (g.iommu) gj.add("iommu", iommu_json(*g.iommu));
-      if (!g.error.empty()) gj.add("error", g.error);
-      groups.push(gj);
+      auto members = Json::array();
+      for (const auto& m : g.members) members.push_back(Json{{"bdf", m.bdf}, {"driver", m.driver}});
+      auto gj = Json::object();
+      gj["group"] = g.number; gj["devices"] = members; gj["all_vfio"] = g.all_vfio;
+      if (g.viable) gj["viable"] = *g.viable;
+      if (g.iommu) gj["iommu"] = iommu_json(*g.iommu);
+      if (!g.error.empty()) gj["error"] = g.error;
+      groups.push_back(gj);
     }
-    j.add("groups", groups);
+    j["groups"] = groups;
   } else {
-    j.add("vfio_reason", vfio ? vfio->reason : vfio.error().what());
+    j["vfio_reason"] = vfio ? vfio->reason : vfio.error().what();
   }
   auto choice = core::Context::choose_backend(tool.cfg);
   if (!choice) return report_error(tool, choice.error().what(), kExitUsage);
   const bool use_vfio = choice->backend == "vfio";
-  j.add("backend", choice->backend).add("backend_reason", choice->reason);
+  j["backend"] = choice->backend; j["backend_reason"] = choice->reason;
   const auto devices = device_lines(tool);
-  auto dev_json = base::Json::array();
+  auto dev_json = Json::array();
   for (const auto& d : devices) {
-    auto dj = base::Json::object();
-    dj.add("bdf", d.bdf);
-    if (d.error.empty()) dj.add("group", d.group).add("driver", d.driver);
-    else dj.add("error", d.error);
-    dev_json.push(dj);
+    auto dj = Json::object();
+    dj["bdf"] = d.bdf;
+    if (d.error.empty()) {
+      dj["group"] = d.group;
+      dj["driver"] = d.driver;
+    } else {
+      dj["error"] = d.error;
+    }
+    dev_json.push_back(dj);
   }
-  j.add("devices", dev_json);
+  j["devices"] = dev_json;
   std::optional<iommu::DomainInfo> sim_info;  // the simulated IOMMU the sim backend would use
   if (!use_vfio) {
     core::Config c = tool.cfg;
     c.iommu.backend = "sim";
     if (auto sim = core::Context::make_domain(c)) sim_info = (*sim)->info();
-    if (sim_info) j.add("sim_iommu", iommu_json(*sim_info));
+    if (sim_info) j["sim_iommu"] = iommu_json(*sim_info);
   }
-  j.add("hugepages_2m", base::Json::object()
-                            .add("total", huge.total).add("free", huge.free)
-                            .add("overcommit", huge.overcommit).add("available", huge.available()));
-  if (plan) j.add("eal_mode", plan->hugepages ? "huge" : "nohuge").add("eal_reason", plan->reason);
+  j["hugepages_2m"] = Json{{"total", huge.total}, {"free", huge.free}, {"overcommit", huge.overcommit}, {"available", huge.available()}};
+  if (plan) {
+    j["eal_mode"] = plan->hugepages ? "huge" : "nohuge";
+    j["eal_reason"] = plan->reason;
+  }
 
   std::string listing;
   if (pools) {
@@ -176,7 +177,7 @@ int run_info(Tool& tool, bool pools) {
     listing = *l;
   }
   if (tool.json) {
-    std::cout << j.str() << "\n";
+    emit_json(j);
     return 0;
   }
 
@@ -215,13 +216,20 @@ int run_info(Tool& tool, bool pools) {
 void add_info(CLI::App& app, Tool& tool) {
   auto* sub = app.add_subcommand("info", "report the IOMMU, VFIO groups, hugepages and pools");
   static bool pools = false;
+  // Devices may also be named as arguments: `dmakit info 00:03.0 00:05.0`.
+  static std::vector<std::string> bdfs;
+  sub->add_option("bdf", bdfs, "PCI devices to show (as --device; both may be given)");
   sub->add_flag("--pools", pools, "create the pool.presets pools and list them as the kernel's dma pools file does");
   sub->footer(
       "Examples:\n"
       "  dmakit info                       VFIO groups with their IOMMU windows, hugepages, the backend and why\n"
       "  dmakit info --device 0000:00:03.0 --device 0000:00:05.0   the devices a context would attach\n"
+      "  dmakit info 0000:00:03.0 00:05.0  the same, devices as arguments\n"
       "  dmakit info --pools --json        the pool.presets pools as the kernel's dma pools file lists them");
-  sub->callback([&tool] { tool.exit_code = run_info(tool, pools); });
+  sub->callback([&tool] {
+    tool.devices.insert(tool.devices.end(), bdfs.begin(), bdfs.end());
+    tool.exit_code = run_info(tool, pools);
+  });
 }
 
 }  // namespace dmakit::tool

@@ -1,10 +1,14 @@
 // dmakit: inspect the IOMMU, bind devices to vfio-pci, stress and benchmark
 // the DMA allocators.
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <iostream>
 
-#include "base/json.hpp"
+#include "json.hpp"
 #include "base/log.hpp"
 #include "tool.hpp"
 
@@ -30,9 +34,34 @@ bool prepare(Tool& tool) {
   return true;
 }
 
+namespace {
+int g_json_fd = STDOUT_FILENO;  // where emit_json writes: the real stdout
+}  // namespace
+
+void json_mode(Tool& tool) {
+  tool.json = true;
+  // Under --json stdout carries the one object alone: whatever else would
+  // print there (the EAL, a library) goes to stderr instead.
+  std::cout.flush();
+  std::fflush(stdout);
+  const int saved = ::dup(STDOUT_FILENO);
+  if (saved < 0 || ::dup2(STDERR_FILENO, STDOUT_FILENO) < 0) return;
+  g_json_fd = saved;
+}
+
+void emit_json(const Json& j) {
+  const std::string text = j.dump() + "\n";
+  for (size_t done = 0; done < text.size();) {
+    const ssize_t n = ::write(g_json_fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;
+    done += static_cast<size_t>(n);
+  }
+}
+
 int report_error(const Tool& tool, const std::string& what, int code) {
   if (tool.json) {
-    std::cout << base::Json::object().add("error", what).add("exit_code", code).str() << "\n";
+    emit_json(Json{{"error", what}, {"exit_code", code}});
   } else {
     std::cerr << "dmakit: " << what << "\n";
   }
@@ -44,6 +73,10 @@ int report_error(const Tool& tool, const std::string& what, int code) {
 int main(int argc, char** argv) {
   using namespace dmakit;
   tool::Tool tool;
+  // --json is known before anything is parsed, so an error found while
+  // parsing (or in DMAKIT_CONFIG) is reported as JSON too.
+  for (int i = 1; i < argc && std::strcmp(argv[i], "--") != 0; ++i)
+    if (std::strcmp(argv[i], "--json") == 0) tool::json_mode(tool);
   CLI::App app{"dmakit - DMA memory for user-space drivers over VFIO", "dmakit"};
   app.require_subcommand(1);
   app.fallthrough();  // global flags (--json, --config, settings) may follow the subcommand

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/config_cli.hpp"
+#include "json.hpp"
 
 namespace dmakit::tool {
 
@@ -30,6 +31,12 @@ void add_info(CLI::App& app, Tool& tool);
 void add_bind(CLI::App& app, Tool& tool);
 void add_stress(CLI::App& app, Tool& tool);
 void add_bench(CLI::App& app, Tool& tool);
+
+// Turns --json on: stdout is kept for emit_json alone (anything else
+// written to it goes to stderr).
+void json_mode(Tool& tool);
+// Prints the command's one JSON object on stdout.
+void emit_json(const Json& j);
 
 // Prints an error line "dmakit: <what>" to stderr (or {"error": ...} with --json).
 int report_error(const Tool& tool, const std::string& what, int code = kExitFailed);

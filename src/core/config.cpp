@@ -1,5 +1,6 @@
 #include "core/config.hpp"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "base/log.hpp"
@@ -68,6 +69,7 @@ const std::vector<Entry>& entries() {
       DMAKIT_SETTING(stress, max_bytes, "largest buffer a stress operation requests"),
       DMAKIT_SETTING(stress, seed, "random seed for the stress run"),
       DMAKIT_SETTING(stress, ops, "stop the stress run after this many operations (0 = run for stress.seconds)"),
+      DMAKIT_SETTING(stress, mix, "weights of the stress operations, buffers:blocks:maps (e.g. 40:55:5)"),
   };
   return table;
 }
@@ -145,7 +147,30 @@ Status validate(const Config& c) {
     return fail(Errc::invalid_argument, "key 'stress.threads': {} is outside 1..256", c.stress.threads);
   if (!(c.stress.seconds > 0.0))
     return fail(Errc::invalid_argument, "key 'stress.seconds': {} is not positive", c.stress.seconds);
+  DMAKIT_TRY(parse_stress_mix(c.stress.mix));
   return ok();
+}
+
+Result<StressMix> parse_stress_mix(std::string_view text) {
+  auto bad = [&](const char* why) {
+    return fail(Errc::invalid_argument, "key 'stress.mix': '{}' {}", text, why);
+  };
+  uint32_t w[3] = {};
+  size_t n = 0;
+  std::string_view rest = text;
+  for (;;) {
+    const size_t colon = rest.find(':');
+    const std::string_view field = rest.substr(0, colon);
+    if (n == 3) return bad("is not three weights buffers:blocks:maps");
+    if (field.empty() || field.size() > 6 || !std::all_of(field.begin(), field.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      return bad("is not three decimal weights buffers:blocks:maps (each 0 to 999999)");
+    w[n++] = static_cast<uint32_t>(std::stoul(std::string(field)));
+    if (colon == std::string_view::npos) break;
+    rest.remove_prefix(colon + 1);
+  }
+  if (n != 3) return bad("is not three weights buffers:blocks:maps");
+  if (w[0] + w[1] + w[2] == 0) return bad("gives every kind of operation weight 0");
+  return StressMix{w[0], w[1], w[2]};
 }
 
 }  // namespace dmakit::core

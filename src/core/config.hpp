@@ -9,6 +9,7 @@
 
 #include <functional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "alloc_buffer/settings.hpp"
@@ -47,5 +48,9 @@ Result<Config> load_config_file(const std::string& path);
 
 // Cross-field checks (ranges, enumerations); the message names the key.
 Status validate(const Config& cfg);
+
+// stress.mix: three decimal weights buffers:blocks:maps, not all 0; the
+// error names the key and the text.
+Result<StressMix> parse_stress_mix(std::string_view text);
 
 }  // namespace dmakit::core

@@ -2,7 +2,6 @@
 #include <gtest/gtest.h>
 
 #include "base/config.hpp"
-#include "base/json.hpp"
 #include "base/log.hpp"
 #include "base/error.hpp"
 
@@ -50,14 +49,6 @@ TEST(Error, ErrnoErrorsAddStrerror) {
 TEST(Error, ContextIsPrefixed) {
   Error e{Errc::no_memory, 0, "no 2 MiB chunk"};
   EXPECT_EQ(with_context(e, "buffer of 4194304 bytes").message, "buffer of 4194304 bytes: no 2 MiB chunk");
-}
-
-TEST(Json, EscapesAndNests) {
-  auto j = base::Json::object();
-  j.add("name", "a\"b\\c\n").add("n", 42).add("ok", true).add("x", 1.5);
-  j.add("list", base::Json::array().push(1).push("two"));
-  EXPECT_EQ(j.str(), R"({"name":"a\"b\\c\n","n":42,"ok":true,"x":1.5,"list":[1,"two"]})");
-  EXPECT_EQ(base::Json::array().str(), "[]");
 }
 
 TEST(Sizes, ParseSuffixes) {

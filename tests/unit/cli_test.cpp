@@ -1,17 +1,45 @@
 // The dmakit command as a user meets it: help, version, config errors.
 #include <gtest/gtest.h>
+#include <pty.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
+#include <cerrno>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
 
 #include "tool_run.hpp"
 
 namespace {
 
 using dmakit::test::run_tool;
+using nlohmann::json;
 auto run(const std::string& args) { return run_tool(args); }
+
+// `dmakit ARGS` whose stdout must be exactly one JSON object (and a line
+// end); the object, or a test failure naming what was printed.
+struct JsonRun {
+  int code = -1;
+  json j;
+  std::string err;
+};
+JsonRun run_json(const std::string& args) {
+  auto r = dmakit::test::run_tool_split(args);
+  JsonRun out{r.code, json(), r.err};
+  EXPECT_FALSE(r.out.empty()) << args << ": nothing on stdout; stderr: " << r.err;
+  if (r.out.empty()) return out;
+  EXPECT_EQ(r.out.back(), '\n') << args;
+  out.j = json::parse(r.out, nullptr, false);
+  EXPECT_FALSE(out.j.is_discarded()) << args << ": stdout is not one JSON object: " << r.out;
+  EXPECT_TRUE(out.j.is_object()) << args << ": " << r.out;
+  return out;
+}
 
 }  // namespace
 
@@ -50,33 +78,91 @@ TEST(Cli, BadFlagValueExit2) {
 }
 
 TEST(Cli, InfoJsonIsOneObject) {
-  auto r = run("info --json");
-  EXPECT_EQ(r.code, 0) << r.out;
-  ASSERT_FALSE(r.out.empty());
-  EXPECT_EQ(r.out.front(), '{');
-  EXPECT_EQ(r.out.substr(r.out.size() - 2), "}\n");
-  EXPECT_NE(r.out.find("\"backend\""), std::string::npos);
+  auto r = run_json("info --json");
+  EXPECT_EQ(r.code, 0) << r.j;
+  EXPECT_TRUE(r.j["backend"] == "sim" || r.j["backend"] == "vfio") << r.j;
+  EXPECT_TRUE(r.j["backend_reason"].is_string()) << r.j;
+  EXPECT_TRUE(r.j["vfio"].is_boolean()) << r.j;
+  EXPECT_TRUE(r.j["hugepages_2m"]["total"].is_number_unsigned()) << r.j;
+  EXPECT_TRUE(r.j["devices"].is_array() && r.j["devices"].empty()) << r.j;
 }
 
-// The README's main job: the tool's own deliberate bad frees are counted in
-// the report, not logged as warnings about the user's code.
-TEST(Cli, StressReportsItsDeliberateBadFreesWithoutWarnings) {
-  auto r = run("stress --stress.seconds 0.3 --iommu.backend sim --eal.mode nohuge");
+// Under --json every error is the one object {"error", "exit_code"} on
+// stdout with the exit code: flag and config errors found while parsing
+// (whether --json comes before or after them), and an EAL that cannot start.
+TEST(Cli, JsonErrorsAreOneObjectWithTheExitCode) {
+  struct Case {
+    std::string args, expect;
+    int code;
+  } cases[] = {
+      {"--arena.shards 5 info --json", "arena.shards", 2},
+      {"--json --arena.shards 5 info", "arena.shards", 2},
+      {"info --json --config /nonexistent/dmakit.toml", "/nonexistent/dmakit.toml", 2},
+      {"stress --json --threads many", "'many'", 2},
+      {"stress --json --mix 1:2", "'1:2'", 2},
+      {"info --json nvme0", "nvme0", 2},
+      {"bench --json nosuch", "nosuch", 2},
+  };
+  for (const auto& c : cases) {
+    auto r = run_json(c.args);
+    EXPECT_EQ(r.code, c.code) << c.args << ": " << r.j;
+    ASSERT_TRUE(r.j["error"].is_string()) << c.args << ": " << r.j;
+    EXPECT_NE(r.j["error"].get<std::string>().find(c.expect), std::string::npos) << c.args << ": " << r.j;
+    EXPECT_EQ(r.j["exit_code"], c.code) << c.args << ": " << r.j;
+  }
+  // A file prefix whose EAL runtime directory exists belongs to another
+  // process: the EAL does not start, a runtime failure (exit 1).
+  const std::string prefix = "dmakit-cli-busy-" + std::to_string(::getpid());
+  const auto dir = std::filesystem::path("/var/run/dpdk") / prefix;
+  std::filesystem::create_directories(dir);
+  auto busy = run_json("stress --json --quiet --seconds 0.1 --eal.file_prefix " + prefix);
+  std::filesystem::remove(dir);
+  EXPECT_EQ(busy.code, 1) << busy.j;
+  ASSERT_TRUE(busy.j["error"].is_string()) << busy.j;
+  EXPECT_NE(busy.j["error"].get<std::string>().find(prefix), std::string::npos) << busy.j;
+  EXPECT_EQ(busy.j["exit_code"], 1) << busy.j;
+}
+
+// The README's main job (`dmakit stress`, shortened): the summary table
+// with every check, the tool's deliberate misuse counted, not logged as
+// warnings about the user's code.
+TEST(Cli, StressSummaryIsATableWithoutWarnings) {
+  auto r = run("stress --seconds 0.5 --quiet");
   EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_EQ(r.out.find("[warning]"), std::string::npos) << r.out;
-  const auto at = r.out.find("deliberate bad frees refused: ");
+  EXPECT_EQ(r.out.find("warn"), std::string::npos) << r.out;
+  for (const char* row : {"  kind", "  buffers ", "  blocks ", "  maps ", "  all ", "p50", "p99", "max",
+                          "validation failures:", "arena flushes:", "order fallbacks:", "peak bytes live:",
+                          "peak RSS (process):", "mappings left after freeing everything: ",
+                          "result:                                   PASS"})
+    EXPECT_NE(r.out.find(row), std::string::npos) << row << " missing: " << r.out;
+  const std::string misuse = "deliberate misuse refused (counted):";
+  const auto at = r.out.find(misuse);
   ASSERT_NE(at, std::string::npos) << r.out;
-  EXPECT_NE(r.out[at + std::string("deliberate bad frees refused: ").size()], '0') << r.out;
+  const auto value = r.out.find_first_not_of(' ', at + misuse.size());
+  EXPECT_NE(r.out[value], '0') << r.out;
 }
 
 // --device names the context's devices (repeatable); info lists each with
 // its group and driver, or why it cannot be used (this host has no such
 // PCI devices), and a malformed address is a usage error naming it.
 TEST(Cli, InfoListsEveryDeviceGivenWithDevice) {
-  auto r = run("info --json --device 00:1e.0 --device 0000:00:1e.1");
-  EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_NE(r.out.find("\"devices\":[{\"bdf\":\"0000:00:1e.0\""), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("{\"bdf\":\"0000:00:1e.1\""), std::string::npos) << r.out;
+  auto r = run_json("info --json --device 00:1e.0 --device 0000:00:1e.1");
+  EXPECT_EQ(r.code, 0) << r.j;
+  ASSERT_EQ(r.j["devices"].size(), 2u) << r.j;
+  EXPECT_EQ(r.j["devices"][0]["bdf"], "0000:00:1e.0") << r.j;
+  EXPECT_EQ(r.j["devices"][1]["bdf"], "0000:00:1e.1") << r.j;
+  EXPECT_TRUE(r.j["devices"][0]["error"].is_string()) << r.j;  // no such device on this host
+  // Devices as arguments, with --device too.
+  auto pos = run_json("info 00:1e.0 --json --device 0000:00:1e.1 0000:00:1e.2");
+  EXPECT_EQ(pos.code, 0) << pos.j;
+  std::vector<std::string> bdfs;
+  for (const auto& d : pos.j["devices"]) bdfs.push_back(d["bdf"]);
+  std::sort(bdfs.begin(), bdfs.end());
+  EXPECT_EQ(bdfs, (std::vector<std::string>{"0000:00:1e.0", "0000:00:1e.1", "0000:00:1e.2"})) << pos.j;
+  auto badpos = run("info 00:1e.0 00:1e.z");
+  EXPECT_EQ(badpos.code, 2) << badpos.out;
+  EXPECT_NE(badpos.out.find("00:1e.z"), std::string::npos) << badpos.out;
+  EXPECT_EQ(std::count(badpos.out.begin(), badpos.out.end(), '\n'), 1) << badpos.out;
   auto text = run("info --device 00:1e.0");
   EXPECT_EQ(text.code, 0) << text.out;
   EXPECT_NE(text.out.find("device:    0000:00:1e.0  "), std::string::npos) << text.out;
@@ -122,12 +208,13 @@ TEST(Cli, BadNumbersConfigFilesAndEalArgumentsExit2) {
 // The run's own flags override the stress.* settings (and the file), and
 // are parsed as strictly; --help shows examples.
 TEST(Cli, StressFlagsOverrideTheSettings) {
-  auto r = run("stress --json --threads 3 --seconds 0.2 --seed 11 --max-bytes 64K --stress.threads 5");
-  EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_NE(r.out.find("\"threads\":3,"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("\"seed\":11,"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("\"failures\":0,"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("\"mappings_at_end\":0"), std::string::npos) << r.out;
+  auto r = run_json("stress --json --threads 3 --seconds 0.2 --seed 11 --max-bytes 64K --stress.threads 5");
+  EXPECT_EQ(r.code, 0) << r.j;
+  EXPECT_EQ(r.j["threads"], 3) << r.j;
+  EXPECT_EQ(r.j["seed"], 11) << r.j;
+  EXPECT_EQ(r.j["failures"], 0) << r.j;
+  EXPECT_EQ(r.j["passed"], true) << r.j;
+  EXPECT_EQ(r.j["mappings_at_end"], r.j["mappings_at_start"]) << r.j;
 
   auto zero = run("stress --threads 0");
   EXPECT_EQ(zero.code, 2) << zero.out;
@@ -150,7 +237,7 @@ TEST(Cli, StressShowsProgressAndALatencyTable) {
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("stress: 1."), std::string::npos) << r.out;
   EXPECT_NE(r.out.find(" ops/s), 0 failures\n"), std::string::npos) << r.out;
-  for (const char* row : {"operation", "buffer alloc", "buffer free", "block alloc", "block free", "p99"})
+  for (const char* row : {"kind", "buffers", "blocks", "maps", "p99"})
     EXPECT_NE(r.out.find(row), std::string::npos) << row << " missing: " << r.out;
   EXPECT_EQ(r.out.find('\r'), std::string::npos) << "terminal control in a pipe: " << r.out;
 
@@ -158,10 +245,26 @@ TEST(Cli, StressShowsProgressAndALatencyTable) {
   EXPECT_EQ(q.code, 0) << q.out;
   EXPECT_EQ(q.out.find(" ops/s), "), std::string::npos) << q.out;
 
-  auto j = run("stress --json --quiet --seconds 0.2");
-  EXPECT_EQ(j.code, 0) << j.out;
-  EXPECT_NE(j.out.find("\"latency\":{\"buffer_alloc\":{\"count\":"), std::string::npos) << j.out;
-  EXPECT_NE(j.out.find("\"block_free\":{\"count\":"), std::string::npos) << j.out;
+  auto j = run_json("stress --json --quiet --seconds 0.3");
+  EXPECT_EQ(j.code, 0) << j.j;
+  for (const char* kind : {"buffers", "blocks", "maps"}) {
+    const auto& k = j.j["kinds"][kind];
+    EXPECT_GT(k["ops"].get<uint64_t>(), 0u) << kind << ": " << j.j;
+    EXPECT_GT(k["ops_per_sec"].get<double>(), 0.0) << kind << ": " << j.j;
+    EXPECT_LE(k["p50_ns"].get<uint64_t>(), k["p99_ns"].get<uint64_t>()) << kind << ": " << j.j;
+    EXPECT_LE(k["p99_ns"].get<uint64_t>(), k["max_ns"].get<uint64_t>()) << kind << ": " << j.j;
+  }
+  for (const char* field : {"device_checks", "misuse_checks", "validation_failures", "flushes", "order_fallbacks",
+                            "alloc_errors", "peak_live_bytes", "peak_rss_bytes", "mappings_at_end"})
+    EXPECT_TRUE(j.j[field].is_number_unsigned()) << field << ": " << j.j;
+  EXPECT_GT(j.j["misuse_checks"].get<uint64_t>(), 0u) << j.j;
+  EXPECT_GT(j.j["peak_live_bytes"].get<uint64_t>(), 0u) << j.j;
+  EXPECT_GT(j.j["peak_rss_bytes"].get<uint64_t>(), j.j["peak_live_bytes"].get<uint64_t>() / 2) << j.j;
+  EXPECT_EQ(j.j["validation_failures"], 0) << j.j;
+  EXPECT_EQ(j.j["ops"].get<uint64_t>(), j.j["kinds"]["buffers"]["ops"].get<uint64_t>() +
+                                            j.j["kinds"]["blocks"]["ops"].get<uint64_t>() +
+                                            j.j["kinds"]["maps"]["ops"].get<uint64_t>())
+      << j.j;
 }
 
 TEST(Cli, EverySubcommandsHelpShowsExamples) {
@@ -172,16 +275,103 @@ TEST(Cli, EverySubcommandsHelpShowsExamples) {
   }
 }
 
-// --ops ends the run by operation count (at least that many are done).
-TEST(Cli, StressStopsAfterAnOperationCount) {
-  auto r = run("stress --ops 3000 --quiet --json");
-  EXPECT_EQ(r.code, 0) << r.out;
-  const auto at = r.out.find("\"ops\":");
-  ASSERT_NE(at, std::string::npos) << r.out;
-  const uint64_t ops = std::stoull(r.out.substr(at + 6));
-  EXPECT_GE(ops, 3000u) << r.out;
-  EXPECT_NE(r.out.find("\"failures\":0,"), std::string::npos) << r.out;
+// --ops N: the threads share N steps; the same seed repeats the same
+// choices, so the operation counts per kind repeat; another seed differs.
+TEST(Cli, StressOpsWithOneSeedRepeatsTheCountsPerKind) {
+  auto counts = [](const json& j) {
+    std::vector<uint64_t> c;
+    for (const char* kind : {"buffers", "blocks", "maps"}) c.push_back(j["kinds"][kind]["ops"]);
+    c.push_back(j["device_checks"]);
+    c.push_back(j["misuse_checks"]);
+    return c;
+  };
+  const std::string args = "stress --json --quiet --ops 20000 --threads 2 --max-bytes 256K --seed ";
+  auto a = run_json(args + "5"), b = run_json(args + "5"), other = run_json(args + "6");
+  for (const auto* r : {&a, &b, &other}) {
+    EXPECT_EQ(r->code, 0) << r->j;
+    EXPECT_EQ(r->j["alloc_errors"], 0) << "memory ran out: the counts need not repeat: " << r->j;
+  }
+  EXPECT_GT(counts(a.j)[1], 0u) << a.j;
+  EXPECT_EQ(counts(a.j), counts(b.j)) << a.j << "\n" << b.j;
+  EXPECT_NE(counts(a.j), counts(other.j)) << a.j << "\n" << other.j;
+
   auto bad = run("stress --ops -5");
   EXPECT_EQ(bad.code, 2) << bad.out;
   EXPECT_NE(bad.out.find("'-5' is not a non-negative decimal number"), std::string::npos) << bad.out;
+}
+
+// --mix weighs buffers:blocks:maps; a kind of weight 0 is never run, and a
+// malformed mix is one line naming it, exit 2.
+TEST(Cli, StressMixWeighsTheKinds) {
+  auto blocks = run_json("stress --json --quiet --ops 5000 --mix 0:1:0");
+  EXPECT_EQ(blocks.code, 0) << blocks.j;
+  EXPECT_EQ(blocks.j["kinds"]["buffers"]["ops"], 0) << blocks.j;
+  EXPECT_EQ(blocks.j["kinds"]["maps"]["ops"], 0) << blocks.j;
+  EXPECT_GT(blocks.j["kinds"]["blocks"]["ops"].get<uint64_t>(), 0u) << blocks.j;
+  EXPECT_EQ(blocks.j["mix"], (json{{"buffers", 0}, {"blocks", 1}, {"maps", 0}})) << blocks.j;
+  auto maps = run_json("stress --json --quiet --ops 2000 --stress.mix 0:0:3");
+  EXPECT_EQ(maps.code, 0) << maps.j;
+  EXPECT_GT(maps.j["kinds"]["maps"]["ops"].get<uint64_t>(), 0u) << maps.j;
+  EXPECT_EQ(maps.j["kinds"]["blocks"]["ops"], 0) << maps.j;
+
+  for (const char* bad : {"1:2", "a:b:c", "0:0:0", "1:2:3:4", "1::2", "-1:2:3"}) {
+    auto r = run(std::string("stress --mix=") + bad);
+    EXPECT_EQ(r.code, 2) << bad << ": " << r.out;
+    EXPECT_NE(r.out.find(std::string("'") + bad + "'"), std::string::npos) << bad << ": " << r.out;
+    EXPECT_NE(r.out.find("stress.mix"), std::string::npos) << bad << ": " << r.out;
+    EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << bad << ": " << r.out;
+  }
+}
+
+// --soak samples RSS, mappings and fds; a healthy short run is flat.
+TEST(Cli, StressSoakRunIsFlat) {
+  auto r = run_json("stress --json --quiet --soak --seconds 4");
+  EXPECT_EQ(r.code, 0) << r.j;
+  ASSERT_TRUE(r.j["soak"].is_object()) << r.j;
+  EXPECT_EQ(r.j["soak"]["flat"], true) << r.j;
+  EXPECT_GE(r.j["soak"]["samples"].get<uint64_t>(), 20u) << r.j;
+  EXPECT_GT(r.j["soak"]["last_third_max"]["rss_bytes"].get<uint64_t>(), 0u) << r.j;
+  EXPECT_GT(r.j["soak"]["last_third_max"]["fds"].get<uint64_t>(), 0u) << r.j;
+  // Too short for a verdict: that fails, and says why.
+  auto short_run = run_json("stress --json --quiet --soak --seconds 0.3");
+  EXPECT_EQ(short_run.code, 1) << short_run.j;
+  EXPECT_EQ(short_run.j["soak"]["flat"], false) << short_run.j;
+  EXPECT_NE(short_run.j["first_failure"].get<std::string>().find("too few samples"), std::string::npos)
+      << short_run.j;
+}
+
+// On a terminal the progress is one line rewritten in place (\r, then the
+// line, then erase-to-end), cleared before the summary.
+TEST(Cli, StressProgressOnATerminalRewritesOneLine) {
+  int master = -1;
+  const std::string tool = dmakit::test::tool_path();
+  const pid_t pid = ::forkpty(&master, nullptr, nullptr, nullptr);
+  ASSERT_GE(pid, 0) << std::strerror(errno);
+  if (pid == 0) {
+    ::execl(tool.c_str(), tool.c_str(), "stress", "--seconds", "1.6", "--threads", "1", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  std::string out;
+  std::array<char, 4096> buf{};
+  for (;;) {
+    const ssize_t n = ::read(master, buf.data(), buf.size());
+    if (n > 0) out.append(buf.data(), static_cast<size_t>(n));
+    else if (n < 0 && errno == EINTR) continue;
+    else break;  // EIO once the child has exited and the terminal is closed
+  }
+  ::close(master);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << out;
+  const auto first = out.find("\rstress: ");
+  ASSERT_NE(first, std::string::npos) << "no rewritten progress line: " << out;
+  EXPECT_NE(out.find(" ops/s), 0 failures\x1b[K", first), std::string::npos) << out;
+  EXPECT_NE(out.find("\rstress: ", first + 1), std::string::npos) << "one progress line only: " << out;
+  const auto cleared = out.find("\r\x1b[K");
+  const auto summary = out.find("stress on ");
+  ASSERT_NE(summary, std::string::npos) << out;
+  EXPECT_LT(cleared, summary) << "the progress line is not cleared before the summary: " << out;
+  EXPECT_EQ(out.find("stress: 0.", summary), std::string::npos) << out;
+  EXPECT_EQ(out.find("\nstress: "), std::string::npos) << "a progress line ended with a newline: " << out;
 }

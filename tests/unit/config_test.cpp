@@ -80,6 +80,8 @@ TEST(Config, MalformedValuesNameFileKeyAndReason) {
       {"[arena]\nshards = -1\n", "key 'arena.shards': '-1' is not a decimal number"},
       {"[arena]\nstale_max_pages = -1\n", "key 'arena.stale_max_pages': '-1' is not a non-negative decimal"},
       {"[stress]\nmax_bytes = 0\n", "key 'stress.max_bytes': 0 is outside 4096..1T"},
+      {"[stress]\nmix = \"40:55\"\n", "key 'stress.mix': '40:55' is not three weights buffers:blocks:maps"},
+      {"[stress]\nmix = \"0:0:0\"\n", "key 'stress.mix': '0:0:0' gives every kind of operation weight 0"},
       {"[pool]\ncache_size = 4294967295\n", "key 'pool.cache_size': 4294967295 is above 65536 blocks"},
       {"[eal]\nextra_args = \"--help\"\n", "key 'eal.extra_args': '--help' is not passed to the EAL"},
       {"[eal]\nextra_args = \"--log-level\"\n", "key 'eal.extra_args': --log-level needs a value"},

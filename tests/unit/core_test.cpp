@@ -1,4 +1,4 @@
-// The top floor: Context wiring, the C API and a short stress run, on the
+// The top floor: Context wiring and the C API, on the
 // simulated IOMMU with real EAL memory (4 KiB pages: this process does not
 // reserve hugepages).
 #include <gtest/gtest.h>
@@ -8,7 +8,6 @@
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "child_process.hpp"
 #include "core/context.hpp"
-#include "core/stress.hpp"
 #include "dmakit/dmakit.h"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"
@@ -110,23 +109,6 @@ TEST(Context, BadBackendSettingsAreClearErrors) {
   ctx = core::Context::create(c);
   ASSERT_FALSE(ctx);
   EXPECT_NE(ctx.error().message.find("iommu.sim_page_sizes"), std::string::npos) << ctx.error().message;
-}
-
-TEST(Stress, ShortRunFindsNoFailuresAndLeavesNoMappings) {
-  auto ctx = core::Context::create(sim_config());
-  ASSERT_TRUE(ctx) << ctx.error().what();
-  core::StressSettings s;
-  s.seconds = 0.5;
-  s.threads = 2;
-  s.max_bytes = 1 << 20;
-  auto r = core::run_stress(**ctx, s);
-  ASSERT_TRUE(r) << r.error().what();
-  EXPECT_EQ(r->failures, 0u) << r->first_failure;
-  EXPECT_GT(r->buffer_allocs, 0u);
-  EXPECT_GT(r->block_allocs, 0u);
-  EXPECT_GT(r->device_checks, 0u);
-  EXPECT_GT(r->refused_bad_frees, 0u);
-  EXPECT_EQ(r->mappings_at_end, r->mappings_at_start);
 }
 
 TEST(CApi, BuffersAndPoolsWithErrorsAsCodes) {

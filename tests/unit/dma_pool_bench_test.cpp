@@ -55,7 +55,7 @@ TEST(DmapoolBench, ProducesEveryCaseWithItsFields) {
   o.max_blocks = 1024;
   auto j = run_dmapool(**ctx, o);
   ASSERT_TRUE(j.has_value()) << j.error().what();
-  const std::string s = j->str();
+  const std::string s = j->dump();
   EXPECT_EQ(s.rfind("{\"bench\":\"dmapool\",\"results\":[", 0), 0u) << s;
   // Per shape: dmakit on 1 and 2 threads, the same one-thread loop through
   // the C API, dmakit with a pool per thread, rte_mempool get/put, with

@@ -647,7 +647,7 @@ TEST(ArenaBench, RunsAndChecksItsOwnWork) {
   opt.repeats = 3;
   auto r = bench::run_arena(*d, {1ull << 32, 1ull << 30}, opt);
   ASSERT_TRUE(r) << r.error().what();
-  const std::string json = r->str();
+  const std::string json = r->dump();
   for (const char* field : {"\"bench\":\"arena\"", "\"case\":\"alloc_free\",\"pages\":1,\"threads\":1",
                             "\"pages\":16", "\"pages\":512", "\"threads\":2", "\"ops_per_sec\"",
                             "\"mode\":\"lazy\"", "\"mode\":\"strict\",\"cycles\":3000,\"unmap_calls\":3000,"})

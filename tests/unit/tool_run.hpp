@@ -2,6 +2,9 @@
 #pragma once
 
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
 
 #include <array>
 #include <cstdio>
@@ -17,8 +20,7 @@ struct ToolRun {
 };
 
 // `dmakit ARGS` through the shell, its output collected.
-inline ToolRun run_tool(const std::string& args) {
-  const std::string cmd = tool_path() + " " + args + " 2>&1";
+inline ToolRun run_command(const std::string& cmd) {
   ToolRun r;
   FILE* p = ::popen(cmd.c_str(), "r");
   if (p == nullptr) return r;
@@ -27,6 +29,34 @@ inline ToolRun run_tool(const std::string& args) {
   while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
   const int status = ::pclose(p);
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+inline ToolRun run_tool(const std::string& args) { return run_command(tool_path() + " " + args + " 2>&1"); }
+
+// `dmakit ARGS` with stdout alone in out (stderr in err): what a program
+// reading --json output gets.
+struct SplitRun {
+  int code = -1;
+  std::string out, err;
+};
+inline SplitRun run_tool_split(const std::string& args) {
+  char path[] = "/tmp/dmakit-tool-err-XXXXXX";
+  const int fd = ::mkstemp(path);
+  SplitRun r;
+  if (fd < 0) return r;
+  ::close(fd);
+  const ToolRun t = run_command(tool_path() + " " + args + " 2>" + path);
+  r.code = t.code;
+  r.out = t.out;
+  std::FILE* f = std::fopen(path, "r");
+  if (f != nullptr) {
+    std::array<char, 4096> buf{};
+    size_t n;
+    while ((n = std::fread(buf.data(), 1, buf.size(), f)) > 0) r.err.append(buf.data(), n);
+    std::fclose(f);
+  }
+  ::unlink(path);
   return r;
 }
 

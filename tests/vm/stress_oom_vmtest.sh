@@ -17,10 +17,10 @@ if [ -s /tmp/stress.err ]; then
 fi
 [ "$rc" -ne 137 ] || fail "the OOM killer ended dmakit stress"
 [ "$rc" -eq 0 ] || fail "dmakit stress exited with status $rc"
-refused=$(sed -n 's/.*allocations refused for lack of memory: \([0-9]*\).*/\1/p' /tmp/stress.out)
+refused=$(sed -n 's/.*allocations refused for lack of memory: *\([0-9]*\).*/\1/p' /tmp/stress.out)
 [ -n "$refused" ] || fail "no refusal count in the report"
 [ "$refused" -gt 0 ] || fail "the run never ran out of memory: the test asks for too little"
 grep -q ', 0 failures' /tmp/stress.out || fail "the run reported failures"
-grep -q 'mappings left after freeing everything: 0' /tmp/stress.out || fail "mappings were left"
+grep -q 'mappings left after freeing everything: *0$' /tmp/stress.out || fail "mappings were left"
 dmesg | grep -qi 'out of memory' && fail "the kernel logged an OOM kill"
 echo "stress in 256 MiB: $refused allocations refused, no OOM kill"
