@@ -7,6 +7,7 @@
 #include <limits>
 #include <string>
 
+#include "host_backing.hpp"
 #include "bench_dmapool.hpp"
 #include "core/context.hpp"
 

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "host_backing.hpp"
 #include "failing_new.hpp"
 #include "pool/dma_pool.hpp"
 

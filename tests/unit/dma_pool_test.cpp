@@ -17,6 +17,7 @@
 
 #include <spdlog/sinks/ringbuffer_sink.h>
 
+#include "host_backing.hpp"
 #include "base/log.hpp"
 #include "pool/dma_pool.hpp"
 

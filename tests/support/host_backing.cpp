@@ -7,7 +7,7 @@
 #include <mutex>
 #include <unordered_map>
 
-#include "pool/dma_pool.hpp"
+#include "host_backing.hpp"
 
 namespace dmakit::pool {
 
