@@ -218,7 +218,7 @@ Result<Json> run_arena(Domain& domain, IovaSpan region, const ArenaBenchOptions&
   return out;
 }
 
-Result<Json> run_arena(core::Context& ctx) {
+Result<Json> run_arena(core::Context& ctx, bool quick) {
   // Reserve a region of the context's own arena, so the bench's arenas and
   // maps never meet mappings that other parts of the context own.
   iommu::IovaArena& owner = ctx.arena();
@@ -228,7 +228,13 @@ Result<Json> run_arena(core::Context& ctx) {
     if (region) break;
   }
   if (!region) return std::unexpected(with_context(region.error(), "arena bench: reserving an IOVA region"));
-  auto r = run_arena(ctx.domain(), *region, ArenaBenchOptions{});
+  ArenaBenchOptions opt;
+  if (quick) {
+    opt.cycles = 2000;
+    opt.pairs = 2000;
+    opt.repeats = 1;
+  }
+  auto r = run_arena(ctx.domain(), *region, opt);
   if (auto st = owner.free(*region); !st && r) return std::unexpected(st.error());
   return r;
 }

@@ -375,3 +375,26 @@ TEST(Cli, StressProgressOnATerminalRewritesOneLine) {
   EXPECT_EQ(out.find("stress: 0.", summary), std::string::npos) << out;
   EXPECT_EQ(out.find("\nstress: "), std::string::npos) << "a progress line ended with a newline: " << out;
 }
+
+// bench all: one object holding each benchmark's own object (run small).
+TEST(Cli, BenchAllIsOneObjectWithEveryBench) {
+  auto r = run_json("bench all --quick --json");
+  EXPECT_EQ(r.code, 0) << r.j;
+  EXPECT_EQ(r.j["bench"], "all") << r.j;
+  ASSERT_TRUE(r.j["benches"].is_object()) << r.j;
+  EXPECT_EQ(r.j["benches"].size(), 3u) << r.j;
+  for (const char* name : {"dmapool", "arena", "buffer"}) {
+    const auto& b = r.j["benches"][name];
+    EXPECT_EQ(b["bench"], name) << r.j;
+    ASSERT_TRUE(b["results"].is_array()) << name << ": " << r.j;
+    EXPECT_FALSE(b["results"].empty()) << name << ": " << r.j;
+  }
+  // Each case of the arena bench is there, with its figures.
+  std::vector<std::string> cases;
+  for (const auto& row : r.j["benches"]["arena"]["results"]) {
+    cases.push_back(row["case"]);
+    EXPECT_TRUE(row.contains("ns_per_op") || row.contains("unmap_calls")) << row;
+  }
+  EXPECT_EQ(std::count(cases.begin(), cases.end(), "alloc_free"), 4) << r.j["benches"]["arena"];
+  EXPECT_EQ(std::count(cases.begin(), cases.end(), "map_unmap"), 2) << r.j["benches"]["arena"];
+}
