@@ -41,7 +41,7 @@ void catch_interrupts() {
 
 std::string latency_text(uint64_t ns) {
   if (ns < 10'000) return fmt::format("{} ns", ns);
-  if (ns < 10'000'000) return fmt::format("{:.1f} us", static_cast<double>(ns) / 1e3);
+  if (ns < 1'000'000) return fmt::format("{:.1f} us", static_cast<double>(ns) / 1e3);
   return fmt::format("{:.1f} ms", static_cast<double>(ns) / 1e6);
 }
 
