@@ -184,6 +184,17 @@ Result<DomainInfo> parse_iommu_info(std::span<const std::byte> buf, uint32_t iom
     out.windows.push_back({0, std::numeric_limits<uint64_t>::max() & ~(out.min_page() - 1)});
   }
   std::sort(out.windows.begin(), out.windows.end(), [](auto& a, auto& b) { return a.start < b.start; });
+  // The arena and the domain take the windows as disjoint inclusive ranges;
+  // a reply that breaks that is refused rather than trusted.
+  for (size_t i = 0; i < out.windows.size(); ++i) {
+    const IovaWindow& w = out.windows[i];
+    if (w.start > w.last)
+      return fail(Errc::io, "VFIO_IOMMU_GET_INFO on {}: IOVA range {:#x}-{:#x} ends before it starts", path,
+                  w.start, w.last);
+    if (i > 0 && out.windows[i - 1].last >= w.start)
+      return fail(Errc::io, "VFIO_IOMMU_GET_INFO on {}: IOVA ranges {:#x}-{:#x} and {:#x}-{:#x} overlap", path,
+                  out.windows[i - 1].start, out.windows[i - 1].last, w.start, w.last);
+  }
   return out;
 }
 
