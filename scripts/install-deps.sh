@@ -9,6 +9,10 @@ packages=(
   libdpdk-dev libspdlog-dev libfmt-dev libcli11-dev googletest libgtest-dev libgmock-dev
   # JSON of the dmakit command and the benchmarks (header-only; not in installed headers)
   nlohmann-json3-dev
+  # sanitizer and fuzzing jobs (scripts/ci): clang 16 is the first Debian
+  # clang that compiles std::expected; libFuzzer and the sanitizer runtimes;
+  # llvm-symbolizer for readable reports
+  clang-16 libclang-rt-16-dev llvm-16
   # QEMU guest for the real-VFIO tests (tests/vm)
   qemu-system-x86 busybox-static cpio xz-utils zstd kmod
 )

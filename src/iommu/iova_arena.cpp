@@ -6,9 +6,11 @@
 #include <atomic>
 #include <bit>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <mutex>
+#include <string_view>
 #include <thread>
 #include <utility>
 
@@ -374,9 +376,23 @@ class ShardedArena final : public IovaArena {
   std::atomic<uint64_t> failures_{0};
   std::mutex listener_mu_;
   FlushListener listener_;
+#ifdef DMAKIT_FUZZ_HOOKS
+  // Planted bug of the fuzz build (DMAKIT_PLANT_BUG=arena-double-handout):
+  // hand out the last range again while it is still in use, so the API
+  // fuzzer proves its model catches a real allocator bug. Single-threaded
+  // use only; never compiled into a normal build.
+  Result<IovaSpan> alloc_planted(const IovaRequest& req);
+  bool planted_ = false;
+  IovaSpan planted_last_{};
+  uint64_t planted_calls_ = 0;
+#endif
 };
 
 Status ShardedArena::init() {
+#ifdef DMAKIT_FUZZ_HOOKS
+  const char* plant = std::getenv("DMAKIT_PLANT_BUG");
+  planted_ = plant != nullptr && std::string_view(plant) == "arena-double-handout";
+#endif
   const DomainInfo& info = domain_.info();
   page_ = info.min_page();
   if (page_ == 0 || info.windows.empty())
@@ -650,6 +666,9 @@ uint64_t ShardedArena::take_locked(Shard& p, const Need& need, bool borrow) {
 // countdown to the next bounds check. Anything else (shard busy, word full,
 // a bounds check due) continues out of line with no side effect repeated.
 Result<IovaSpan> ShardedArena::alloc(const IovaRequest& req) {
+#ifdef DMAKIT_FUZZ_HOOKS
+  if (planted_) return alloc_planted(req);
+#endif
   if (req.len - 1 < fast_len_ && req.align <= page_ && (req.align & (req.align - 1)) == 0 &&
       req.dma_limit >= last_iova_) [[likely]] {
     Shard& p = shards_[thread_number() & (nsmall_ - 1)];
@@ -675,6 +694,20 @@ Result<IovaSpan> ShardedArena::alloc(const IovaRequest& req) {
   }
   return alloc_general(req);
 }
+
+#ifdef DMAKIT_FUZZ_HOOKS
+Result<IovaSpan> ShardedArena::alloc_planted(const IovaRequest& req) {
+  const uint64_t len = (req.len + page_ - 1) & ~(page_ - 1);
+  const uint64_t align = std::max(req.align, page_);
+  const IovaSpan last = planted_last_;
+  // Every 8th request that the last range would satisfy gets it again.
+  if (++planted_calls_ % 8 == 0 && last.len != 0 && last.len == len && last.iova % align == 0 && last.end() - 1 <= req.dma_limit)
+    return last;
+  auto r = alloc_general(req);
+  if (r) planted_last_ = *r;
+  return r;
+}
+#endif
 
 // The fast alloc's page is taken and the countdown ran out: check the
 // bounds, then flush if one was reached.

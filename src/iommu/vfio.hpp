@@ -121,6 +121,12 @@ class Container final : public Domain {
   uint64_t unmap_calls_ = 0;
 };
 
+// The reply of VFIO_IOMMU_GET_INFO, parsed: buf is the struct and its
+// capability chain as the kernel filled them (argsz bytes); iommu_type names
+// the backend, path goes into messages. Separate from the ioctl so tests and
+// the fuzzer reach it on bytes.
+Result<DomainInfo> parse_iommu_info(std::span<const std::byte> buf, uint32_t iommu_type, std::string_view path);
+
 // Group: one IOMMU group, the owner of /dev/vfio/N's fd.
 //
 // The kernel lets one fd at a time hold a group: a second open of
@@ -189,6 +195,13 @@ struct RegionInfo {
   bool writable() const;
   bool mmappable() const;
 };
+
+// The reply of VFIO_DEVICE_GET_REGION_INFO for region `index`, parsed: buf is
+// the struct and its capability chain as the kernel filled them (argsz
+// bytes). A short or malformed reply is read as far as it is in bounds (a
+// missing tail reads as zeros). Separate from the ioctl so tests and the
+// fuzzer reach it on bytes.
+RegionInfo parse_region_info(std::span<const std::byte> buf, uint32_t index);
 
 // VFIO_DEVICE_GET_INFO, parsed.
 struct DeviceInfo {

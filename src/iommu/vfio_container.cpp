@@ -139,14 +139,24 @@ Result<DomainInfo> Container::query_info() const {
     storage.resize((info->argsz + 7) / 8);
   }
 
-  DomainInfo out;
-  out.backend = type_name(iommu_type_);
-  if (info->flags & VFIO_IOMMU_INFO_PGSIZES) out.page_sizes = info->iova_pgsizes;
-  if (out.page_sizes == 0)
-    return fail(Errc::unsupported, "VFIO_IOMMU_GET_INFO on {}: no IOMMU page sizes reported", path_);
-
   const std::span<const std::byte> buf(reinterpret_cast<const std::byte*>(storage.data()),
                                        std::min<size_t>(info->argsz, storage.size() * 8));
+  return parse_iommu_info(buf, iommu_type_, path_);
+}
+
+Result<DomainInfo> parse_iommu_info(std::span<const std::byte> buf, uint32_t iommu_type, std::string_view path) {
+  vfio_iommu_type1_info fixed{};
+  if (buf.size() < sizeof fixed)
+    return fail(Errc::io, "VFIO_IOMMU_GET_INFO on {}: {} bytes of reply, the struct alone is {}", path, buf.size(),
+                sizeof fixed);
+  std::memcpy(&fixed, buf.data(), sizeof fixed);
+  const vfio_iommu_type1_info* info = &fixed;
+  DomainInfo out;
+  out.backend = type_name(iommu_type);
+  if (info->flags & VFIO_IOMMU_INFO_PGSIZES) out.page_sizes = info->iova_pgsizes;
+  if (out.page_sizes == 0)
+    return fail(Errc::unsupported, "VFIO_IOMMU_GET_INFO on {}: no IOMMU page sizes reported", path);
+
   if ((info->flags & VFIO_IOMMU_INFO_CAPS) && info->cap_offset != 0) {
     for_each_cap(buf, info->cap_offset, [&](const vfio_info_cap_header& hdr, std::span<const std::byte> cap) {
       if (hdr.id == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE) {
@@ -170,10 +180,21 @@ Result<DomainInfo> Container::query_info() const {
   }
   if (out.windows.empty()) {
     // Kernels before 5.4 do not report windows; the whole space is all we know.
-    base::log().warn("{}: the kernel reports no IOVA windows; assuming the full 64-bit space", path_);
+    base::log().warn("{}: the kernel reports no IOVA windows; assuming the full 64-bit space", path);
     out.windows.push_back({0, std::numeric_limits<uint64_t>::max() & ~(out.min_page() - 1)});
   }
   std::sort(out.windows.begin(), out.windows.end(), [](auto& a, auto& b) { return a.start < b.start; });
+  // The arena and the domain take the windows as disjoint inclusive ranges;
+  // a reply that breaks that is refused rather than trusted.
+  for (size_t i = 0; i < out.windows.size(); ++i) {
+    const IovaWindow& w = out.windows[i];
+    if (w.start > w.last)
+      return fail(Errc::io, "VFIO_IOMMU_GET_INFO on {}: IOVA range {:#x}-{:#x} ends before it starts", path,
+                  w.start, w.last);
+    if (i > 0 && out.windows[i - 1].last >= w.start)
+      return fail(Errc::io, "VFIO_IOMMU_GET_INFO on {}: IOVA ranges {:#x}-{:#x} and {:#x}-{:#x} overlap", path,
+                  out.windows[i - 1].start, out.windows[i - 1].last, w.start, w.last);
+  }
   return out;
 }
 

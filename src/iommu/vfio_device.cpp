@@ -117,14 +117,22 @@ Result<RegionInfo> Device::region_info(uint32_t index) const {
                   bdf_, ri->argsz);
     storage.resize((ri->argsz + 7) / 8);
   }
+  const auto* bytes = reinterpret_cast<const std::byte*>(storage.data());
+  return parse_region_info({bytes, std::min<size_t>(ri->argsz, storage.size() * 8)}, index);
+}
+
+RegionInfo parse_region_info(std::span<const std::byte> buf, uint32_t index) {
+  vfio_region_info fixed{};
+  if (!buf.empty()) std::memcpy(&fixed, buf.data(), std::min(buf.size(), sizeof fixed));
+  const vfio_region_info* ri = &fixed;
+  const std::byte* bytes = buf.data();
+  const size_t filled = buf.size();
   RegionInfo out;
   out.index = index;
   out.flags = ri->flags;
   out.size = ri->size;
   out.offset = ri->offset;
 
-  const auto* bytes = reinterpret_cast<const std::byte*>(storage.data());
-  const size_t filled = std::min<size_t>(ri->argsz, storage.size() * 8);
   if ((ri->flags & VFIO_REGION_INFO_FLAG_CAPS) && ri->cap_offset != 0) {
     uint32_t off = ri->cap_offset;
     for (int guard = 0; off != 0 && guard < 64; ++guard) {
