@@ -281,6 +281,11 @@ Result<Buffer> Allocator::alloc(const BufferRequest& req) {
                 req.prot);
   const uint64_t span_len = (req.len + unit - 1) & ~(unit - 1);
   const int slab_class = slab_ != nullptr ? slab_->class_of(req) : -1;
+  if (slab_class >= 0) [[likely]] {
+    auto b = slab_->alloc(req, slab_class);
+    if (b) [[likely]] return Buffer(std::move(*b));
+    return reclaim_and_retry(req, span_len, slab_class, std::move(b).error());
+  }
   auto once = alloc_once(req, span_len, slab_class);
   if (!once) [[unlikely]] return reclaim_and_retry(req, span_len, slab_class, std::move(once).error());
   return once;

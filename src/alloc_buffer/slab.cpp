@@ -16,7 +16,7 @@ constexpr uint64_t kMaxSlab = 1ull << 30;
 
 }  // namespace
 
-void SlabTier::SpinLock::lock() {
+void SlabTier::SpinLock::lock_contended() {
   for (int spins = 0;; ++spins) {
     if (!held.load(std::memory_order_relaxed) && !held.exchange(true, std::memory_order_acquire)) return;
     // A holder that was preempted is let run rather than spun against
@@ -26,7 +26,11 @@ void SlabTier::SpinLock::lock() {
 }
 
 SlabTier::SlabTier(SlabHost& host, std::shared_ptr<Anchor> anchor, uint64_t unit, uint64_t max_class)
-    : host_(host), anchor_(std::move(anchor)), unit_(unit), unit_shift_(std::countr_zero(unit)) {
+    : host_(host),
+      anchor_(std::move(anchor)),
+      unit_(unit),
+      unit_shift_(std::countr_zero(unit)),
+      max_class_(max_class) {
   nclasses_ = std::countr_zero(max_class) - unit_shift_ + 1;
   classes_ = std::make_unique<Class[]>(static_cast<size_t>(nclasses_));
   for (int i = 0; i < nclasses_; ++i) {
@@ -46,14 +50,6 @@ SlabTier::~SlabTier() {
                      "in place",
                      live);
   for (auto& s : slabs_) (void)s->mem.release();
-}
-
-int SlabTier::class_of(const BufferRequest& req) const {
-  if (nclasses_ <= 0 || req.prot != iommu::kReadWrite) return -1;
-  const uint64_t need = std::max({req.len, req.align, unit_});
-  if (need > classes_[nclasses_ - 1].size) return -1;
-  const int c = static_cast<int>(std::bit_width(need - 1)) - unit_shift_;
-  return c < 0 ? 0 : c;
 }
 
 // Under the class lock. The block has a free slot.

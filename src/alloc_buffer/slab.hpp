@@ -31,7 +31,9 @@
 // Buffer records. Retiring a slab hands its memory record to the host.
 #pragma once
 
+#include <algorithm>
 #include <array>
+#include <bit>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -102,7 +104,12 @@ class SlabTier {
   SlabTier& operator=(const SlabTier&) = delete;
 
   // The class index for a request, or -1 when slabs do not serve it.
-  int class_of(const BufferRequest& req) const;
+  int class_of(const BufferRequest& req) const {
+    if (req.prot != iommu::kReadWrite) return -1;
+    const uint64_t need = std::max({req.len, req.align, unit_});
+    if (need > max_class_) return -1;
+    return static_cast<int>(std::bit_width(need - 1)) - unit_shift_;
+  }
   Result<ImplPtr> alloc(const BufferRequest& req, int cls);
   // Takes back a slab buffer's record (b->block set). A slot that is not
   // allocated is refused (logged, counted) and nothing changes.
@@ -115,7 +122,11 @@ class SlabTier {
  private:
   struct SpinLock {
     std::atomic<bool> held{false};
-    void lock();
+    void lock() {
+      if (!held.exchange(true, std::memory_order_acquire)) [[likely]] return;
+      lock_contended();
+    }
+    void lock_contended();
     void unlock() { held.store(false, std::memory_order_release); }
   };
   struct alignas(64) Class {
@@ -141,6 +152,7 @@ class SlabTier {
   std::shared_ptr<Anchor> anchor_;
   const uint64_t unit_;
   const int unit_shift_;
+  const uint64_t max_class_;
   std::unique_ptr<Class[]> classes_;
   int nclasses_ = 0;
 
