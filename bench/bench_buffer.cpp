@@ -303,10 +303,11 @@ Status mixed_case(core::Context& ctx, const BufferBenchOptions& o, bool hugepage
     const uint64_t len = pages(rng) * 4096;
     auto b = a->alloc({.len = len});
     if (!b) return std::unexpected(with_context(b.error(), "bench buffer mixed"));
-    if (sim != nullptr && !sim->translate(b->iova(), len, iommu::kReadWrite))
-      return fail(Errc::internal, "bench buffer mixed: buffer at IOVA {:#x} not reachable", b->iova());
-    for (const auto& c : b->chunks())
+    for (const auto& c : b->chunks()) {
+      if (sim != nullptr && !sim->translate(c.iova, c.len, iommu::kReadWrite))
+        return fail(Errc::internal, "bench buffer mixed: chunk at IOVA {:#x} not reachable", c.iova);
       if (c.source.starts_with("hugepage") || c.source.starts_with("carved")) huge_bytes += c.len;
+    }
     live += len;
     held.push_back(std::move(*b));
   }
@@ -314,6 +315,17 @@ Status mixed_case(core::Context& ctx, const BufferBenchOptions& o, bool hugepage
   if (entries != a->stats().map_calls)
     return fail(Errc::internal, "bench buffer mixed: {} new mapping entries but {} map calls", entries,
                 a->stats().map_calls);
+  // Slab buffers name no source of their own: their slabs' memory is
+  // counted from the sources (whole hugepages; carved pieces are in them).
+  uint64_t source_bytes = 0, source_huge = 0;
+  for (const auto* src : a->sources()) {
+    const uint64_t live_src = src->stats().live_bytes;
+    if (src->name().starts_with("carved")) continue;
+    source_bytes += live_src;
+    if (src->name().starts_with("hugepage")) source_huge += live_src;
+  }
+  if (huge_bytes == 0 && source_bytes != 0)
+    huge_bytes = live * source_huge / source_bytes;
   const uint64_t buffers = held.size();
   held.clear();
   a->trim(true);

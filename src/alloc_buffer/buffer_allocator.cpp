@@ -126,8 +126,9 @@ class Allocator final : public BufferAllocator, public SlabHost {
   // Starts the threads and joins the arena's flush listener.
   void start(bool psi);
   // Serves requests up to slab_max from slabs (not in isolation mode, and
-  // only when a source can give slab memory: 2 MiB pages or runs).
-  void enable_slabs(uint64_t slab_max);
+  // only when a source can give slab memory: 2 MiB pages or runs). `runs`:
+  // a source of whole hugepage runs tried first for each slab, or null.
+  void enable_slabs(uint64_t slab_max, std::unique_ptr<MemorySource> runs);
 
   Result<Buffer> alloc(const BufferRequest& req) override;
   void trim(bool all) override;
@@ -182,6 +183,7 @@ class Allocator final : public BufferAllocator, public SlabHost {
   const bool isolation_;  // no slabs, no recycling: a freed buffer's memory waits for the flush
   std::shared_ptr<Anchor> anchor_;
   std::unique_ptr<SlabTier> slab_;  // null: every buffer has its own mapping
+  MemorySource* slab_runs_ = nullptr;  // in sources_; slab memory as one hugepage run
 
   // Guarded by mu_. Every Impl not handed out as a Buffer is owned by exactly
   // one of classes_, pending_, lost_ or zeroing_, or by a local moving it
@@ -438,6 +440,15 @@ Result<ImplPtr> Allocator::build(const BufferRequest& req, uint64_t span_len) {
 // smallest order's source when it serves runs (anonymous memory) - one
 // take for the rest. On failure nothing stays taken.
 Status Allocator::gather_slab(Impl& b, uint64_t need) {
+  if (slab_runs_ != nullptr && need <= slab_runs_->max_run()) {
+    ++b.attempts;
+    attempts_.fetch_add(1, std::memory_order_relaxed);
+    if (auto p = slab_runs_->take(need)) {
+      b.chunks.push_back(BufferChunk{*p, 0, need, kSlabBlock, slab_runs_->name()});
+      b.from.push_back(slab_runs_);
+      return ok();
+    }
+  }
   uint64_t remaining = need;
   const int64_t now = steady_ns();
   std::string tried;
@@ -513,10 +524,14 @@ Result<ImplPtr> Allocator::build_slab(uint64_t len, uint64_t dma_limit) {
 
 void Allocator::retire_slab(ImplPtr mem) { retire(std::move(mem)); }
 
-void Allocator::enable_slabs(uint64_t slab_max) {
+void Allocator::enable_slabs(uint64_t slab_max, std::unique_ptr<MemorySource> run_source) {
   const uint64_t unit = orders_.back().size;
   if (isolation_ || slab_max < unit) return;
-  const bool huge = orders_.front().size >= kSlabBlock;
+  if (run_source != nullptr) {
+    slab_runs_ = run_source.get();
+    sources_.push_back(std::move(run_source));
+  }
+  const bool huge = slab_runs_ != nullptr || orders_.front().size >= kSlabBlock;
   const bool runs = orders_.back().src->max_run() >= kSlabBlock;
   if (!huge && !runs) {
     base::log().debug("buffer slabs: off (no source gives 2 MiB pages or runs)");
@@ -995,6 +1010,7 @@ Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaAren
                                                                  std::vector<std::unique_ptr<MemorySource>> sources) {
   const uint64_t min_page = arena.domain().info().min_page();
   std::vector<std::pair<uint64_t, MemorySource*>> chosen;
+  const bool default_sources_used = sources.empty();
   if (sources.empty()) {
     std::vector<uint64_t> orders = DMAKIT_TRY(parse_orders(s.orders));
     std::erase_if(orders, [&](uint64_t o) { return o < min_page; });
@@ -1022,7 +1038,13 @@ Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaAren
   base::log().debug("buffer allocator: orders {}", list);
 
   auto a = std::make_unique<Allocator>(arena, s, std::move(sources), std::move(chosen));
-  a->enable_slabs(s.slab_max);
+  // Slab memory from whole hugepage runs where the EAL has hugepages (with
+  // the real sources only: given sources define all the memory there is).
+  std::unique_ptr<MemorySource> runs;
+  if (default_sources_used && !s.isolation && s.slab_max != 0) {
+    if (auto r = make_hugepage_run_source()) runs = std::move(*r);
+  }
+  a->enable_slabs(s.slab_max, std::move(runs));
   a->start(s.psi);
   return std::unique_ptr<BufferAllocator>(std::move(a));
 }

@@ -1,9 +1,11 @@
 // SlabTier: small buffers (at most buffer.slab_max bytes) carved from large
 // slabs mapped once, so live small buffers cost no mapping entry each.
 //
-// Slabs. A slab is memory the allocator builds like a buffer (hugepages
-// where the EAL has them - adjacent pages are one map call -, else one run
-// of anonymous memory) and maps once. Its length grows with the tier:
+// Slabs. A slab is memory the allocator builds like a buffer and maps once:
+// one memzone of 2 MiB hugepages of exactly its size where the EAL has them
+// (one virtual run, one map call), else hugepage pages of the buffer
+// allocator's sources (a map call per virtual run), else one run of
+// anonymous memory. Its length grows with the tier:
 // max(4 MiB, 2 x the bytes of all slabs), capped at 1 GiB, halved down to
 // 2 MiB when that much cannot be had. Entries therefore grow with the log of
 // slab memory: ~7 for 1 GiB, ~10 for 4 GiB.
@@ -58,6 +60,10 @@ class SlabHost {
  protected:
   ~SlabHost() = default;
 };
+
+// Slab memory from 2 MiB hugepages, one memzone (one virtual run) per take
+// of up to 1 GiB; Errc::unsupported when the EAL has no 2 MiB hugepages.
+Result<std::unique_ptr<MemorySource>> make_hugepage_run_source();
 
 struct SlabStats {
   uint64_t slabs = 0;
