@@ -14,7 +14,7 @@ namespace dmakit::bench {
 // quick: every case, with few repeats and small sizes (`dmakit bench
 // --quick`, for checking that a benchmark runs, not for its figures).
 Result<Json> run_arena(core::Context& ctx, bool quick = false);
-Result<Json> run_buffer(core::Context& ctx);
+Result<Json> run_buffer(core::Context& ctx, bool quick = false);
 Result<Json> run_dmapool(core::Context& ctx, bool quick = false);
 
 }  // namespace dmakit::bench

@@ -11,7 +11,7 @@ namespace {
 Result<Json> run_one(core::Context& ctx, const std::string& name, bool quick) {
   if (name == "dmapool") return bench::run_dmapool(ctx, quick);
   if (name == "arena") return bench::run_arena(ctx, quick);
-  return bench::run_buffer(ctx);
+  return bench::run_buffer(ctx, quick);
 }
 
 int run(Tool& tool, const std::string& name, bool quick) {

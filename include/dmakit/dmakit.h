@@ -25,12 +25,28 @@
  * (and, unless the memory is mapped read-only, write) every byte at that
  * IOVA at any time, until the memory is freed. After a free the device must
  * no longer use the IOVA; what it can still reach depends on the object and
- * the arena mode (see docs/API.md, "The DMA contract"):
- *  - buffers and pool blocks in the default mode: freed memory may stay
- *    mapped (recycled buffers, pool chunks) and may be handed to a new owner
- *    in the same context while the device can still reach it, as with DPDK
- *    and SPDK; a stale IOVA whose range was released is unmapped lazily,
- *    bounded by arena.stale_max_pages and arena.stale_max_age_ms;
+ * the mode (buffer_isolation) and the arena (arena_strict); docs/API.md,
+ * "The DMA contract", has the table. Default mode (as DPDK and SPDK):
+ *  - slab buffer (len <= buffer_slab_max): after the free the device still
+ *    reaches it (the slab stays mapped) and the memory may have a new owner
+ *    at once (the next buffer of its size class); a slab is retired only
+ *    when wholly free (trim, memory pressure, before an allocation fails),
+ *    and then as a retired buffer below;
+ *  - recycled buffer (a larger buffer, freed): still reachable (it keeps its
+ *    mapping) and may have a new owner at once (the next buffer of its size);
+ *  - pool block: still reachable (the chunk stays mapped) and may have a new
+ *    owner at once (the next block of that pool);
+ *  - retired buffer or slab: lazy arena - reachable until the arena flushes
+ *    its IOVA range (bounded by arena.stale_max_pages and
+ *    arena.stale_max_age_ms, or dmakit_ctx_flush()); strict arena -
+ *    unmapped inside the retirement; either way the memory gets no new owner
+ *    before that unmap returned.
+ * Isolation mode (buffer_isolation, beyond the peers): every buffer is its
+ * own mapping and nothing is recycled. After dmakit_buffer_free() the
+ * device reaches the buffer until the flush (lazy arena) or not at all
+ * (strict arena); its memory gets no new owner before the unmap returned.
+ * Pool blocks keep the default rule (their chunks stay mapped).
+ * Always:
  *  - caller memory (dmakit_mem_unmap()): unmapped before the call returns;
  *  - dmakit_ctx_flush(): every lazily freed IOVA range is unmapped when it
  *    returns.
@@ -146,6 +162,9 @@ typedef struct dmakit_settings {
   uint32_t sim_address_bits;      /**< simulated IOMMU: address width (39) */
   uint32_t sim_dma_entry_limit;   /**< simulated IOMMU: mapping entries (65535) */
   const char* sim_page_sizes;     /**< simulated IOMMU: page sizes ("4K,2M,1G") */
+  /* Added in 0.2; a struct_size without them (an older header) takes their defaults. */
+  uint64_t buffer_slab_max;       /**< buffers up to this many bytes are carved from slabs (1048576; 0 = none) */
+  int buffer_isolation;           /**< non-zero: every buffer its own mapping, no recycling (see the DMA contract) */
 } dmakit_settings;
 
 /** Fills s with the defaults (those of config/dmakit.toml). */
@@ -193,9 +212,14 @@ typedef struct dmakit_ctx_stats {
   uint64_t caller_maps;        /**< live dmakit_mem_map() registrations */
   uint64_t caller_map_bytes;
   uint64_t pools;
+  /* Added in 0.2; a struct_size without them (an older header) is still served. */
+  uint64_t buffer_slabs;            /**< slabs mapped for small buffers (buffers up to buffer_slab_max) */
+  uint64_t buffer_slab_bytes;       /**< their bytes (also counted in mapped_bytes) */
+  uint64_t buffer_slab_bytes_in_use; /**< slab bytes handed out as buffers (in buffer_bytes_live too) */
 } dmakit_ctx_stats;
 
-/** Fills *out; out->struct_size must be sizeof(dmakit_ctx_stats). */
+/** Fills *out; out->struct_size must be sizeof(dmakit_ctx_stats) (or that of
+ *  an older header, which gets the fields it has). */
 DMAKIT_API int dmakit_ctx_get_stats(dmakit_ctx* ctx, dmakit_ctx_stats* out);
 
 /** @} */

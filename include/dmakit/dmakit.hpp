@@ -253,6 +253,14 @@ class Device : public detail::Owned<dmakit_device, dmakit_device_close> {
 class Context : public detail::Owned<dmakit_ctx, dmakit_ctx_destroy> {
  public:
   // From a settings struct (fill it with dmakit_settings_init first).
+  // buffer_slab_max and buffer_isolation choose between the two exposure
+  // models (dmakit.h, "DMA contract"): small buffers from shared slab
+  // mappings and recycling (default), or a mapping per buffer whose memory
+  // has no new owner before its unmap (isolation). Example:
+  //   dmakit_settings s;
+  //   dmakit_settings_init(&s);
+  //   s.buffer_isolation = 1;
+  //   auto ctx = dmakit::Context::create(s);
   static Result<Context> create(const dmakit_settings& s) {
     dmakit_ctx* h = nullptr;
     int rc = dmakit_ctx_create_with(&s, &h);

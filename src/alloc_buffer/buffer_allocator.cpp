@@ -1,5 +1,7 @@
 // BufferAllocator implementation; the design is in buffer_allocator.hpp.
 #include "alloc_buffer/buffer_allocator.hpp"
+#include "alloc_buffer/buffer_impl.hpp"
+#include "alloc_buffer/slab.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -36,29 +38,8 @@ int64_t steady_ns() {
       .count();
 }
 
-// Lets a Buffer outlive its allocator safely: releases take it shared, the
-// allocator's destructor takes it exclusively and clears `owner`.
-struct Anchor {
-  std::shared_mutex mu;
-  Allocator* owner = nullptr;
-};
-
 }  // namespace
 
-struct Buffer::Impl {
-  std::shared_ptr<Anchor> anchor;
-  uint64_t size = 0;            // requested bytes
-  iommu::IovaSpan span;         // the whole IOVA range
-  uint32_t prot = 0;
-  uint32_t mappings = 0;
-  uint32_t attempts = 0;
-  bool contiguous = false;
-  bool zero = false;            // contents known to be zero
-  bool recycled = false;
-  uint64_t pinned = 0;          // bytes admitted as pinned (HostMemoryGuard), given back with the chunks
-  std::vector<BufferChunk> chunks;  // IOVA order
-  std::vector<MemorySource*> from;  // source of each chunk
-};
 
 // ---------------------------------------------------------------------------
 // Buffer accessors: the chunk list is in IOVA order, so a byte offset finds
@@ -86,6 +67,7 @@ bool Buffer::virtually_contiguous() const { return impl_->contiguous; }
 uint32_t Buffer::mappings() const { return impl_->mappings; }
 uint32_t Buffer::attempts() const { return impl_->attempts; }
 bool Buffer::recycled() const { return impl_->recycled; }
+bool Buffer::from_slab() const { return impl_->block != nullptr; }
 
 void* Buffer::at(uint64_t offset) const {
   if (impl_ == nullptr || offset >= impl_->size) return nullptr;
@@ -113,7 +95,7 @@ Result<uint64_t> Buffer::iova_of(const void* p) const {
 
 // ---------------------------------------------------------------------------
 
-class Allocator final : public BufferAllocator {
+class Allocator final : public BufferAllocator, public SlabHost {
  public:
   struct Order {
     uint64_t size = 0;
@@ -130,6 +112,7 @@ class Allocator final : public BufferAllocator {
         backoff_ns_(int64_t{s.backoff_ms} * 1000000),
         high_(s.recycle_high_mb << 20),
         prezero_(s.prezero),
+        isolation_(s.isolation),
         anchor_(std::make_shared<Anchor>()) {
     for (size_t i = 0; i < orders.size(); ++i) {
       orders_[i].size = orders[i].first;
@@ -142,6 +125,10 @@ class Allocator final : public BufferAllocator {
 
   // Starts the threads and joins the arena's flush listener.
   void start(bool psi);
+  // Serves requests up to slab_max from slabs (not in isolation mode, and
+  // only when a source can give slab memory: 2 MiB pages or runs). `runs`:
+  // a source of whole hugepage runs tried first for each slab, or null.
+  void enable_slabs(uint64_t slab_max, std::unique_ptr<MemorySource> runs);
 
   Result<Buffer> alloc(const BufferRequest& req) override;
   void trim(bool all) override;
@@ -166,15 +153,18 @@ class Allocator final : public BufferAllocator {
 
  private:
   using Impl = Buffer::Impl;
-  using ImplPtr = std::unique_ptr<Impl>;
   struct SizeClass {
     std::vector<ImplPtr> clean, dirty;  // LIFO: the most recently freed is warmest
   };
 
   ImplPtr pop_recycled(uint64_t span_len, const BufferRequest& req);
   Result<ImplPtr> build(const BufferRequest& req, uint64_t span_len);
-  Result<Buffer> reclaim_and_retry(const BufferRequest& req, uint64_t span_len, Error first);
+  Result<Buffer> reclaim_and_retry(const BufferRequest& req, uint64_t span_len, int slab_class, Error first);
+  Result<Buffer> alloc_once(const BufferRequest& req, uint64_t span_len, int slab_class);
   Status gather(Impl& b, uint64_t need);
+  Status gather_slab(Impl& b, uint64_t need);
+  Result<ImplPtr> build_slab(uint64_t len, uint64_t dma_limit) override;
+  void retire_slab(ImplPtr mem) override;
   Status map_runs(ImplPtr& owned);
   void give_back(Impl& b);
   void retire(ImplPtr b);
@@ -190,7 +180,10 @@ class Allocator final : public BufferAllocator {
   const int64_t backoff_ns_;
   const uint64_t high_;
   const bool prezero_;
+  const bool isolation_;  // no slabs, no recycling: a freed buffer's memory waits for the flush
   std::shared_ptr<Anchor> anchor_;
+  std::unique_ptr<SlabTier> slab_;  // null: every buffer has its own mapping
+  MemorySource* slab_runs_ = nullptr;  // in sources_; slab memory as one hugepage run
 
   // Guarded by mu_. Every Impl not handed out as a Buffer is owned by exactly
   // one of classes_, pending_, lost_ or zeroing_, or by a local moving it
@@ -289,7 +282,23 @@ Result<Buffer> Allocator::alloc(const BufferRequest& req) {
     return fail(Errc::invalid_argument, "buffer of {} bytes: prot {:#x} is not read and/or write", req.len,
                 req.prot);
   const uint64_t span_len = (req.len + unit - 1) & ~(unit - 1);
+  const int slab_class = slab_ != nullptr ? slab_->class_of(req) : -1;
+  if (slab_class >= 0) [[likely]] {
+    auto b = slab_->alloc(req, slab_class);
+    if (b) [[likely]] return Buffer(std::move(*b));
+    return reclaim_and_retry(req, span_len, slab_class, std::move(b).error());
+  }
+  auto once = alloc_once(req, span_len, slab_class);
+  if (!once) [[unlikely]] return reclaim_and_retry(req, span_len, slab_class, std::move(once).error());
+  return once;
+}
 
+Result<Buffer> Allocator::alloc_once(const BufferRequest& req, uint64_t span_len, int slab_class) {
+  if (slab_class >= 0) {
+    auto b = slab_->alloc(req, slab_class);
+    if (!b) return std::unexpected(std::move(b).error());
+    return Buffer(std::move(*b));
+  }
   if (ImplPtr b = pop_recycled(span_len, req)) {
     if (req.zeroed && !b->zero) {
       memsets_.fetch_add(1, std::memory_order_relaxed);
@@ -299,32 +308,40 @@ Result<Buffer> Allocator::alloc(const BufferRequest& req) {
     return Buffer(std::move(b));
   }
   auto built = build(req, span_len);
-  if (!built) return reclaim_and_retry(req, span_len, std::move(built).error());
+  if (!built) return std::unexpected(std::move(built).error());
   return Buffer(std::move(*built));
 }
 
-// A build failed for lack of IOVA space, mapping entries or memory: recycled
-// buffers may be holding exactly what is missing (their IOVA ranges, their
-// mappings, their chunks). They are retired and the arena flushed, once,
-// before the request is refused - recycling never turns into a failure. The
-// refusal counts live, recycled and flush-pending memory apart.
+// An allocation failed for lack of IOVA space, mapping entries or memory:
+// recycled buffers and wholly free slabs may be holding exactly what is
+// missing (their IOVA ranges, their mappings, their memory). They are
+// retired and the arena flushed, once, before the request is refused -
+// recycling never turns into a failure. The refusal counts live, recycled,
+// slab-free and flush-pending memory apart.
 [[gnu::cold, gnu::noinline]] Result<Buffer> Allocator::reclaim_and_retry(const BufferRequest& req,
-                                                                          uint64_t span_len, Error first) {
+                                                                          uint64_t span_len, int slab_class,
+                                                                          Error first) {
   const bool reclaimable = first.code == Errc::no_space || first.code == Errc::no_memory;
+  if (!reclaimable) return std::unexpected(std::move(first));
   bool held = false;
   {
     std::lock_guard lock(mu_);
     held = recycled_bytes_ != 0 || pending_bytes_ != 0 || zeroing_ != nullptr;
   }
+  if (slab_ != nullptr) {
+    const SlabStats ss = slab_->stats();
+    // Cached empty blocks count too: retire_free gives them back first.
+    held = held || ss.free_bytes != 0 || ss.in_use_bytes < ss.slab_bytes;
+  }
   const uint64_t stale_before = arena_.stats().stale_pages;
-  if (reclaimable && (held || stale_before != 0)) {
+  if (held || stale_before != 0) {
     reclaims_.fetch_add(1, std::memory_order_relaxed);
     trim(true);
-    auto again = build(req, span_len);
-    if (again) return Buffer(std::move(*again));
+    auto again = alloc_once(req, span_len, slab_class);
+    if (again) return again;
     first = std::move(again).error();
+    if (first.code != Errc::no_space && first.code != Errc::no_memory) return std::unexpected(std::move(first));
   }
-  if (!reclaimable) return std::unexpected(std::move(first));
   uint64_t live = 0, live_bytes = 0, recycled = 0, pending = 0;
   {
     std::lock_guard lock(mu_);
@@ -333,13 +350,18 @@ Result<Buffer> Allocator::alloc(const BufferRequest& req) {
     recycled = recycled_bytes_;
     pending = pending_bytes_;
   }
-  first.message += fmt::format("; {} live buffers hold {} bytes, recycled {} bytes, waiting for the flush {} bytes{}",
-                               live, live_bytes, recycled, pending,
-                               held || stale_before != 0 ? " (after retiring the recycled ones)" : "");
+  SlabStats ss;
+  if (slab_ != nullptr) ss = slab_->stats();
+  first.message += fmt::format(
+      "; {} live buffers hold {} bytes ({} slab buffers {} bytes), recycled {} bytes, slab memory free {} of {} "
+      "bytes, waiting for the flush {} bytes{}",
+      live + ss.buffers_live, live_bytes + ss.in_use_bytes, ss.buffers_live, ss.in_use_bytes, recycled,
+      ss.slab_bytes - ss.in_use_bytes, ss.slab_bytes, pending,
+      held || stale_before != 0 ? " (after retiring the recycled memory and free slabs)" : "");
   return std::unexpected(std::move(first));
 }
 
-Allocator::ImplPtr Allocator::pop_recycled(uint64_t span_len, const BufferRequest& req) {
+ImplPtr Allocator::pop_recycled(uint64_t span_len, const BufferRequest& req) {
   std::lock_guard lock(mu_);
   auto it = classes_.find(span_len);
   if (it == classes_.end()) return nullptr;
@@ -372,7 +394,7 @@ Allocator::ImplPtr Allocator::pop_recycled(uint64_t span_len, const BufferReques
 
 // Slow path: chunks by order fallback, one IOVA range, one map per run.
 // Whatever fails, everything taken so far is given back.
-Result<Allocator::ImplPtr> Allocator::build(const BufferRequest& req, uint64_t span_len) {
+Result<ImplPtr> Allocator::build(const BufferRequest& req, uint64_t span_len) {
   auto b = std::make_unique<Impl>();
   b->anchor = anchor_;
   b->size = req.len;
@@ -411,6 +433,111 @@ Result<Allocator::ImplPtr> Allocator::build(const BufferRequest& req, uint64_t s
   ++live_;
   live_bytes_ += span_len;
   return b;
+}
+
+// Slab memory: every chunk a multiple of kSlabBlock, so no 2 MiB block
+// straddles two chunks. Orders of 2 MiB and up (hugepages) first, then the
+// smallest order's source when it serves runs (anonymous memory) - one
+// take for the rest. On failure nothing stays taken.
+Status Allocator::gather_slab(Impl& b, uint64_t need) {
+  if (slab_runs_ != nullptr && need <= slab_runs_->max_run()) {
+    ++b.attempts;
+    attempts_.fetch_add(1, std::memory_order_relaxed);
+    if (auto p = slab_runs_->take(need)) {
+      b.chunks.push_back(BufferChunk{*p, 0, need, kSlabBlock, slab_runs_->name()});
+      b.from.push_back(slab_runs_);
+      return ok();
+    }
+  }
+  uint64_t remaining = need;
+  const int64_t now = steady_ns();
+  std::string tried;
+  for (size_t i = 0; i < orders_.size() && remaining != 0; ++i) {
+    Order& o = orders_[i];
+    const bool last = i + 1 == orders_.size();
+    const bool huge = o.size >= kSlabBlock && o.size <= remaining;
+    const bool runs = last && o.src->max_run() >= kSlabBlock;
+    if (!huge && !runs) continue;
+    if (!last && o.retry_at.load(std::memory_order_relaxed) > now) {
+      skips_.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    while (remaining != 0) {
+      const uint64_t want = std::min(remaining & ~(std::max(o.size, kSlabBlock) - 1),
+                                     o.src->max_run() & ~(kSlabBlock - 1));
+      if (want == 0) break;
+      ++b.attempts;
+      attempts_.fetch_add(1, std::memory_order_relaxed);
+      auto p = o.src->take(want);
+      if (!p) {
+        if (!last) {
+          o.retry_at.store(now + backoff_ns_, std::memory_order_relaxed);
+          fallbacks_.fetch_add(1, std::memory_order_relaxed);
+        }
+        tried += fmt::format("{}: {}; ", size_name(o.size), p.error().what());
+        break;
+      }
+      b.chunks.push_back(BufferChunk{*p, 0, want, o.size, o.src->name()});
+      b.from.push_back(o.src);
+      remaining -= want;
+    }
+  }
+  if (remaining != 0) {
+    give_back(b);
+    if (!tried.empty()) tried.resize(tried.size() - 2);
+    return fail(Errc::no_memory, "slab of {} bytes: out of memory with {} bytes still needed{}{}", need, remaining,
+                tried.empty() ? "" : "; ", tried);
+  }
+  return ok();
+}
+
+// A slab: built like a buffer, but from gather_slab, read-write, on an IOVA
+// aligned to at least a block, and not counted as a live buffer.
+Result<ImplPtr> Allocator::build_slab(uint64_t len, uint64_t dma_limit) {
+  auto b = std::make_unique<Impl>();
+  b->anchor = anchor_;
+  b->size = len;
+  b->prot = iommu::kReadWrite;
+  // Mapping pins every byte of the slab (RLIMIT_MEMLOCK), as for a buffer.
+  DMAKIT_TRY(HostMemoryGuard::process().admit_pin(len, fmt::format("slab of {} bytes", len)));
+  b->pinned = len;
+  DMAKIT_TRY(gather_slab(*b, len));
+  const uint64_t align = std::max(b->chunks.front().order, kSlabBlock);
+  auto span = arena_.alloc(iommu::IovaRequest{len, align, dma_limit});
+  if (!span) {
+    give_back(*b);
+    return std::unexpected(with_context(std::move(span).error(),
+                                        fmt::format("slab: IOVA range of {} bytes aligned to {}", len,
+                                                    size_name(align))));
+  }
+  b->span = *span;
+  uint64_t off = 0;
+  for (BufferChunk& c : b->chunks) {
+    c.iova = b->span.iova + off;
+    off += c.len;
+  }
+  DMAKIT_TRY(map_runs(b));
+  base::log().debug("buffer slabs: slab of {} at IOVA {:#x}, {} mapping entries", size_name(len), b->span.iova,
+                    b->mappings);
+  return b;
+}
+
+void Allocator::retire_slab(ImplPtr mem) { retire(std::move(mem)); }
+
+void Allocator::enable_slabs(uint64_t slab_max, std::unique_ptr<MemorySource> run_source) {
+  const uint64_t unit = orders_.back().size;
+  if (isolation_ || slab_max < unit) return;
+  if (run_source != nullptr) {
+    slab_runs_ = run_source.get();
+    sources_.push_back(std::move(run_source));
+  }
+  const bool huge = slab_runs_ != nullptr || orders_.front().size >= kSlabBlock;
+  const bool runs = orders_.back().src->max_run() >= kSlabBlock;
+  if (!huge && !runs) {
+    base::log().debug("buffer slabs: off (no source gives 2 MiB pages or runs)");
+    return;
+  }
+  slab_ = std::make_unique<SlabTier>(*this, anchor_, unit, std::min(slab_max, kSlabBlock));
 }
 
 // Order fallback (see the header). On failure nothing stays taken.
@@ -524,6 +651,10 @@ void Allocator::zero_memory(Impl& b) {
 // off or the buffer alone exceeds the watermark.
 
 void Allocator::release(ImplPtr b) {
+  if (b->block != nullptr) {
+    slab_->free(std::move(b));
+    return;
+  }
   std::vector<ImplPtr> victims;
   bool keep = false;
   {
@@ -531,7 +662,7 @@ void Allocator::release(ImplPtr b) {
     const uint64_t len = b->span.len;
     --live_;
     live_bytes_ -= len;
-    keep = !stopping_ && len <= high_;
+    keep = !stopping_ && !isolation_ && len <= high_;
     if (keep) {
       b->zero = false;  // the owner may have written it
       classes_[len].dirty.push_back(std::move(b));
@@ -550,7 +681,7 @@ void Allocator::release(ImplPtr b) {
 
 // Under mu_: takes recycled buffers out until recycled_bytes_ <= target,
 // largest sizes first (fewest retirements), dirty before clean.
-std::vector<Allocator::ImplPtr> Allocator::collect_victims(uint64_t target) {
+std::vector<ImplPtr> Allocator::collect_victims(uint64_t target) {
   std::vector<ImplPtr> out;
   for (auto it = classes_.rbegin(); it != classes_.rend() && recycled_bytes_ > target;) {
     SizeClass& sc = it->second;
@@ -632,6 +763,7 @@ void Allocator::trim(bool all) {
   }
   work_cv_.notify_one();
   for (ImplPtr& v : victims) retire(std::move(v));
+  if (all && slab_ != nullptr) slab_->retire_free();
   if (auto st = arena_.flush(); !st) base::log().warn("buffer trim: arena flush: {}", st.error().what());
 }
 
@@ -759,6 +891,7 @@ Allocator::~Allocator() {
   }
   if (stop_fd_ >= 0) ::close(stop_fd_);
   trim(true);
+  slab_.reset();  // after the flush above, so retired slabs went back to their sources
   if (subscribed_) unsubscribe(arena_, this);
   std::lock_guard lock(mu_);
   if (live_ != 0)
@@ -782,6 +915,17 @@ BufferStats Allocator::stats() const {
     s.recycled_bytes = recycled_bytes_;
     s.prezeroed_bytes = clean_bytes_;
     s.pending_flush_bytes = pending_bytes_;
+  }
+  if (slab_ != nullptr) {
+    const SlabStats ss = slab_->stats();
+    s.buffers_live += ss.buffers_live;
+    s.bytes_live += ss.in_use_bytes;
+    s.slabs = ss.slabs;
+    s.slab_bytes = ss.slab_bytes;
+    s.slab_bytes_in_use = ss.in_use_bytes;
+    s.slab_free_bytes = ss.free_bytes;
+    s.slab_grows = ss.grows;
+    s.slab_double_frees = ss.double_frees;
   }
   s.chunk_attempts = attempts_.load(std::memory_order_relaxed);
   s.order_fallbacks = fallbacks_.load(std::memory_order_relaxed);
@@ -866,6 +1010,7 @@ Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaAren
                                                                  std::vector<std::unique_ptr<MemorySource>> sources) {
   const uint64_t min_page = arena.domain().info().min_page();
   std::vector<std::pair<uint64_t, MemorySource*>> chosen;
+  const bool default_sources_used = sources.empty();
   if (sources.empty()) {
     std::vector<uint64_t> orders = DMAKIT_TRY(parse_orders(s.orders));
     std::erase_if(orders, [&](uint64_t o) { return o < min_page; });
@@ -893,6 +1038,13 @@ Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaAren
   base::log().debug("buffer allocator: orders {}", list);
 
   auto a = std::make_unique<Allocator>(arena, s, std::move(sources), std::move(chosen));
+  // Slab memory from whole hugepage runs where the EAL has hugepages (with
+  // the real sources only: given sources define all the memory there is).
+  std::unique_ptr<MemorySource> runs;
+  if (default_sources_used && !s.isolation && s.slab_max != 0) {
+    if (auto r = make_hugepage_run_source()) runs = std::move(*r);
+  }
+  a->enable_slabs(s.slab_max, std::move(runs));
   a->start(s.psi);
   return std::unique_ptr<BufferAllocator>(std::move(a));
 }

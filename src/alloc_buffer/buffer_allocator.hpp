@@ -18,6 +18,15 @@
 // that are also contiguous in virtual memory form a run; each run is mapped
 // with one Domain::map, so mapping entries grow with runs, not pages.
 //
+// Slabs. A request of at most buffer.slab_max bytes (and alignment), read-
+// write, is served by the slab tier (slab.hpp): a slot of a power-of-two
+// class carved from a slab mapped once, so small buffers cost no mapping
+// entry each and, in the steady state, no syscall or heap allocation.
+//
+// Isolation mode (buffer.isolation). No slabs and no recycler: every buffer
+// is its own mapping and a freed buffer is retired at once, so its memory
+// goes to no new owner while a stale IOVA may still reach it.
+//
 // Recycler. A freed buffer keeps its IOVA and mapping and goes to
 // the free list of its size (span length), "dirty"; re-allocation of that size
 // costs no ioctl. A background thread zeroes dirty buffers and moves them to
@@ -27,9 +36,10 @@
 // on trim(), and on memory pressure (a Linux PSI trigger on
 // /proc/pressure/memory, watched by a second thread).
 //
-// A build that fails for lack of IOVA space, mapping entries or memory
-// retires every recycled buffer, flushes the arena and tries once more, so
-// memory kept for reuse never causes a failure.
+// An allocation that fails for lack of IOVA space, mapping entries or
+// memory retires every recycled buffer and every wholly free slab, flushes
+// the arena and tries once more, so memory kept for reuse never causes a
+// failure.
 //
 // Retiring a buffer frees its IOVA range to the arena, where it turns stale
 // and stays mapped. Its host memory stays with the buffer until the arena's
@@ -109,6 +119,7 @@ class Buffer {
   uint32_t mappings() const;            // Domain::map calls (runs) behind this buffer
   uint32_t attempts() const;            // source calls made to build it (0 when recycled)
   bool recycled() const;                // served from the recycler
+  bool from_slab() const;               // carved from a slab (shares its mapping; mappings() is 0)
   // Host address of byte `offset` of the buffer, or nullptr past size().
   void* at(uint64_t offset) const;
   // IOVA of a host address inside the buffer; Errc::invalid_argument otherwise.
@@ -140,6 +151,14 @@ struct BufferStats {
   uint64_t reclaims = 0;              // failed builds retried after retiring all recycled memory
   uint64_t psi_events = 0;            // memory-pressure events handled
   bool psi_armed = false;             // a PSI trigger is being watched
+  // Slab tier (buffers up to buffer.slab_max); slab buffers are also in
+  // buffers_live and bytes_live (their class sizes).
+  uint64_t slabs = 0;                 // slabs mapped
+  uint64_t slab_bytes = 0;            // their bytes
+  uint64_t slab_bytes_in_use = 0;     // slots handed out
+  uint64_t slab_free_bytes = 0;       // in wholly free slabs (retired by trim and before a failure)
+  uint64_t slab_grows = 0;            // slabs built
+  uint64_t slab_double_frees = 0;     // frees of a slot not allocated, refused
 };
 
 class BufferAllocator {

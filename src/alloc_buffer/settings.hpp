@@ -14,6 +14,8 @@ struct BufferSettings {
   uint64_t recycle_high_mb = 256;      // recycled memory kept above this is released
   bool prezero = true;                 // background thread zeroes recycled memory
   bool psi = true;                     // shrink on /proc/pressure/memory events
+  uint64_t slab_max = 1 << 20;         // buffers up to this many bytes come from slabs (0 = none)
+  bool isolation = false;              // every buffer its own mapping; freed memory waits for the unmap
 };
 
 }  // namespace dmakit::alloc_buffer

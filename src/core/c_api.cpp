@@ -7,6 +7,7 @@
 // C++ object. No exception frame, string or allocation unless the call fails;
 // failures leave through cold functions.
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <new>
 #include <string>
@@ -250,6 +251,8 @@ void dmakit_settings_init(dmakit_settings* s) {
   s->pool_cache_size = d.pool.cache_size;
   s->sim_address_bits = d.iommu.sim_address_bits;
   s->sim_dma_entry_limit = d.iommu.sim_dma_entry_limit;
+  s->buffer_slab_max = d.buffer.slab_max;
+  s->buffer_isolation = d.buffer.isolation ? 1 : 0;
 }
 
 int dmakit_ctx_create_with(const dmakit_settings* s, dmakit_ctx** out) {
@@ -257,7 +260,10 @@ int dmakit_ctx_create_with(const dmakit_settings* s, dmakit_ctx** out) {
     if (out == nullptr) return misuse("dmakit_ctx_create_with", "out is NULL");
     *out = nullptr;
     if (s == nullptr) return misuse("dmakit_ctx_create_with", "settings is NULL");
-    if (s->struct_size != sizeof(dmakit_settings))
+    // The struct as this library has it, or as older headers had it (up to
+    // sim_page_sizes); fields past the caller's struct_size keep their defaults.
+    constexpr size_t kSizeV1 = offsetof(dmakit_settings, sim_page_sizes) + sizeof(const char*);
+    if (s->struct_size != sizeof(dmakit_settings) && s->struct_size != kSizeV1)
       return misuse("dmakit_ctx_create_with",
                     fmt::format("settings.struct_size is {}, this library's dmakit_settings has {} bytes: fill it "
                                 "with dmakit_settings_init()",
@@ -283,6 +289,10 @@ int dmakit_ctx_create_with(const dmakit_settings* s, dmakit_ctx** out) {
     c.pool.cache_size = s->pool_cache_size;
     c.iommu.sim_address_bits = s->sim_address_bits;
     c.iommu.sim_dma_entry_limit = s->sim_dma_entry_limit;
+    if (s->struct_size >= offsetof(dmakit_settings, buffer_isolation) + sizeof(int)) {
+      c.buffer.slab_max = s->buffer_slab_max;
+      c.buffer.isolation = s->buffer_isolation != 0;
+    }
     if (s->log_level != nullptr) {
       c.log.level = s->log_level;
       if (auto st = base::set_log_level(c.log.level); !st)
@@ -381,12 +391,18 @@ int dmakit_ctx_get_stats(dmakit_ctx* h, dmakit_ctx_stats* out) {
     core::Context* ctx = ctx_of(h);
     if (ctx == nullptr) return misuse("dmakit_ctx_get_stats", kStaleCtx);
     if (out == nullptr) return misuse("dmakit_ctx_get_stats", "out is NULL");
-    if (out->struct_size != sizeof(dmakit_ctx_stats))
+    constexpr size_t kSizeV1 = offsetof(dmakit_ctx_stats, pools) + sizeof(uint64_t);  // before the slab fields
+    const uint32_t size = out->struct_size;
+    if (size != sizeof(dmakit_ctx_stats) && size != kSizeV1)
       return misuse("dmakit_ctx_get_stats", fmt::format("out->struct_size is {}, expected sizeof(dmakit_ctx_stats) = {}",
                                                         out->struct_size, sizeof(dmakit_ctx_stats)));
     const core::ContextStats s = ctx->stats();
-    *out = dmakit_ctx_stats{};
-    out->struct_size = sizeof(dmakit_ctx_stats);
+    dmakit_ctx_stats full{};
+    full.struct_size = size;
+    full.buffer_slabs = s.buffers.slabs;
+    full.buffer_slab_bytes = s.buffers.slab_bytes;
+    full.buffer_slab_bytes_in_use = s.buffers.slab_bytes_in_use;
+    std::memcpy(out, &full, size);  // the caller's struct may end before the newer fields
     out->mappings = s.domain.mappings;
     out->mapped_bytes = s.domain.mapped_bytes;
     out->map_calls = s.domain.map_calls;

@@ -61,6 +61,8 @@ const std::vector<Entry>& entries() {
       DMAKIT_SETTING(buffer, recycle_high_mb, "recycled memory above this (MiB) is released"),
       DMAKIT_SETTING(buffer, prezero, "zero recycled memory in a background thread"),
       DMAKIT_SETTING(buffer, psi, "shrink the recycler on memory pressure (PSI)"),
+      DMAKIT_SETTING(buffer, slab_max, "buffers up to this many bytes are carved from slabs mapped once (0 = none)"),
+      DMAKIT_SETTING(buffer, isolation, "every buffer its own mapping; freed memory has no new owner before its unmap"),
       DMAKIT_SETTING(pool, cache_size, "blocks held in each per-thread cache"),
       DMAKIT_SETTING(pool, poison, "poison blocks on free and check on alloc (no per-thread caches)"),
       DMAKIT_SETTING(pool, presets, "pools `info --pools` shows: name:size:align:boundary,..."),
@@ -137,6 +139,10 @@ Status validate(const Config& c) {
     return fail(Errc::invalid_argument, "key 'arena.iova_end': {:#x} is not above arena.iova_start {:#x}",
                 c.arena.iova_end, c.arena.iova_start);
   DMAKIT_TRY(check_size_list("buffer.orders", c.buffer.orders));
+  if (c.buffer.slab_max != 0 && (c.buffer.slab_max < 4096 || c.buffer.slab_max > (2u << 20) ||
+                                 (c.buffer.slab_max & (c.buffer.slab_max - 1)) != 0))
+    return fail(Errc::invalid_argument, "key 'buffer.slab_max': {} is not 0 or a power of two in 4096..2097152",
+                c.buffer.slab_max);
   if (c.pool.cache_size > 65536)
     return fail(Errc::invalid_argument, "key 'pool.cache_size': {} is above 65536 blocks", c.pool.cache_size);
   if (c.stress.max_bytes < 4096 || c.stress.max_bytes > (1ull << 40))

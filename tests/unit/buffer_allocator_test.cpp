@@ -49,6 +49,9 @@ class BufferTest : public ::testing::Test {
     arena_ = std::move(*a);
     settings_.psi = false;
     settings_.prezero = false;
+    // These tests drive the builder and the recycler (every buffer its own
+    // range and mapping); small buffers from slabs are buffer_slab_test's.
+    settings_.slab_max = 0;
   }
 
   void TearDown() override {

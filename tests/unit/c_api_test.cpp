@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
+#include <cstddef>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -76,11 +77,71 @@ TEST(CApiBasics, InitializersTakeNullAndFillDefaults) {
   EXPECT_EQ(s.eal_memory_mb, 512u);
   EXPECT_EQ(s.pool_cache_size, 256u);
   EXPECT_EQ(s.buffer_prezero, 1);
+  EXPECT_EQ(s.buffer_slab_max, 1u << 20);
+  EXPECT_EQ(s.buffer_isolation, 0);
   dmakit_pool_params p;
   dmakit_pool_params_init(&p, "x", 64);
   EXPECT_EQ(p.struct_size, sizeof p);
   EXPECT_EQ(p.dma_limit, UINT64_MAX);
   EXPECT_EQ(p.cache_size, UINT32_MAX);
+}
+
+// Small buffers share slab mappings by default; buffer_isolation gives each
+// its own; a settings struct of the older size (before these fields) still
+// creates a context, with their defaults. The stats struct likewise.
+TEST(CApiBasics, SlabAndIsolationSettings) {
+  auto small_buffers = [](const dmakit_settings& s, uint64_t& mappings, uint64_t& slabs) -> bool {
+    dmakit_ctx* ctx = nullptr;
+    if (dmakit_ctx_create_with(&s, &ctx) != DMAKIT_OK) return false;
+    dmakit_ctx_stats before{};
+    before.struct_size = sizeof before;
+    EXPECT_EQ(dmakit_ctx_get_stats(ctx, &before), DMAKIT_OK) << last();
+    std::vector<dmakit_buffer*> held(8, nullptr);
+    for (auto& b : held) EXPECT_EQ(dmakit_buffer_alloc(ctx, 4096, 0, 0, UINT64_MAX, &b), DMAKIT_OK) << last();
+    dmakit_ctx_stats st{};
+    st.struct_size = sizeof st;
+    EXPECT_EQ(dmakit_ctx_get_stats(ctx, &st), DMAKIT_OK) << last();
+    mappings = st.mappings - before.mappings;
+    slabs = st.buffer_slabs;
+    if (slabs != 0) {
+      EXPECT_EQ(st.buffer_slab_bytes_in_use, 8u * 4096);
+      EXPECT_GE(st.buffer_slab_bytes, st.buffer_slab_bytes_in_use);
+    }
+    // An older caller's stats struct (up to `pools`) is filled as far as it goes.
+    struct {
+      dmakit_ctx_stats st;
+    } old{};
+    old.st.struct_size = offsetof(dmakit_ctx_stats, pools) + sizeof(uint64_t);
+    old.st.buffer_slabs = 77;
+    EXPECT_EQ(dmakit_ctx_get_stats(ctx, &old.st), DMAKIT_OK) << last();
+    EXPECT_EQ(old.st.buffers_live, 8u);
+    EXPECT_EQ(old.st.buffer_slabs, 77u) << "written past the caller's struct_size";
+    for (auto* b : held) EXPECT_EQ(dmakit_buffer_free(b), DMAKIT_OK);
+    return dmakit_ctx_destroy(ctx) == DMAKIT_OK;
+  };
+  uint64_t mappings = 0, slabs = 0;
+  dmakit_settings s = sim_settings();
+  ASSERT_TRUE(small_buffers(s, mappings, slabs)) << last();
+  EXPECT_EQ(slabs, 1u);
+  EXPECT_EQ(mappings, 1u) << "eight 4 KiB buffers share one slab mapping";
+  s.buffer_isolation = 1;
+  ASSERT_TRUE(small_buffers(s, mappings, slabs)) << last();
+  EXPECT_EQ(slabs, 0u);
+  EXPECT_EQ(mappings, 8u) << "isolation: a mapping per buffer";
+  s.buffer_isolation = 0;
+  s.buffer_slab_max = 0;
+  ASSERT_TRUE(small_buffers(s, mappings, slabs)) << last();
+  EXPECT_EQ(mappings, 8u) << "no slabs: a mapping per buffer";
+  s = sim_settings();
+  s.buffer_isolation = 1;  // past the older struct_size: not read
+  s.struct_size = offsetof(dmakit_settings, sim_page_sizes) + sizeof(const char*);
+  ASSERT_TRUE(small_buffers(s, mappings, slabs)) << last();
+  EXPECT_EQ(slabs, 1u) << "an older struct gets the defaults of the newer fields";
+  s = sim_settings();
+  s.buffer_slab_max = 3000;
+  dmakit_ctx* ctx = nullptr;
+  EXPECT_EQ(dmakit_ctx_create_with(&s, &ctx), DMAKIT_EINVAL);
+  EXPECT_TRUE(says({"buffer.slab_max", "3000"}));
 }
 
 TEST(CApiBasics, VersionAndErrorNames) {

@@ -142,3 +142,29 @@ TEST(CxxApi, PoolsAlignedAbovePageSizeWorkFromTheFirstBlock) {
     for (const auto& b : got) ASSERT_TRUE(pool->free(b));
   }
 }
+
+// The exposure model through the C++ header: small buffers share a slab
+// mapping by default; with buffer_isolation each has its own.
+TEST(CxxApi, IsolationSettingGivesEachBufferItsMapping) {
+  for (int isolation : {0, 1}) {
+    dmakit_settings s;
+    dmakit_settings_init(&s);
+    s.backend = "sim";
+    s.eal_mode = "nohuge";
+    s.buffer_isolation = isolation;
+    auto ctx = dmakit::Context::create(s);
+    ASSERT_TRUE(ctx) << ctx.error().what();
+    auto before = ctx->stats();
+    ASSERT_TRUE(before);
+    std::vector<dmakit::Buffer> held;
+    for (int i = 0; i < 4; ++i) {
+      auto b = ctx->alloc_buffer(4096);
+      ASSERT_TRUE(b) << b.error().what();
+      held.push_back(std::move(*b));
+    }
+    auto after = ctx->stats();
+    ASSERT_TRUE(after);
+    EXPECT_EQ(after->mappings - before->mappings, isolation != 0 ? 4u : 1u) << "isolation " << isolation;
+    EXPECT_EQ(after->buffer_slabs, isolation != 0 ? 0u : 1u);
+  }
+}

@@ -134,7 +134,11 @@ class BufferVfio : public ::testing::Test {
     auto arena = IovaArena::create(*r.domain, iommu::ArenaConfig{});
     if (!arena) return arena.error().what();
     r.arena = std::move(*arena);
-    auto buffers = alloc_buffer::create_buffer_allocator(*r.arena, alloc_buffer::BufferSettings{});
+    // These cases drive the builder (every buffer its own range and
+    // mapping); slab buffers have a case and an allocator of their own.
+    alloc_buffer::BufferSettings bs;
+    bs.slab_max = 0;
+    auto buffers = alloc_buffer::create_buffer_allocator(*r.arena, bs);
     if (!buffers) return buffers.error().what();
     r.buffers = std::move(*buffers);
 
@@ -345,6 +349,37 @@ TEST_F(BufferVfio, AnonymousMemoryAfterHugepagesRunOut) {
   // header sits before the page), so a lone page is of no use to the source.
   EXPECT_LE(hp.free, 1u) << "the kernel still has free 2 MiB pages: exhaustion was not real";
   EXPECT_TRUE(expect_anonymous(9000));
+}
+
+// Small buffers from slabs on the real container: a thousand of them take
+// only their slabs' entries (the kernel's count agrees), the device's data
+// lands in them, and freeing and trimming gives every entry back.
+TEST_F(BufferVfio, SmallBuffersShareSlabMappingsAndReceiveDeviceData) {
+  alloc_buffer::BufferSettings bs;
+  bs.psi = false;
+  auto slabs = alloc_buffer::create_buffer_allocator(*rig->arena, bs);
+  ASSERT_TRUE(slabs) << slabs.error().what();
+  const uint64_t maps0 = rig->domain->stats().mappings, avail0 = rig->domain->dma_avail();
+  std::vector<Buffer> small;
+  for (int i = 0; i < 1000; ++i) {
+    auto b = (*slabs)->alloc(BufferRequest{i % 10 == 0 ? (64ull << 10) : kPage});
+    ASSERT_TRUE(b) << i << ": " << b.error().what();
+    ASSERT_TRUE(b->from_slab());
+    small.push_back(std::move(*b));
+  }
+  const auto st = (*slabs)->stats();
+  const uint64_t maps = rig->domain->stats().mappings - maps0;
+  EXPECT_EQ(maps, st.map_calls);
+  EXPECT_EQ(avail0 - rig->domain->dma_avail(), maps) << "the kernel counts the same entries";
+  EXPECT_GE(st.slabs, 1u);
+  EXPECT_LE(maps, 16u) << "1000 small buffers took " << maps << " entries";
+  EXPECT_TRUE(read_lands(small[1], 20000));    // 4 KiB
+  EXPECT_TRUE(read_lands(small[990], 21000));  // 64 KiB
+  std::cout << fmt::format("1000 slab buffers: {} slabs, {} entries\n", st.slabs, maps);
+  small.clear();
+  (*slabs)->trim(true);
+  EXPECT_EQ(rig->domain->stats().mappings, maps0);
+  EXPECT_EQ(rig->domain->dma_avail(), avail0);
 }
 
 // Freeing every buffer, trimming the recycler and flushing the arena
