@@ -16,6 +16,7 @@
 
 #include "alloc_buffer/host_memory.hpp"
 #include "base/eal.hpp"
+#include "base/fault_inject.hpp"
 #include "base/log.hpp"
 
 namespace dmakit::alloc_buffer {
@@ -28,6 +29,19 @@ std::string size_name(uint64_t bytes) {
 }
 
 namespace {
+
+using base::fault::Point;
+
+// The system call `call` (0 or -1 with errno), unless the test armed `point`:
+// then -1 with the injected errno.
+template <class Call>
+int fault_or(Point point, Call&& call) {
+  if (const int e = base::fault::inject(point)) {
+    errno = e;
+    return -1;
+  }
+  return call();
+}
 
 bool pow2(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
@@ -153,7 +167,7 @@ class AnonSource final : public MemorySource {
       release_if_idle(region);
       return std::unexpected(std::move(st).error());
     }
-    if (::mprotect(p, len, PROT_READ | PROT_WRITE) != 0) {
+    if (fault_or(Point::anon_commit_mprotect, [&] { return ::mprotect(p, len, PROT_READ | PROT_WRITE); }) != 0) {
       HostMemoryGuard::process().give_back(len);
       const int err = errno;
       ++failures_;
@@ -167,7 +181,7 @@ class AnonSource final : public MemorySource {
     // shared copy-on-write with a child is replaced by a copy at the parent's
     // next write, while the device keeps the old one. The child does not get
     // the piece at all (as DPDK and SPDK do for theirs).
-    if (::madvise(p, len, MADV_DONTFORK) != 0) {
+    if (fault_or(Point::anon_madvise_dontfork, [&] { return ::madvise(p, len, MADV_DONTFORK); }) != 0) {
       const int err = errno;
       HostMemoryGuard::process().give_back(len);
       ++failures_;
@@ -180,7 +194,8 @@ class AnonSource final : public MemorySource {
     // counted twice as free), and a shortfall is an error here rather than
     // a kill at first touch. Kernels before 5.14 lack it (EINVAL): the
     // pages then come at first touch, as before.
-    if (::madvise(p, len, MADV_POPULATE_WRITE) != 0 && errno != EINVAL) {
+    if (fault_or(Point::anon_madvise_populate, [&] { return ::madvise(p, len, MADV_POPULATE_WRITE); }) != 0 &&
+        errno != EINVAL) {
       const int err = errno;
       HostMemoryGuard::process().give_back(len);
       ++failures_;
@@ -205,7 +220,9 @@ class AnonSource final : public MemorySource {
     }
     // Fresh PROT_NONE over the piece in one step: its pages go back to the
     // kernel and its addresses stay reserved.
-    if (::mmap(p, len, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0) == MAP_FAILED) {
+    if (fault_or(Point::anon_release_mmap,
+                 [&] { return ::mmap(p, len, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0) == MAP_FAILED ? -1 : 0; }) !=
+        0) {
       base::log().error("{}: give of {} at {}: mapping PROT_NONE over it failed: {}; it stays committed", name_,
                         size_name(len), p, std::strerror(errno));
       return;
@@ -304,7 +321,11 @@ class AnonSource final : public MemorySource {
     uint64_t size = std::max({kRegionBytes, 2 * eal_page, round_up(need, kRegionBytes)});
     int err = 0;
     for (int over_eal = 0;;) {
-      void* p = ::mmap(nullptr, size, PROT_NONE, kReserveFlags, -1, 0);
+      void* p = MAP_FAILED;
+      if (const int e = base::fault::inject(Point::anon_reserve_mmap))
+        errno = e;
+      else
+        p = ::mmap(nullptr, size, PROT_NONE, kReserveFlags, -1, 0);
       if (p != MAP_FAILED) {
         const auto base = reinterpret_cast<uintptr_t>(p);
         if (!give_up_eal_parts(base, size, lists)) {
@@ -511,8 +532,11 @@ class HugepageSource final : public MemorySource {
     for (uint32_t n = slab_pages_; n >= 1; n /= 2) {
       std::string zname = fmt::format("dmakit-{}-{}", size_name(page_), serial_++);
       rte_errno = 0;
-      const rte_memzone* mz = rte_memzone_reserve_aligned(zname.c_str(), n * page_, SOCKET_ID_ANY, flag,
-                                                          static_cast<unsigned>(page_));
+      const rte_memzone* mz = nullptr;
+      if (const int e = base::fault::inject(Point::hugepage_memzone))
+        rte_errno = e;
+      else
+        mz = rte_memzone_reserve_aligned(zname.c_str(), n * page_, SOCKET_ID_ANY, flag, static_cast<unsigned>(page_));
       if (mz == nullptr) {
         last_err = rte_errno;
         continue;

@@ -75,6 +75,16 @@ thread_local std::string g_last_error;
   }
 }
 
+// For the calls outside guarded(): the message is built inside the try.
+template <class Text>
+[[gnu::cold]] void set_message_of(Text&& text) noexcept {
+  try {
+    set_message(text());
+  } catch (...) {
+    g_last_error.clear();
+  }
+}
+
 [[gnu::cold, gnu::noinline]] int report(const Error& e) noexcept {
   try {
     set_message(e.what());
@@ -463,7 +473,9 @@ void* dmakit_buffer_at(const dmakit_buffer* b, uint64_t offset) {
   if (s == nullptr) return nullptr;
   void* p = s->value.buf.at(offset);
   if (p == nullptr)
-    misuse("dmakit_buffer_at", fmt::format("offset {} is past the buffer's {} bytes", offset, s->value.buf.size()));
+    set_message_of([&] {
+      return fmt::format("dmakit_buffer_at: offset {} is past the buffer's {} bytes", offset, s->value.buf.size());
+    });
   return p;
 }
 
@@ -495,7 +507,7 @@ int dmakit_buffer_segments(const dmakit_buffer* b, dmakit_segment* segs, size_t 
   if (cur.len != 0) emit();
   *count = n;
   if (n > cap) {
-    set_message(fmt::format("dmakit_buffer_segments: the buffer has {} segments, room for {}", n, cap));
+    set_message_of([&] { return fmt::format("dmakit_buffer_segments: the buffer has {} segments, room for {}", n, cap); });
     return DMAKIT_ENOSPC;
   }
   return DMAKIT_OK;
