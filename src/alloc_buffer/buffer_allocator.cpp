@@ -602,7 +602,7 @@ void Allocator::zero_memory(Impl& b) {
 // off or the buffer alone exceeds the watermark.
 
 void Allocator::release(ImplPtr b) {
-  std::vector<ImplPtr> victims;
+  Chain victims;
   bool keep = false;
   {
     std::lock_guard lock(mu_);

@@ -133,6 +133,18 @@ class AnonSource final : public MemorySource {
 
   Result<void*> take(uint64_t len) override {
     std::lock_guard lock(mu_);
+    // Everything take_locked allocates comes before it commits memory (the
+    // map nodes it needs afterwards are made up front), so out of host
+    // memory nothing is committed or recorded.
+    try {
+      return take_locked(len);
+    } catch (const std::bad_alloc&) {
+      ++failures_;
+      return fail(Errc::no_memory, "{}: out of host memory for the records of a take of {} bytes", name_, len);
+    }
+  }
+
+  Result<void*> take_locked(uint64_t len) {
     if (len == 0 || len % order_ != 0 || len > max_run()) {
       ++failures_;
       return fail(Errc::invalid_argument, "{}: take of {} bytes is not a multiple of {} within one run",
@@ -160,6 +172,7 @@ class AnonSource final : public MemorySource {
     }
     Region& r = regions_.at(region);
     void* p = reinterpret_cast<void*>(at);
+    Node spare_free = spare_node(), taken_node = spare_node();
     // Committed pages the host cannot back end in the OOM killer at first
     // touch; refuse them now instead.
     if (auto st = HostMemoryGuard::process().admit(len, name_); !st) {
@@ -203,8 +216,10 @@ class AnonSource final : public MemorySource {
       release_if_idle(region);
       return fail(Errc::no_memory, "{}: populating {} at {}: {}", name_, size_name(len), p, std::strerror(err));
     }
-    carve(r, at, len);
-    taken_.emplace(at, len);
+    carve(r, at, len, std::move(spare_free));
+    taken_node.key() = at;
+    taken_node.mapped() = len;
+    taken_.insert(std::move(taken_node));
     live_ += len;
     ++takes_;
     return p;
@@ -227,10 +242,10 @@ class AnonSource final : public MemorySource {
                         size_name(len), p, std::strerror(errno));
       return;
     }
-    taken_.erase(t);
+    Node node = taken_.extract(t);  // reused by unmark: a give never allocates
     HostMemoryGuard::process().give_back(len);
     auto region = std::prev(regions_.upper_bound(at));
-    unmark(region->second, at, len);
+    unmark(region->second, at, len, std::move(node));
     live_ -= len;
     release_if_idle(region->first);
   }
@@ -250,11 +265,20 @@ class AnonSource final : public MemorySource {
  private:
   static constexpr int kReserveFlags = MAP_PRIVATE | MAP_ANONYMOUS;
 
+  using RangeMap = std::map<uintptr_t, uint64_t>;
+  using Node = RangeMap::node_type;
   struct Region {
     uint64_t len = 0;
-    uint64_t used = 0;                    // bytes taken
-    std::map<uintptr_t, uintptr_t> free;  // start -> end of each free range, coalesced
+    uint64_t used = 0;  // bytes taken
+    RangeMap free;      // start -> end of each free range, coalesced
   };
+
+  // A detached map node, so that a later insert allocates nothing.
+  static Node spare_node() {
+    RangeMap m;
+    m.emplace(0, 0);
+    return m.extract(m.begin());
+  }
 
   // Where a run of len bytes starts: on a multiple of its largest power of
   // two up to 2 MiB (at least the order). A buffer's IOVA is aligned the same
@@ -275,17 +299,28 @@ class AnonSource final : public MemorySource {
   }
 
   // [at, at + len), inside one free range of r, becomes taken.
-  static void carve(Region& r, uintptr_t at, uint64_t len) {
+  // Allocates nothing: the range's own node and `spare` hold the remainders.
+  static void carve(Region& r, uintptr_t at, uint64_t len, Node spare) {
     auto it = std::prev(r.free.upper_bound(at));
     const uintptr_t start = it->first, end = it->second;
-    r.free.erase(it);
-    if (start < at) r.free.emplace(start, at);
-    if (at + len < end) r.free.emplace(at + len, end);
+    Node own = r.free.extract(it);
+    if (start < at) {
+      own.key() = start;
+      own.mapped() = at;
+      r.free.insert(std::move(own));
+    }
+    if (at + len < end) {
+      Node& n = own.empty() ? spare : own;
+      n.key() = at + len;
+      n.mapped() = end;
+      r.free.insert(std::move(n));
+    }
     r.used += len;
   }
 
   // [at, at + len) becomes free again, merged with free neighbours.
-  static void unmark(Region& r, uintptr_t at, uint64_t len) {
+  // Allocates nothing: the merged range goes into `node`.
+  static void unmark(Region& r, uintptr_t at, uint64_t len, Node node) {
     uintptr_t start = at, end = at + len;
     auto next = r.free.lower_bound(end);
     if (next != r.free.end() && next->first == end) {
@@ -298,7 +333,9 @@ class AnonSource final : public MemorySource {
         r.free.erase(prev);
       }
     }
-    r.free.emplace(start, end);
+    node.key() = start;
+    node.mapped() = end;
+    r.free.insert(std::move(node));
     r.used -= len;
   }
 
@@ -329,10 +366,15 @@ class AnonSource final : public MemorySource {
       if (p != MAP_FAILED) {
         const auto base = reinterpret_cast<uintptr_t>(p);
         if (!give_up_eal_parts(base, size, lists)) {
-          Region r;
-          r.len = size;
-          r.free.emplace(base, base + size);
-          regions_.emplace(base, std::move(r));
+          try {
+            Region r;
+            r.len = size;
+            r.free.emplace(base, base + size);
+            regions_.emplace(base, std::move(r));
+          } catch (const std::bad_alloc&) {
+            ::munmap(p, size);
+            throw;  // to take(), which refuses the request
+          }
           return base;
         }
         if (++over_eal < 4) continue;
@@ -372,7 +414,7 @@ class AnonSource final : public MemorySource {
   const std::string name_;
   mutable std::mutex mu_;
   std::map<uintptr_t, Region> regions_;  // by base
-  std::map<uintptr_t, uint64_t> taken_;  // start -> length of each run handed out
+  RangeMap taken_;  // start -> length of each run handed out
   uint64_t live_ = 0, takes_ = 0, failures_ = 0;
 };
 

@@ -176,15 +176,21 @@ Status SimDomain::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t p
   if (const int err = base::fault::inject(base::fault::Point::sim_map))
     return fail_errno(err, "VFIO_IOMMU_MAP_DMA (simulated) iova {:#x} len {:#x} vaddr {}", iova, len, vaddr);
   DMAKIT_TRY(pin(iova, len));
-  try {
-    maps_.emplace_hint(it, iova, Mapping{static_cast<std::byte*>(const_cast<void*>(vaddr)), len, prot});
-  } catch (const std::bad_alloc&) {
-    // The kernel's answer when it cannot allocate its vfio_dma record.
+  // The kernel's answer when it cannot allocate its vfio_dma record: ENOMEM.
+  const HostIndex::Added indexed = host_index_.add(vaddr, iova, len);
+  if (indexed == HostIndex::Added::no_memory) {
     g_pinned_pages.fetch_sub(len / kHostPage, std::memory_order_relaxed);
     return fail_errno(ENOMEM, "VFIO_IOMMU_MAP_DMA (simulated) iova {:#x} len {:#x}: no memory for the mapping",
                       iova, len);
   }
-  host_index_.add(vaddr, iova, len);
+  try {
+    maps_.emplace_hint(it, iova, Mapping{static_cast<std::byte*>(const_cast<void*>(vaddr)), len, prot});
+  } catch (const std::bad_alloc&) {
+    if (indexed == HostIndex::Added::yes) host_index_.remove(vaddr);
+    g_pinned_pages.fetch_sub(len / kHostPage, std::memory_order_relaxed);
+    return fail_errno(ENOMEM, "VFIO_IOMMU_MAP_DMA (simulated) iova {:#x} len {:#x}: no memory for the mapping",
+                      iova, len);
+  }
   ++map_calls_;
   mapped_bytes_ += len;
   return ok();

@@ -189,10 +189,22 @@ Status Container::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t p
   m.iova = iova;
   m.size = len;
   std::lock_guard lock(mu_);
+  // The records first: once the kernel has mapped, nothing may fail.
+  if (host_index_.add(vaddr, iova, len) == HostIndex::Added::no_memory)
+    return fail_errno(ENOMEM, "map iova {:#x} len {:#x} on {}: no host memory for its record", iova, len, path_);
+  decltype(live_)::iterator rec;
+  try {
+    rec = live_.try_emplace(iova, len).first;
+  } catch (const std::bad_alloc&) {
+    host_index_.remove_inside(iova, len);
+    return fail_errno(ENOMEM, "map iova {:#x} len {:#x} on {}: no host memory for its record", iova, len, path_);
+  }
   // The kernel pins the pages, charges them to RLIMIT_MEMLOCK and programs the
   // IOMMU; from its return on, the device may access the memory.
   if (::ioctl(fd_.get(), VFIO_IOMMU_MAP_DMA, &m) != 0) {
     const int err = errno;
+    live_.erase(rec);
+    host_index_.remove_inside(iova, len);
     std::string hint;
     if (err == ENOMEM || err == EPERM) {
       auto mem = pci::current_memlock();
@@ -203,8 +215,6 @@ Status Container::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t p
     return fail_errno(err, "VFIO_IOMMU_MAP_DMA iova {:#x} len {:#x} vaddr {:#x} on {}{}", iova, len,
                       m.vaddr, path_, hint);
   }
-  live_[iova] = len;
-  host_index_.add(vaddr, iova, len);
   mapped_bytes_ += len;
   ++map_calls_;
   return ok();
