@@ -29,8 +29,11 @@
  *  - buffers and pool blocks in the default mode: freed memory may stay
  *    mapped (recycled buffers, pool chunks) and may be handed to a new owner
  *    in the same context while the device can still reach it, as with DPDK
- *    and SPDK; a stale IOVA whose range was released is unmapped lazily,
- *    bounded by arena.stale_max_pages and arena.stale_max_age_ms;
+ *    and SPDK (in strict mode too); memory retired from the recycler keeps
+ *    its stale IOVA mapped until a lazy flush, bounded by
+ *    arena.stale_max_pages and arena.stale_max_age_ms (given further allocs
+ *    or frees), and gets a new owner only after it; in strict mode
+ *    (arena.strict) it is unmapped inside the free;
  *  - caller memory (dmakit_mem_unmap()): unmapped before the call returns;
  *  - dmakit_ctx_flush(): every lazily freed IOVA range is unmapped when it
  *    returns.
