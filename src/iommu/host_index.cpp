@@ -23,6 +23,14 @@ HostIndex::Added HostIndex::add(const void* vaddr, uint64_t iova, uint64_t len) 
   return Added::yes;
 }
 
+void HostIndex::remove(const void* vaddr) {
+  std::unique_lock lock(mu_);
+  auto h = by_host_.find(reinterpret_cast<uintptr_t>(vaddr));
+  if (h == by_host_.end()) return;
+  by_iova_.erase(h->second.iova);
+  by_host_.erase(h);
+}
+
 void HostIndex::remove_inside(uint64_t iova, uint64_t len) {
   std::unique_lock lock(mu_);
   for (auto it = by_iova_.lower_bound(iova); it != by_iova_.end() && it->first < iova + len;) {

@@ -32,6 +32,8 @@ class HostIndex {
   // when host memory for the record ran out - the backend then refuses the
   // map, so every mapping dmakit made translates.
   Added add(const void* vaddr, uint64_t iova, uint64_t len);
+  // Forgets the record add() made at vaddr (a map the kernel then refused).
+  void remove(const void* vaddr);
   // Forgets the mappings wholly inside [iova, iova + len), as unmap() removes them.
   void remove_inside(uint64_t iova, uint64_t len);
   std::optional<HostRun> lookup(const void* vaddr) const;
