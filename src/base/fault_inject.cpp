@@ -16,7 +16,7 @@ std::array<State, static_cast<size_t>(Point::count)> g_state;
 uint32_t g_armed_points = 0;
 
 constexpr std::array<std::string_view, static_cast<size_t>(Point::count)> kNames = {
-    "sim_map",           "sim_unmap",        "arena_bitmap_mmap",     "anon_reserve_mmap",
+    "sim_map",           "sim_unmap",        "anon_reserve_mmap",
     "anon_commit_mprotect", "anon_madvise_dontfork", "anon_madvise_populate", "anon_release_mmap",
     "hugepage_memzone",  "eal_init",         "allocator_eventfd",     "device_eventfd",
 };

@@ -18,7 +18,6 @@ namespace dmakit::base::fault {
 enum class Point : uint32_t {
   sim_map,                // SimDomain::map, VFIO_IOMMU_MAP_DMA's model
   sim_unmap,              // SimDomain::unmap, VFIO_IOMMU_UNMAP_DMA's model
-  arena_bitmap_mmap,      // mmap of the IOVA arena's bitmaps
   anon_reserve_mmap,      // mmap(PROT_NONE) reserving an anonymous region
   anon_commit_mprotect,   // mprotect(PROT_READ|PROT_WRITE) committing anonymous memory
   anon_madvise_dontfork,  // madvise(MADV_DONTFORK) of committed memory

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "base/config.hpp"
+#include "base/clock.hpp"
 #include "base/fault_inject.hpp"
 
 namespace dmakit::iommu {
@@ -33,11 +34,8 @@ constexpr uint64_t kHostPage = 4096;
 // The model's mm->locked_vm: pages pinned by all simulated domains.
 std::atomic<uint64_t> g_pinned_pages{0};
 
-int64_t coarse_now_ns() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
+// The memlock re-read interval runs on the library's clock (tests advance it).
+using base::coarse_now_ns;
 
 // The x86 MSI doorbell window that VT-d/AMD-Vi reserve (IOMMU_RESV_MSI).
 constexpr uint64_t kMsiStart = 0xfee00000;

@@ -57,22 +57,12 @@ TEST(FaultInject, NthCallFailsForTimesCallsAndDisarmsWithItsScope) {
   EXPECT_EQ(base::fault::name(Point::anon_commit_mprotect), "anon_commit_mprotect");
 }
 
-// --- simulated type1 ioctls and the arena's bitmaps -------------------------
+// --- simulated type1 ioctls -------------------------
 
 std::unique_ptr<iommu::SimDomain> sim() {
   auto d = iommu::SimDomain::create();
   EXPECT_TRUE(d) << d.error().what();
   return std::move(*d);
-}
-
-TEST(FaultInject, ArenaBitmapMmapFailsCreate) {
-  auto d = sim();
-  Arm a(Point::arena_bitmap_mmap, 0, ENOMEM);
-  auto arena = iommu::IovaArena::create(*d, iommu::ArenaConfig{});
-  ASSERT_FALSE(arena);
-  EXPECT_EQ(arena.error().code, Errc::no_memory);
-  EXPECT_TRUE(names(arena.error(), {"mmap", "IOVA arena's bitmaps", std::strerror(ENOMEM)}));
-  EXPECT_EQ(a.fired(), 1u);
 }
 
 TEST(FaultInject, SimMapFailureIsTheCallersAndLeavesNothingMapped) {
