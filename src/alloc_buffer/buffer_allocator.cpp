@@ -436,7 +436,14 @@ Result<Allocator::ImplPtr> Allocator::build(const BufferRequest& req, uint64_t s
   b->size = req.len;
   b->prot = req.prot;
   // Mapping pins every byte (RLIMIT_MEMLOCK): refused before anything is taken.
-  DMAKIT_TRY(HostMemoryGuard::process().admit_pin(span_len, fmt::format("buffer of {} bytes", req.len)));
+  // (admit_pin reads /proc and names the buffer: it allocates, and counts only as its last step.)
+  Status pin = ok();
+  try {
+    pin = HostMemoryGuard::process().admit_pin(span_len, fmt::format("buffer of {} bytes", req.len));
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "buffer of {} bytes: out of host memory checking RLIMIT_MEMLOCK", req.len);
+  }
+  DMAKIT_TRY(std::move(pin));
   b->pinned = span_len;
   if (auto st = gather(*b, span_len); !st) return std::unexpected(st.error());
 

@@ -40,14 +40,22 @@ Middle* sentinel_middle(const WordGroup* seg) {
   for (auto& e : m->seg) e.store(const_cast<WordGroup*>(seg), std::memory_order_relaxed);
   return m;
 }
-Middle* zero_middle() {
-  static Middle* const m = sentinel_middle(kZeroSegment.data());
+// Made on first use; a failed attempt is not remembered (a function-local
+// static would keep the null, and no arena could be made in the process
+// again), the next call tries again.
+Middle* shared_middle(std::atomic<Middle*>& slot, const WordGroup* seg) {
+  Middle* m = slot.load(std::memory_order_acquire);
+  if (m != nullptr) return m;
+  Middle* fresh = sentinel_middle(seg);
+  if (fresh == nullptr) return nullptr;
+  if (slot.compare_exchange_strong(m, fresh, std::memory_order_acq_rel)) return fresh;
+  delete fresh;  // another thread made it first
   return m;
 }
-Middle* hole_middle() {
-  static Middle* const m = sentinel_middle(kHoleSegment.data());
-  return m;
-}
+constinit std::atomic<Middle*> g_zero_middle{nullptr};
+constinit std::atomic<Middle*> g_hole_middle{nullptr};
+Middle* zero_middle() { return shared_middle(g_zero_middle, kZeroSegment.data()); }
+Middle* hole_middle() { return shared_middle(g_hole_middle, kHoleSegment.data()); }
 }  // namespace
 
 bool is_sentinel_middle(const Middle* m) { return m == zero_middle() || m == hole_middle(); }
