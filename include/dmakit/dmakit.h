@@ -33,7 +33,8 @@
  *    when wholly free (trim, memory pressure, before an allocation fails),
  *    and then as a retired buffer below;
  *  - recycled buffer (a larger buffer, freed): still reachable (it keeps its
- *    mapping) and may have a new owner at once (the next buffer of its size);
+ *    mapping, with a strict arena too) and may have a new owner at once (the
+ *    next buffer of its size);
  *  - pool block: still reachable (the chunk stays mapped) and may have a new
  *    owner at once (the next block of that pool);
  *  - retired buffer or slab: lazy arena - reachable until the arena flushes

@@ -19,6 +19,7 @@
 #ifndef DMAKIT_DMAKIT_HPP
 #define DMAKIT_DMAKIT_HPP
 
+#include <cerrno>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -32,8 +33,26 @@
 namespace dmakit {
 
 namespace detail {
-// The error of a failed C call: its code and this thread's last message.
-inline Error c_error(int rc) { return Error{static_cast<Errc>(-rc), 0, dmakit_last_error()}; }
+// The error of a failed C call: its code and this thread's last message
+// (without the message when there is no host memory to copy it).
+inline Error c_error(int rc) noexcept {
+  Error e{static_cast<Errc>(-rc), 0, {}};
+  try {
+    e.message = dmakit_last_error();
+  } catch (...) {
+  }
+  return e;
+}
+// Runs f, whose result is a Result; out of host memory, Errc::no_memory
+// instead of the exception: no call of this header throws.
+template <class F>
+auto no_throw(F&& f) noexcept -> decltype(f()) {
+  try {
+    return f();
+  } catch (...) {
+    return std::unexpected(Error{Errc::no_memory, ENOMEM, {}});
+  }
+}
 inline Status status(int rc) {
   if (rc != DMAKIT_OK) return std::unexpected(c_error(rc));
   return {};
@@ -103,13 +122,15 @@ class Buffer : public detail::Owned<dmakit_buffer, dmakit_buffer_free> {
   void* at(uint64_t offset) const { return dmakit_buffer_at(h_, offset); }
   // Pieces contiguous in host memory and IOVA, in IOVA order.
   Result<std::vector<dmakit_segment>> segments() const {
-    size_t n = 0;
-    int rc = dmakit_buffer_segments(h_, nullptr, 0, &n);
-    if (rc != DMAKIT_OK && rc != DMAKIT_ENOSPC) return std::unexpected(detail::c_error(rc));
-    std::vector<dmakit_segment> out(n);
-    rc = dmakit_buffer_segments(h_, out.data(), out.size(), &n);
-    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
-    return out;
+    return detail::no_throw([&]() -> Result<std::vector<dmakit_segment>> {
+      size_t n = 0;
+      int rc = dmakit_buffer_segments(h_, nullptr, 0, &n);
+      if (rc != DMAKIT_OK && rc != DMAKIT_ENOSPC) return std::unexpected(detail::c_error(rc));
+      std::vector<dmakit_segment> out(n);
+      rc = dmakit_buffer_segments(h_, out.data(), out.size(), &n);
+      if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+      return out;
+    });
   }
   // Frees the buffer now; the device must no longer use its IOVA.
   Status free() {
@@ -227,10 +248,12 @@ class Device : public detail::Owned<dmakit_device, dmakit_device_close> {
   }
   // Enables vectors [0, count); returns their eventfds (owned by the device).
   Result<std::vector<int>> irq_enable(IrqType t, uint32_t count) {
-    std::vector<int> fds(count, -1);
-    if (int rc = dmakit_device_irq_enable(h_, static_cast<int>(t), count, fds.data()); rc != DMAKIT_OK)
-      return std::unexpected(detail::c_error(rc));
-    return fds;
+    return detail::no_throw([&]() -> Result<std::vector<int>> {
+      std::vector<int> fds(count, -1);
+      if (int rc = dmakit_device_irq_enable(h_, static_cast<int>(t), count, fds.data()); rc != DMAKIT_OK)
+        return std::unexpected(detail::c_error(rc));
+      return fds;
+    });
   }
   Status irq_disable(IrqType t) { return detail::status(dmakit_device_irq_disable(h_, static_cast<int>(t))); }
   Status irq_mask(IrqType t, uint32_t vector) {
@@ -270,14 +293,16 @@ class Context : public detail::Owned<dmakit_ctx, dmakit_ctx_destroy> {
   // From a TOML file ("" for the defaults) plus overrides such as
   // {"--iommu.backend", "sim"}.
   static Result<Context> create(const std::string& config_file, std::span<const std::string> overrides = {}) {
-    std::vector<const char*> argv;
-    argv.reserve(overrides.size());
-    for (const auto& o : overrides) argv.push_back(o.c_str());
-    dmakit_ctx* h = nullptr;
-    int rc = dmakit_ctx_create(config_file.empty() ? nullptr : config_file.c_str(), static_cast<int>(argv.size()),
-                               argv.empty() ? nullptr : argv.data(), &h);
-    if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
-    return Context(h);
+    return detail::no_throw([&]() -> Result<Context> {
+      std::vector<const char*> argv;
+      argv.reserve(overrides.size());
+      for (const auto& o : overrides) argv.push_back(o.c_str());
+      dmakit_ctx* h = nullptr;
+      int rc = dmakit_ctx_create(config_file.empty() ? nullptr : config_file.c_str(), static_cast<int>(argv.size()),
+                                 argv.empty() ? nullptr : argv.data(), &h);
+      if (rc != DMAKIT_OK) return std::unexpected(detail::c_error(rc));
+      return Context(h);
+    });
   }
 
   // "sim", "vfio-type1v2" or "vfio-type1".
@@ -288,8 +313,10 @@ class Context : public detail::Owned<dmakit_ctx, dmakit_ctx_destroy> {
 
   Result<Buffer> alloc_buffer(uint64_t len, const BufferOptions& o = {}) {
     if (!o.device_read && !o.device_write)
-      return std::unexpected(Error{Errc::invalid_argument, 0,
-                                   "alloc_buffer: BufferOptions lets the device neither read nor write"});
+      return detail::no_throw([]() -> Result<Buffer> {
+        return std::unexpected(Error{Errc::invalid_argument, 0,
+                                     "alloc_buffer: BufferOptions lets the device neither read nor write"});
+      });
     uint32_t flags = (o.zeroed ? DMAKIT_BUF_ZEROED : 0u) | (o.device_read ? DMAKIT_BUF_DEVICE_READ : 0u) |
                      (o.device_write ? DMAKIT_BUF_DEVICE_WRITE : 0u);
     dmakit_buffer* b = nullptr;
@@ -354,6 +381,11 @@ class Context : public detail::Owned<dmakit_ctx, dmakit_ctx_destroy> {
   }
   // The attached devices' addresses.
   Result<std::vector<std::string>> devices() const {
+    return detail::no_throw([&]() -> Result<std::vector<std::string>> { return devices_unguarded(); });
+  }
+
+ private:
+  Result<std::vector<std::string>> devices_unguarded() const {
     size_t n = 0;
     int rc = dmakit_ctx_devices(h_, nullptr, 0, &n);
     if (rc != DMAKIT_OK && rc != DMAKIT_ENOSPC) return std::unexpected(detail::c_error(rc));
@@ -371,6 +403,7 @@ class Context : public detail::Owned<dmakit_ctx, dmakit_ctx_destroy> {
     return out;
   }
 
+ public:
   Result<dmakit_ctx_stats> stats() const {
     dmakit_ctx_stats s{};
     s.struct_size = sizeof s;

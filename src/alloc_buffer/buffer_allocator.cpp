@@ -22,8 +22,10 @@
 #include <unordered_map>
 
 #include "alloc_buffer/host_memory.hpp"
+#include "base/clock.hpp"
 #include "base/config.hpp"
 #include "base/eal.hpp"
+#include "base/fault_inject.hpp"
 #include "base/log.hpp"
 
 namespace dmakit::alloc_buffer {
@@ -32,14 +34,65 @@ class Allocator;
 
 namespace {
 
-int64_t steady_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+int64_t steady_ns() { return base::mono_now_ns(); }
 
 }  // namespace
 
+
+namespace {
+
+// An intrusive LIFO list of records through Impl::next. Push and pop never
+// allocate, so the free paths (Buffer destruction, trim, the flush report)
+// always have somewhere to put a record, out of host memory or not.
+class Chain {
+ public:
+  using Ptr = std::unique_ptr<Buffer::Impl>;
+  Chain() = default;
+  Chain(Chain&&) noexcept = default;
+  Chain& operator=(Chain&& o) noexcept {
+    clear();
+    head_ = std::move(o.head_);
+    return *this;
+  }
+  ~Chain() { clear(); }
+
+  bool empty() const { return head_ == nullptr; }
+  void push(Ptr b) {
+    b->next = std::move(head_);
+    head_ = std::move(b);
+  }
+  Ptr pop() {
+    Ptr b = std::move(head_);
+    if (b != nullptr) head_ = std::move(b->next);
+    return b;
+  }
+  // Unlinks the most recent record that satisfies `pred`; null if none.
+  template <class Pred>
+  Ptr take_if(Pred&& pred) {
+    for (Ptr* link = &head_; *link != nullptr; link = &(*link)->next) {
+      if (!pred(**link)) continue;
+      Ptr b = std::move(*link);
+      *link = std::move(b->next);
+      return b;
+    }
+    return nullptr;
+  }
+  size_t size() const {
+    size_t n = 0;
+    for (const Buffer::Impl* b = head_.get(); b != nullptr; b = b->next.get()) ++n;
+    return n;
+  }
+
+ private:
+  // One record at a time: a long chain must not recurse in its destructor.
+  void clear() {
+    while (pop() != nullptr) {
+    }
+  }
+  Ptr head_;
+};
+
+}  // namespace
 
 // ---------------------------------------------------------------------------
 // Buffer accessors: the chunk list is in IOVA order, so a byte offset finds
@@ -154,7 +207,7 @@ class Allocator final : public BufferAllocator, public SlabHost {
  private:
   using Impl = Buffer::Impl;
   struct SizeClass {
-    std::vector<ImplPtr> clean, dirty;  // LIFO: the most recently freed is warmest
+    Chain clean, dirty;  // LIFO: the most recently freed is warmest
   };
 
   ImplPtr pop_recycled(uint64_t span_len, const BufferRequest& req);
@@ -168,7 +221,10 @@ class Allocator final : public BufferAllocator, public SlabHost {
   Status map_runs(ImplPtr& owned);
   void give_back(Impl& b);
   void retire(ImplPtr b);
-  std::vector<ImplPtr> collect_victims(uint64_t target);
+  Chain collect_victims(uint64_t target);
+  // An empty size class that the zeroing thread will not file a record
+  // into, so it may be erased. Under mu_.
+  bool idle(const std::map<uint64_t, SizeClass>::iterator& it) const;
   void zero_loop();
   void psi_loop(int psi_fd);
   static void zero_memory(Impl& b);
@@ -194,7 +250,8 @@ class Allocator final : public BufferAllocator, public SlabHost {
   std::condition_variable idle_cv_;   // trim/wait_prezeroed: zeroing finished
   std::map<uint64_t, SizeClass> classes_;
   std::map<uint64_t, ImplPtr> pending_;  // by IOVA: retired, waiting for the flush (disjoint)
-  std::vector<ImplPtr> lost_;           // IOVA could not be freed: memory kept forever
+  Chain pending_spill_;                 // the same, when pending_ had no memory for a node
+  Chain lost_;                          // IOVA could not be freed: memory kept forever
   uint64_t live_ = 0, live_bytes_ = 0;
   uint64_t recycled_bytes_ = 0, clean_bytes_ = 0, dirty_bytes_ = 0, pending_bytes_ = 0;
   ImplPtr zeroing_;  // the buffer the zeroing thread is clearing, outside the lock
@@ -368,21 +425,16 @@ ImplPtr Allocator::pop_recycled(uint64_t span_len, const BufferRequest& req) {
   auto fits = [&](const Impl& b) {
     return b.prot == req.prot && b.span.end() - 1 <= req.dma_limit && (b.span.iova & (req.align - 1)) == 0;
   };
-  auto take = [&](std::vector<ImplPtr>& list, uint64_t& bytes) -> ImplPtr {
-    for (size_t i = list.size(); i-- > 0;) {
-      if (!fits(*list[i])) continue;
-      ImplPtr b = std::move(list[i]);
-      list.erase(list.begin() + static_cast<ptrdiff_t>(i));
-      bytes -= b->span.len;
-      return b;
-    }
-    return nullptr;
+  auto take = [&](Chain& list, uint64_t& bytes) -> ImplPtr {
+    ImplPtr b = list.take_if(fits);
+    if (b != nullptr) bytes -= b->span.len;
+    return b;
   };
   // Zeroed requests want clean buffers; others leave those for them.
   ImplPtr b = req.zeroed ? take(it->second.clean, clean_bytes_) : take(it->second.dirty, dirty_bytes_);
   if (b == nullptr) b = req.zeroed ? take(it->second.dirty, dirty_bytes_) : take(it->second.clean, clean_bytes_);
   if (b == nullptr) return nullptr;
-  if (it->second.clean.empty() && it->second.dirty.empty()) classes_.erase(it);
+  if (idle(it)) classes_.erase(it);
   recycled_bytes_ -= b->span.len;
   ++live_;
   live_bytes_ += b->span.len;
@@ -395,12 +447,24 @@ ImplPtr Allocator::pop_recycled(uint64_t span_len, const BufferRequest& req) {
 // Slow path: chunks by order fallback, one IOVA range, one map per run.
 // Whatever fails, everything taken so far is given back.
 Result<ImplPtr> Allocator::build(const BufferRequest& req, uint64_t span_len) {
-  auto b = std::make_unique<Impl>();
+  ImplPtr b;
+  try {
+    b = std::make_unique<Impl>();
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "buffer of {} bytes: out of host memory for its record", req.len);
+  }
   b->anchor = anchor_;
   b->size = req.len;
   b->prot = req.prot;
   // Mapping pins every byte (RLIMIT_MEMLOCK): refused before anything is taken.
-  DMAKIT_TRY(HostMemoryGuard::process().admit_pin(span_len, fmt::format("buffer of {} bytes", req.len)));
+  // (admit_pin reads /proc and names the buffer: it allocates, and counts only as its last step.)
+  Status pin = ok();
+  try {
+    pin = HostMemoryGuard::process().admit_pin(span_len, fmt::format("buffer of {} bytes", req.len));
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "buffer of {} bytes: out of host memory checking RLIMIT_MEMLOCK", req.len);
+  }
+  DMAKIT_TRY(std::move(pin));
   b->pinned = span_len;
   if (auto st = gather(*b, span_len); !st) return std::unexpected(st.error());
 
@@ -435,6 +499,32 @@ Result<ImplPtr> Allocator::build(const BufferRequest& req, uint64_t span_len) {
   return b;
 }
 
+namespace {
+
+// Room for one more chunk in b's lists, so the push that follows cannot
+// throw; false out of host memory.
+bool reserve_chunk(Buffer::Impl& b) noexcept {
+  try {
+    b.chunks.reserve(b.chunks.size() + 1);
+    b.from.reserve(b.chunks.size() + 1);
+    return true;
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+}
+
+// Appends to the account of a request's orders. Out of host memory the
+// account is shorter; the request goes on.
+template <class Text>
+void note(std::string& out, Text&& text) noexcept {
+  try {
+    out += text();
+  } catch (const std::bad_alloc&) {
+  }
+}
+
+}  // namespace
+
 // Slab memory: every chunk a multiple of kSlabBlock, so no 2 MiB block
 // straddles two chunks. Orders of 2 MiB and up (hugepages) first, then the
 // smallest order's source when it serves runs (anonymous memory) - one
@@ -444,6 +534,10 @@ Status Allocator::gather_slab(Impl& b, uint64_t need) {
     ++b.attempts;
     attempts_.fetch_add(1, std::memory_order_relaxed);
     if (auto p = slab_runs_->take(need)) {
+      if (!reserve_chunk(b)) {
+        slab_runs_->give(*p, need);
+        return fail(Errc::no_memory, "slab of {} bytes: out of host memory for its chunk list", need);
+      }
       b.chunks.push_back(BufferChunk{*p, 0, need, kSlabBlock, slab_runs_->name()});
       b.from.push_back(slab_runs_);
       return ok();
@@ -474,10 +568,15 @@ Status Allocator::gather_slab(Impl& b, uint64_t need) {
           o.retry_at.store(now + backoff_ns_, std::memory_order_relaxed);
           fallbacks_.fetch_add(1, std::memory_order_relaxed);
         }
-        tried += fmt::format("{}: {}; ", size_name(o.size), p.error().what());
+        note(tried, [&] { return fmt::format("{}: {}; ", size_name(o.size), p.error().what()); });
         break;
       }
-      b.chunks.push_back(BufferChunk{*p, 0, want, o.size, o.src->name()});
+      if (!reserve_chunk(b)) {
+        o.src->give(*p, want);
+        give_back(b);
+        return fail(Errc::no_memory, "slab of {} bytes: out of host memory for its chunk list", need);
+      }
+      b.chunks.push_back(BufferChunk{*p, 0, want, o.size, o.src->name()});  // reserved: no allocation
       b.from.push_back(o.src);
       remaining -= want;
     }
@@ -494,12 +593,19 @@ Status Allocator::gather_slab(Impl& b, uint64_t need) {
 // A slab: built like a buffer, but from gather_slab, read-write, on an IOVA
 // aligned to at least a block, and not counted as a live buffer.
 Result<ImplPtr> Allocator::build_slab(uint64_t len, uint64_t dma_limit) {
-  auto b = std::make_unique<Impl>();
+  ImplPtr b;
+  Status pin = ok();
+  try {
+    b = std::make_unique<Impl>();
+    // Mapping pins every byte of the slab (RLIMIT_MEMLOCK), as for a buffer.
+    pin = HostMemoryGuard::process().admit_pin(len, fmt::format("slab of {} bytes", len));
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "slab of {} bytes: out of host memory for its record", len);
+  }
+  DMAKIT_TRY(std::move(pin));
   b->anchor = anchor_;
   b->size = len;
   b->prot = iommu::kReadWrite;
-  // Mapping pins every byte of the slab (RLIMIT_MEMLOCK), as for a buffer.
-  DMAKIT_TRY(HostMemoryGuard::process().admit_pin(len, fmt::format("slab of {} bytes", len)));
   b->pinned = len;
   DMAKIT_TRY(gather_slab(*b, len));
   const uint64_t align = std::max(b->chunks.front().order, kSlabBlock);
@@ -552,7 +658,9 @@ Status Allocator::gather(Impl& b, uint64_t need) {
     const bool last = i + 1 == orders_.size();
     if (!last && o.retry_at.load(std::memory_order_relaxed) > now) {
       skips_.fetch_add(1, std::memory_order_relaxed);
-      tried += fmt::format("{}: skipped (failed within {} ms); ", size_name(o.size), backoff_ns_ / 1000000);
+      note(tried, [&] {
+        return fmt::format("{}: skipped (failed within {} ms); ", size_name(o.size), backoff_ns_ / 1000000);
+      });
       continue;
     }
     uint64_t got = 0;
@@ -566,10 +674,15 @@ Status Allocator::gather(Impl& b, uint64_t need) {
         // requests skip this one until the back-off expires.
         o.retry_at.store(now + backoff_ns_, std::memory_order_relaxed);
         if (!last) fallbacks_.fetch_add(1, std::memory_order_relaxed);
-        tried += fmt::format("{}: failed after {} chunks ({}); ", size_name(o.size), got, p.error().what());
+        note(tried, [&] { return fmt::format("{}: failed after {} chunks ({}); ", size_name(o.size), got, p.error().what()); });
         break;
       }
-      b.chunks.push_back(BufferChunk{*p, 0, want, o.size, o.src->name()});
+      if (!reserve_chunk(b)) {
+        o.src->give(*p, want);
+        give_back(b);
+        return fail(Errc::no_memory, "buffer of {} bytes: out of host memory for its chunk list", b.size);
+      }
+      b.chunks.push_back(BufferChunk{*p, 0, want, o.size, o.src->name()});  // reserved: no allocation
       b.from.push_back(o.src);
       all_fresh_zero = all_fresh_zero && o.src->fresh_zero();
       remaining -= want;
@@ -655,7 +768,7 @@ void Allocator::release(ImplPtr b) {
     slab_->free(std::move(b));
     return;
   }
-  std::vector<ImplPtr> victims;
+  Chain victims;
   bool keep = false;
   {
     std::lock_guard lock(mu_);
@@ -663,9 +776,17 @@ void Allocator::release(ImplPtr b) {
     --live_;
     live_bytes_ -= len;
     keep = !stopping_ && !isolation_ && len <= high_;
+    auto it = keep ? classes_.find(len) : classes_.end();
+    if (keep && it == classes_.end()) {
+      try {
+        it = classes_.try_emplace(len).first;
+      } catch (const std::bad_alloc&) {
+        keep = false;  // no memory for a new size class: retired instead of recycled
+      }
+    }
     if (keep) {
       b->zero = false;  // the owner may have written it
-      classes_[len].dirty.push_back(std::move(b));
+      it->second.dirty.push(std::move(b));
       recycled_bytes_ += len;
       dirty_bytes_ += len;
       if (recycled_bytes_ > high_) victims = collect_victims(high_);
@@ -676,31 +797,36 @@ void Allocator::release(ImplPtr b) {
     return;
   }
   if (prezero_) work_cv_.notify_one();
-  for (ImplPtr& v : victims) retire(std::move(v));
+  while (ImplPtr v = victims.pop()) retire(std::move(v));
 }
 
 // Under mu_: takes recycled buffers out until recycled_bytes_ <= target,
 // largest sizes first (fewest retirements), dirty before clean.
-std::vector<ImplPtr> Allocator::collect_victims(uint64_t target) {
-  std::vector<ImplPtr> out;
+Chain Allocator::collect_victims(uint64_t target) {
+  Chain out;
+  uint64_t n = 0;
   for (auto it = classes_.rbegin(); it != classes_.rend() && recycled_bytes_ > target;) {
     SizeClass& sc = it->second;
     while (recycled_bytes_ > target && (!sc.dirty.empty() || !sc.clean.empty())) {
       bool dirty = !sc.dirty.empty();
-      auto& list = dirty ? sc.dirty : sc.clean;
-      ImplPtr b = std::move(list.back());
-      list.pop_back();
+      ImplPtr b = (dirty ? sc.dirty : sc.clean).pop();
       (dirty ? dirty_bytes_ : clean_bytes_) -= b->span.len;
       recycled_bytes_ -= b->span.len;
-      out.push_back(std::move(b));
+      out.push(std::move(b));
+      ++n;
     }
-    if (sc.dirty.empty() && sc.clean.empty())
-      it = std::make_reverse_iterator(classes_.erase(std::next(it).base()));
+    if (auto fwd = std::next(it).base(); idle(fwd))
+      it = std::make_reverse_iterator(classes_.erase(fwd));
     else
       ++it;
   }
-  shrinks_.fetch_add(out.size(), std::memory_order_relaxed);
+  shrinks_.fetch_add(n, std::memory_order_relaxed);
   return out;
+}
+
+bool Allocator::idle(const std::map<uint64_t, SizeClass>::iterator& it) const {
+  return it->second.clean.empty() && it->second.dirty.empty() &&
+         (zeroing_ == nullptr || zeroing_->span.len != it->first);
 }
 
 // Frees the IOVA range (stale in the arena, still mapped); the memory waits
@@ -711,17 +837,27 @@ void Allocator::retire(ImplPtr b) {
   const iommu::IovaSpan span = b->span;
   {
     std::lock_guard lock(mu_);
-    pending_.emplace(span.iova, std::move(b));
+    try {
+      pending_.try_emplace(span.iova, std::move(b));  // moves b only once the node exists
+    } catch (const std::bad_alloc&) {
+      pending_spill_.push(std::move(b));
+    }
     pending_bytes_ += span.len;
   }
   if (auto st = arena_.free(span); !st) {
     base::log().error("buffer IOVA {:#x}+{:#x}: arena refused the free ({}); its memory is kept", span.iova,
                       span.len, st.error().what());
     std::lock_guard lock(mu_);
+    ImplPtr rec;
     if (auto it = pending_.find(span.iova); it != pending_.end()) {
-      pending_bytes_ -= span.len;
-      lost_.push_back(std::move(it->second));
+      rec = std::move(it->second);
       pending_.erase(it);
+    } else {
+      rec = pending_spill_.take_if([&](const Impl& r) { return r.span.iova == span.iova; });
+    }
+    if (rec != nullptr) {
+      pending_bytes_ -= span.len;
+      lost_.push(std::move(rec));
     }
   }
 }
@@ -730,29 +866,31 @@ void Allocator::retire(ImplPtr b) {
 // IOVAs can be handed out again, so every pending buffer inside the range is
 // unreachable by the device and its memory can go back to the sources.
 void Allocator::on_flushed(std::span<const iommu::IovaSpan> ranges) {
-  std::vector<ImplPtr> done;
+  Chain done;  // owned by pending_ until the flush, then by done
   {
     std::lock_guard lock(mu_);
     for (const auto& r : ranges) {
+      auto inside = [&](const Impl& b) { return b.span.iova >= r.iova && b.span.end() <= r.end(); };
       for (auto it = pending_.lower_bound(r.iova); it != pending_.end() && it->first < r.end();) {
         if (it->second->span.end() <= r.end()) {
           pending_bytes_ -= it->second->span.len;
-          done.push_back(std::move(it->second));
+          done.push(std::move(it->second));
           it = pending_.erase(it);
         } else {
           ++it;
         }
       }
+      while (ImplPtr b = pending_spill_.take_if(inside)) {
+        pending_bytes_ -= b->span.len;
+        done.push(std::move(b));
+      }
     }
   }
-  for (ImplPtr& b : done) {
-    give_back(*b);
-    b.reset();  // owned by pending_ until the flush, then by done
-  }
+  while (ImplPtr b = done.pop()) give_back(*b);
 }
 
 void Allocator::trim(bool all) {
-  std::vector<ImplPtr> victims;
+  Chain victims;
   {
     std::unique_lock lock(mu_);
     // Let a buffer being zeroed come back so it can be counted and taken.
@@ -762,7 +900,7 @@ void Allocator::trim(bool all) {
     --hold_zeroing_;
   }
   work_cv_.notify_one();
-  for (ImplPtr& v : victims) retire(std::move(v));
+  while (ImplPtr v = victims.pop()) retire(std::move(v));
   if (all && slab_ != nullptr) slab_->retire_free();
   if (auto st = arena_.flush(); !st) base::log().warn("buffer trim: arena flush: {}", st.error().what());
 }
@@ -778,8 +916,7 @@ void Allocator::zero_loop() {
     if (stopping_) return;
     for (auto& [len, sc] : classes_) {
       if (sc.dirty.empty()) continue;
-      zeroing_ = std::move(sc.dirty.back());
-      sc.dirty.pop_back();
+      zeroing_ = sc.dirty.pop();
       break;
     }
     // zeroing_ owns it while the lock is dropped; only this thread touches
@@ -789,7 +926,9 @@ void Allocator::zero_loop() {
     lock.unlock();
     zero_memory(b);
     lock.lock();
-    classes_[b.span.len].clean.push_back(std::move(zeroing_));  // leaves zeroing_ null
+    // The class is still there (idle() spares it while zeroing_ is
+    // of its size), so filing the record back allocates nothing.
+    classes_.find(b.span.len)->second.clean.push(std::move(zeroing_));  // leaves zeroing_ null
     clean_bytes_ += b.span.len;
     idle_cv_.notify_all();
   }
@@ -825,14 +964,14 @@ void Allocator::psi_loop(int psi_fd) {
 }
 
 void Allocator::start(bool psi) {
+  subscribed_ = true;  // first: an empty hub entry left by a failed subscribe is removed too
   subscribe(arena_, this);
-  subscribed_ = true;
   // A thread that cannot start (std::system_error: EAGAIN, RLIMIT_NPROC)
   // costs only its service: zeroed requests are then memset by the caller.
   if (prezero_) {
     try {
       zero_thread_ = std::thread([this] { zero_loop(); });
-    } catch (const std::system_error& e) {
+    } catch (const std::exception& e) {  // system_error, or bad_alloc for the thread's state
       base::log().warn("buffer allocator: no pre-zeroing thread: {}", e.what());
     }
   }
@@ -856,7 +995,10 @@ void Allocator::start(bool psi) {
     ::close(fd);
     return;
   }
-  stop_fd_ = ::eventfd(0, EFD_CLOEXEC);
+  if (const int err = base::fault::inject(base::fault::Point::allocator_eventfd))
+    errno = err;
+  else
+    stop_fd_ = ::eventfd(0, EFD_CLOEXEC);
   if (stop_fd_ < 0) {
     base::log().warn("buffer allocator: eventfd: {}; no memory-pressure trigger", std::strerror(errno));
     ::close(fd);
@@ -864,7 +1006,7 @@ void Allocator::start(bool psi) {
   }
   try {
     psi_thread_ = std::thread([this, fd] { psi_loop(fd); });
-  } catch (const std::system_error& e) {
+  } catch (const std::exception& e) {  // system_error, or bad_alloc for the thread's state
     base::log().warn("buffer allocator: no memory-pressure thread: {}", e.what());
     ::close(fd);
     return;
@@ -898,10 +1040,10 @@ Allocator::~Allocator() {
     base::log().warn("buffer allocator destroyed with {} live buffers ({} bytes): their memory and IOVA "
                      "mappings are left in place",
                      live_, live_bytes_);
-  if (!pending_.empty() || !lost_.empty())
+  if (!pending_.empty() || !pending_spill_.empty() || !lost_.empty())
     base::log().warn("buffer allocator destroyed with {} buffers ({} bytes) whose IOVA was never unmapped: "
                      "their memory is left in place",
-                     pending_.size() + lost_.size(), pending_bytes_);
+                     pending_.size() + pending_spill_.size() + lost_.size(), pending_bytes_);
   // Sources last, most derived first (carved sources hold their parent's pages).
   while (!sources_.empty()) sources_.pop_back();
 }
@@ -1005,9 +1147,10 @@ Status default_sources(const BufferSettings& s, std::vector<uint64_t> orders,
 
 }  // namespace
 
-Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaArena& arena,
-                                                                 const BufferSettings& s,
-                                                                 std::vector<std::unique_ptr<MemorySource>> sources) {
+namespace {
+
+Result<std::unique_ptr<BufferAllocator>> create_allocator(iommu::IovaArena& arena, const BufferSettings& s,
+                                                          std::vector<std::unique_ptr<MemorySource>> sources) {
   const uint64_t min_page = arena.domain().info().min_page();
   std::vector<std::pair<uint64_t, MemorySource*>> chosen;
   const bool default_sources_used = sources.empty();
@@ -1047,6 +1190,20 @@ Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaAren
   a->enable_slabs(s.slab_max, std::move(runs));
   a->start(s.psi);
   return std::unique_ptr<BufferAllocator>(std::move(a));
+}
+
+}  // namespace
+
+Result<std::unique_ptr<BufferAllocator>> create_buffer_allocator(iommu::IovaArena& arena,
+                                                                 const BufferSettings& s,
+                                                                 std::vector<std::unique_ptr<MemorySource>> sources) {
+  // Whatever was made before host memory ran out is owned (sources, the
+  // allocator and its subscription) and goes with the exception.
+  try {
+    return create_allocator(arena, s, std::move(sources));
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "buffer allocator: out of host memory while creating it (orders '{}')", s.orders);
+  }
 }
 
 }  // namespace dmakit::alloc_buffer

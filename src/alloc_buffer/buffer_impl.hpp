@@ -38,6 +38,9 @@ struct Buffer::Impl {
   // nullptr for buffers with a mapping of their own.
   SlabBlock* block = nullptr;
   uint32_t slot = 0;
+  // Link while the record sits in one of the recycler's chains (buffer
+  // allocator); pushing and popping a chain never allocates.
+  std::unique_ptr<Impl> next;
 };
 
 using ImplPtr = std::unique_ptr<Buffer::Impl>;

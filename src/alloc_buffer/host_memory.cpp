@@ -5,6 +5,7 @@
 #include <cstring>
 #include <new>
 
+#include "base/clock.hpp"
 #include "base/log.hpp"
 #include "iommu/pci.hpp"
 
@@ -44,10 +45,10 @@ HostMemoryGuard::Reading HostMemoryGuard::read() const {
 
 Status HostMemoryGuard::admit(uint64_t bytes, std::string_view who) {
   std::lock_guard lock(mu_);
-  const auto now = std::chrono::steady_clock::now();
-  if (!last_.ok || now - read_at_ >= kRefresh) {
+  const int64_t now = base::mono_now_ns();
+  if (!last_.ok || now - read_at_ns_ >= std::chrono::nanoseconds(kRefresh).count()) {
     last_ = read();
-    read_at_ = now;
+    read_at_ns_ = now;
     since_read_ = 0;
   }
   if (!last_.ok) {

@@ -73,7 +73,7 @@ class HostMemoryGuard {
   uint64_t reserve_fixed_;
   mutable std::mutex mu_;
   Reading last_;
-  std::chrono::steady_clock::time_point read_at_{};
+  int64_t read_at_ns_ = 0;  // base::mono_now_ns() of last_
   uint64_t since_read_ = 0;  // bytes admitted since last_ was read
   uint64_t refusals_ = 0;
   uint64_t pinned_ = 0;  // bytes admitted by admit_pin, not yet unpinned

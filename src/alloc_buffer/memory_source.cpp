@@ -16,6 +16,7 @@
 
 #include "alloc_buffer/host_memory.hpp"
 #include "base/eal.hpp"
+#include "base/fault_inject.hpp"
 #include "base/log.hpp"
 
 namespace dmakit::alloc_buffer {
@@ -28,6 +29,19 @@ std::string size_name(uint64_t bytes) {
 }
 
 namespace {
+
+using base::fault::Point;
+
+// The system call `call` (0 or -1 with errno), unless the test armed `point`:
+// then -1 with the injected errno.
+template <class Call>
+int fault_or(Point point, Call&& call) {
+  if (const int e = base::fault::inject(point)) {
+    errno = e;
+    return -1;
+  }
+  return call();
+}
 
 bool pow2(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
@@ -119,6 +133,18 @@ class AnonSource final : public MemorySource {
 
   Result<void*> take(uint64_t len) override {
     std::lock_guard lock(mu_);
+    // Everything take_locked allocates comes before it commits memory (the
+    // map nodes it needs afterwards are made up front), so out of host
+    // memory nothing is committed or recorded.
+    try {
+      return take_locked(len);
+    } catch (const std::bad_alloc&) {
+      ++failures_;
+      return fail(Errc::no_memory, "{}: out of host memory for the records of a take of {} bytes", name_, len);
+    }
+  }
+
+  Result<void*> take_locked(uint64_t len) {
     if (len == 0 || len % order_ != 0 || len > max_run()) {
       ++failures_;
       return fail(Errc::invalid_argument, "{}: take of {} bytes is not a multiple of {} within one run",
@@ -146,6 +172,7 @@ class AnonSource final : public MemorySource {
     }
     Region& r = regions_.at(region);
     void* p = reinterpret_cast<void*>(at);
+    Node spare_free = spare_node(), taken_node = spare_node();
     // Committed pages the host cannot back end in the OOM killer at first
     // touch; refuse them now instead.
     if (auto st = HostMemoryGuard::process().admit(len, name_); !st) {
@@ -153,7 +180,7 @@ class AnonSource final : public MemorySource {
       release_if_idle(region);
       return std::unexpected(std::move(st).error());
     }
-    if (::mprotect(p, len, PROT_READ | PROT_WRITE) != 0) {
+    if (fault_or(Point::anon_commit_mprotect, [&] { return ::mprotect(p, len, PROT_READ | PROT_WRITE); }) != 0) {
       HostMemoryGuard::process().give_back(len);
       const int err = errno;
       ++failures_;
@@ -167,7 +194,7 @@ class AnonSource final : public MemorySource {
     // shared copy-on-write with a child is replaced by a copy at the parent's
     // next write, while the device keeps the old one. The child does not get
     // the piece at all (as DPDK and SPDK do for theirs).
-    if (::madvise(p, len, MADV_DONTFORK) != 0) {
+    if (fault_or(Point::anon_madvise_dontfork, [&] { return ::madvise(p, len, MADV_DONTFORK); }) != 0) {
       const int err = errno;
       HostMemoryGuard::process().give_back(len);
       ++failures_;
@@ -180,7 +207,8 @@ class AnonSource final : public MemorySource {
     // counted twice as free), and a shortfall is an error here rather than
     // a kill at first touch. Kernels before 5.14 lack it (EINVAL): the
     // pages then come at first touch, as before.
-    if (::madvise(p, len, MADV_POPULATE_WRITE) != 0 && errno != EINVAL) {
+    if (fault_or(Point::anon_madvise_populate, [&] { return ::madvise(p, len, MADV_POPULATE_WRITE); }) != 0 &&
+        errno != EINVAL) {
       const int err = errno;
       HostMemoryGuard::process().give_back(len);
       ++failures_;
@@ -188,8 +216,10 @@ class AnonSource final : public MemorySource {
       release_if_idle(region);
       return fail(Errc::no_memory, "{}: populating {} at {}: {}", name_, size_name(len), p, std::strerror(err));
     }
-    carve(r, at, len);
-    taken_.emplace(at, len);
+    carve(r, at, len, std::move(spare_free));
+    taken_node.key() = at;
+    taken_node.mapped() = len;
+    taken_.insert(std::move(taken_node));
     live_ += len;
     ++takes_;
     return p;
@@ -205,15 +235,17 @@ class AnonSource final : public MemorySource {
     }
     // Fresh PROT_NONE over the piece in one step: its pages go back to the
     // kernel and its addresses stay reserved.
-    if (::mmap(p, len, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0) == MAP_FAILED) {
+    if (fault_or(Point::anon_release_mmap,
+                 [&] { return ::mmap(p, len, PROT_NONE, kReserveFlags | MAP_FIXED, -1, 0) == MAP_FAILED ? -1 : 0; }) !=
+        0) {
       base::log().error("{}: give of {} at {}: mapping PROT_NONE over it failed: {}; it stays committed", name_,
                         size_name(len), p, std::strerror(errno));
       return;
     }
-    taken_.erase(t);
+    Node node = taken_.extract(t);  // reused by unmark: a give never allocates
     HostMemoryGuard::process().give_back(len);
     auto region = std::prev(regions_.upper_bound(at));
-    unmark(region->second, at, len);
+    unmark(region->second, at, len, std::move(node));
     live_ -= len;
     release_if_idle(region->first);
   }
@@ -233,11 +265,20 @@ class AnonSource final : public MemorySource {
  private:
   static constexpr int kReserveFlags = MAP_PRIVATE | MAP_ANONYMOUS;
 
+  using RangeMap = std::map<uintptr_t, uint64_t>;
+  using Node = RangeMap::node_type;
   struct Region {
     uint64_t len = 0;
-    uint64_t used = 0;                    // bytes taken
-    std::map<uintptr_t, uintptr_t> free;  // start -> end of each free range, coalesced
+    uint64_t used = 0;  // bytes taken
+    RangeMap free;      // start -> end of each free range, coalesced
   };
+
+  // A detached map node, so that a later insert allocates nothing.
+  static Node spare_node() {
+    RangeMap m;
+    m.emplace(0, 0);
+    return m.extract(m.begin());
+  }
 
   // Where a run of len bytes starts: on a multiple of its largest power of
   // two up to 2 MiB (at least the order). A buffer's IOVA is aligned the same
@@ -258,17 +299,28 @@ class AnonSource final : public MemorySource {
   }
 
   // [at, at + len), inside one free range of r, becomes taken.
-  static void carve(Region& r, uintptr_t at, uint64_t len) {
+  // Allocates nothing: the range's own node and `spare` hold the remainders.
+  static void carve(Region& r, uintptr_t at, uint64_t len, Node spare) {
     auto it = std::prev(r.free.upper_bound(at));
     const uintptr_t start = it->first, end = it->second;
-    r.free.erase(it);
-    if (start < at) r.free.emplace(start, at);
-    if (at + len < end) r.free.emplace(at + len, end);
+    Node own = r.free.extract(it);
+    if (start < at) {
+      own.key() = start;
+      own.mapped() = at;
+      r.free.insert(std::move(own));
+    }
+    if (at + len < end) {
+      Node& n = own.empty() ? spare : own;
+      n.key() = at + len;
+      n.mapped() = end;
+      r.free.insert(std::move(n));
+    }
     r.used += len;
   }
 
   // [at, at + len) becomes free again, merged with free neighbours.
-  static void unmark(Region& r, uintptr_t at, uint64_t len) {
+  // Allocates nothing: the merged range goes into `node`.
+  static void unmark(Region& r, uintptr_t at, uint64_t len, Node node) {
     uintptr_t start = at, end = at + len;
     auto next = r.free.lower_bound(end);
     if (next != r.free.end() && next->first == end) {
@@ -281,7 +333,9 @@ class AnonSource final : public MemorySource {
         r.free.erase(prev);
       }
     }
-    r.free.emplace(start, end);
+    node.key() = start;
+    node.mapped() = end;
+    r.free.insert(std::move(node));
     r.used -= len;
   }
 
@@ -304,14 +358,23 @@ class AnonSource final : public MemorySource {
     uint64_t size = std::max({kRegionBytes, 2 * eal_page, round_up(need, kRegionBytes)});
     int err = 0;
     for (int over_eal = 0;;) {
-      void* p = ::mmap(nullptr, size, PROT_NONE, kReserveFlags, -1, 0);
+      void* p = MAP_FAILED;
+      if (const int e = base::fault::inject(Point::anon_reserve_mmap))
+        errno = e;
+      else
+        p = ::mmap(nullptr, size, PROT_NONE, kReserveFlags, -1, 0);
       if (p != MAP_FAILED) {
         const auto base = reinterpret_cast<uintptr_t>(p);
         if (!give_up_eal_parts(base, size, lists)) {
-          Region r;
-          r.len = size;
-          r.free.emplace(base, base + size);
-          regions_.emplace(base, std::move(r));
+          try {
+            Region r;
+            r.len = size;
+            r.free.emplace(base, base + size);
+            regions_.emplace(base, std::move(r));
+          } catch (const std::bad_alloc&) {
+            ::munmap(p, size);
+            throw;  // to take(), which refuses the request
+          }
           return base;
         }
         if (++over_eal < 4) continue;
@@ -351,7 +414,7 @@ class AnonSource final : public MemorySource {
   const std::string name_;
   mutable std::mutex mu_;
   std::map<uintptr_t, Region> regions_;  // by base
-  std::map<uintptr_t, uint64_t> taken_;  // start -> length of each run handed out
+  RangeMap taken_;  // start -> length of each run handed out
   uint64_t live_ = 0, takes_ = 0, failures_ = 0;
 };
 
@@ -511,8 +574,11 @@ class HugepageSource final : public MemorySource {
     for (uint32_t n = slab_pages_; n >= 1; n /= 2) {
       std::string zname = fmt::format("dmakit-{}-{}", size_name(page_), serial_++);
       rte_errno = 0;
-      const rte_memzone* mz = rte_memzone_reserve_aligned(zname.c_str(), n * page_, SOCKET_ID_ANY, flag,
-                                                          static_cast<unsigned>(page_));
+      const rte_memzone* mz = nullptr;
+      if (const int e = base::fault::inject(Point::hugepage_memzone))
+        rte_errno = e;
+      else
+        mz = rte_memzone_reserve_aligned(zname.c_str(), n * page_, SOCKET_ID_ANY, flag, static_cast<unsigned>(page_));
       if (mz == nullptr) {
         last_err = rte_errno;
         continue;

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <sstream>
 
+#include "base/fault_inject.hpp"
 #include "base/log.hpp"
 #include "base/runtime_dir.hpp"
 
@@ -196,7 +197,11 @@ Result<const EalInfo*> ensure_eal(const EalSettings& s) {
   cpu_set_t mask;
   const bool have_mask = pthread_getaffinity_np(pthread_self(), sizeof mask, &mask) == 0;
   rte_errno = 0;
-  int rc = rte_eal_init(static_cast<int>(argv.size() - 1), argv.data());
+  int rc = -1;
+  if (const int err = fault::inject(fault::Point::eal_init))
+    rte_errno = err;
+  else
+    rc = rte_eal_init(static_cast<int>(argv.size() - 1), argv.data());
   const int init_errno = rte_errno;
   if (have_mask && pthread_setaffinity_np(pthread_self(), sizeof mask, &mask) != 0)
     log().warn("could not restore the calling thread's CPU affinity after rte_eal_init");

@@ -76,6 +76,16 @@ thread_local std::string g_last_error;
   }
 }
 
+// For the calls outside guarded(): the message is built inside the try.
+template <class Text>
+[[gnu::cold]] void set_message_of(Text&& text) noexcept {
+  try {
+    set_message(text());
+  } catch (...) {
+    g_last_error.clear();
+  }
+}
+
 [[gnu::cold, gnu::noinline]] int report(const Error& e) noexcept {
   try {
     set_message(e.what());
@@ -160,7 +170,9 @@ uint32_t prot_of(uint32_t flags) {
 
 int create_context(const core::Config& cfg, dmakit_ctx** out) {
   auto* slot = ctxs().acquire();
-  if (slot == nullptr) return report({Errc::no_space, 0, "dmakit: every context handle is in use"});
+  if (slot == nullptr)
+    return ctxs().full() ? report({Errc::no_space, 0, "dmakit: every context handle is in use"})
+                         : no_memory("dmakit_ctx_create: a block of context handles");
   auto ctx = core::Context::create(cfg);
   if (!ctx) {
     ctxs().recycle(slot);
@@ -441,9 +453,11 @@ int dmakit_buffer_alloc(dmakit_ctx* h, uint64_t len, uint64_t align, uint32_t fl
     req.dma_limit = dma_limit;
     req.prot = prot_of(flags);
     auto* slot = bufs().acquire();
-    if (slot == nullptr)
+    if (slot == nullptr) {
+      if (!bufs().full()) return no_memory("dmakit_buffer_alloc: a block of buffer handles");
       return report({Errc::no_space, 0, fmt::format("dmakit_buffer_alloc: all {} buffer handles are in use",
                                                     BufTable::kCapacity)});
+    }
     auto buf = ctx->buffers().alloc(req);
     if (!buf) {
       bufs().recycle(slot);
@@ -479,7 +493,9 @@ void* dmakit_buffer_at(const dmakit_buffer* b, uint64_t offset) {
   if (s == nullptr) return nullptr;
   void* p = s->value.buf.at(offset);
   if (p == nullptr)
-    misuse("dmakit_buffer_at", fmt::format("offset {} is past the buffer's {} bytes", offset, s->value.buf.size()));
+    set_message_of([&] {
+      return fmt::format("dmakit_buffer_at: offset {} is past the buffer's {} bytes", offset, s->value.buf.size());
+    });
   return p;
 }
 
@@ -511,7 +527,7 @@ int dmakit_buffer_segments(const dmakit_buffer* b, dmakit_segment* segs, size_t 
   if (cur.len != 0) emit();
   *count = n;
   if (n > cap) {
-    set_message(fmt::format("dmakit_buffer_segments: the buffer has {} segments, room for {}", n, cap));
+    set_message_of([&] { return fmt::format("dmakit_buffer_segments: the buffer has {} segments, room for {}", n, cap); });
     return DMAKIT_ENOSPC;
   }
   return DMAKIT_OK;
@@ -605,7 +621,9 @@ int dmakit_pool_create_with(dmakit_ctx* h, const dmakit_pool_params* p, dmakit_p
     opts.zero = (p->flags & DMAKIT_POOL_ZERO) != 0;
     opts.dma_limit = p->dma_limit;
     auto* slot = pools().acquire();
-    if (slot == nullptr) return report({Errc::no_space, 0, "dmakit_pool_create: every pool handle is in use"});
+    if (slot == nullptr)
+      return pools().full() ? report({Errc::no_space, 0, "dmakit_pool_create: every pool handle is in use"})
+                            : no_memory("dmakit_pool_create: a block of pool handles");
     auto created = ctx->create_pool(p->name, p->size, p->align, p->boundary, opts);
     if (!created) {
       pools().recycle(slot);
@@ -782,7 +800,9 @@ int dmakit_device_open(dmakit_ctx* h, const char* bdf, dmakit_device** out) {
     *out = nullptr;
     if (bdf == nullptr) return misuse("dmakit_device_open", "bdf is NULL");
     auto* slot = devs().acquire();
-    if (slot == nullptr) return report({Errc::no_space, 0, "dmakit_device_open: every device handle is in use"});
+    if (slot == nullptr)
+      return devs().full() ? report({Errc::no_space, 0, "dmakit_device_open: every device handle is in use"})
+                           : no_memory("dmakit_device_open: a block of device handles");
     auto dev = ctx->open_device(bdf);
     if (!dev) {
       devs().recycle(slot);

@@ -71,6 +71,16 @@ Result<std::unique_ptr<iommu::Domain>> Context::make_domain(const Config& cfg) {
 }
 
 Result<std::unique_ptr<Context>> Context::create(const Config& cfg) {
+  // Every part made before host memory ran out is owned by ctx (RAII) and
+  // torn down in order with it.
+  try {
+    return create_unguarded(cfg);
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "context (backend '{}'): out of host memory while creating it", cfg.iommu.backend);
+  }
+}
+
+Result<std::unique_ptr<Context>> Context::create_unguarded(const Config& cfg) {
   DMAKIT_TRY(validate(cfg));
   DMAKIT_TRY(base::ensure_eal(cfg.eal));
   auto ctx = std::make_unique<Context>(Key{}, cfg);
@@ -96,8 +106,13 @@ Result<pool::DmaPool*> Context::create_pool(const std::string& name, size_t size
   std::lock_guard lock(pools_mu_);
   for (const auto& p : pools_)
     if (p->name() == name) return fail(Errc::exists, "DMA pool '{}' already exists", name);
+  try {
+    pools_.reserve(pools_.size() + 1);
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "DMA pool '{}': out of host memory for the context's pool list", name);
+  }
   auto p = DMAKIT_TRY(pool::DmaPool::create(*buffers_, name, size, align, boundary, opts));
-  pools_.push_back(std::move(p));
+  pools_.push_back(std::move(p));  // reserved: no allocation
   return pools_.back().get();
 }
 
@@ -218,8 +233,19 @@ Result<Device*> Context::open_device(std::string_view bdf) {
   std::lock_guard lock(devices_mu_);
   DMAKIT_TRY(v->attach(bdf));
   const int group = DMAKIT_TRY(v->attached_group(bdf));
+  std::unique_ptr<Device> slot;
+  try {  // the record first: once the device is open nothing may fail
+    devices_.reserve(devices_.size() + 1);
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "open device {}: out of host memory for its record", bdf);
+  }
   auto dev = DMAKIT_TRY(v->open_device(bdf));
-  devices_.push_back(std::make_unique<Device>(std::move(dev), group));
+  try {
+    slot = std::make_unique<Device>(std::move(dev), group);
+  } catch (const std::bad_alloc&) {  // dev, not moved from, closes the device as it goes
+    return fail(Errc::no_memory, "open device {}: out of host memory for its record", bdf);
+  }
+  devices_.push_back(std::move(slot));  // reserved: no allocation
   return devices_.back().get();
 }
 

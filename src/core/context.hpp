@@ -115,6 +115,7 @@ class Context {
   static Result<BackendChoice> choose_backend(const Config& cfg);
 
  private:
+  static Result<std::unique_ptr<Context>> create_unguarded(const Config& cfg);
   Config cfg_;
   std::unique_ptr<iommu::Domain> domain_;
   iommu::vfio::VfioDomain* vfio_ = nullptr;  // domain_ when it is a VFIO container, else null

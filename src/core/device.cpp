@@ -7,6 +7,7 @@
 
 #include <cerrno>
 
+#include "base/fault_inject.hpp"
 #include "base/log.hpp"
 
 namespace dmakit::core {
@@ -80,16 +81,23 @@ Result<std::vector<int>> Device::irq_enable(uint32_t type, uint32_t count) {
   raw.reserve(count);
   for (uint32_t i = 0; i < count; ++i) {
     // Non-blocking: irq_wait polls first and never stalls in read().
-    base::UniqueFd fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    if (!fd) return fail_errno(errno, "{}: eventfd for {} vector {}", bdf(), iommu::vfio::irq_name(type), i);
+    const int injected = base::fault::inject(base::fault::Point::device_eventfd);
+    base::UniqueFd fd(injected != 0 ? -1 : ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!fd)
+      return fail_errno(injected != 0 ? injected : errno, "{}: eventfd for {} vector {}", bdf(),
+                        iommu::vfio::irq_name(type), i);
     raw.push_back(fd.get());
     fds.push_back(std::move(fd));
   }
+  // Everything the success needs is allocated before the kernel is told:
+  // nothing may fail once the vectors are live.
+  std::vector<bool> masked(count, false);
+  std::vector<int> out(raw.begin(), raw.end());
   DMAKIT_TRY(dev_.set_irq_eventfds(type, 0, raw));
   irq_type_ = static_cast<int>(type);
   efds_ = std::move(fds);
-  masked_.assign(count, false);
-  return std::vector<int>(raw.begin(), raw.end());
+  masked_ = std::move(masked);
+  return out;
 }
 
 Status Device::disable_locked() {

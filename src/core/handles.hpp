@@ -36,7 +36,8 @@ class HandleTable {
 
   struct Slot {
     std::atomic<uint32_t> gen{0};
-    uint32_t index = 0;  // its place in the table, set when first handed out
+    uint32_t index = 0;      // its place in the table, set when first handed out
+    uint32_t next_free = 0;  // while free: the next free slot's index + 1 (0: none)
     T value{};
   };
 
@@ -46,9 +47,9 @@ class HandleTable {
   Slot* acquire() noexcept {
     std::lock_guard lock(mu_);
     uint32_t idx;
-    if (!free_.empty()) {
-      idx = free_.back();
-      free_.pop_back();
+    if (free_head_ != 0) {
+      idx = free_head_ - 1;
+      free_head_ = slot_at(idx).next_free;
     } else {
       if (next_ == kCapacity) return nullptr;
       idx = static_cast<uint32_t>(next_);
@@ -62,7 +63,14 @@ class HandleTable {
       }
       ++next_;
     }
-    return &blocks_[idx >> kBlockBits].load(std::memory_order_relaxed)[idx & kMask];
+    return &slot_at(idx);
+  }
+
+  // Why acquire() returned nullptr: every slot is in use (else host memory
+  // for a new block of slots ran out).
+  bool full() const noexcept {
+    std::lock_guard lock(mu_);
+    return free_head_ == 0 && next_ == kCapacity;
   }
 
   // Makes a slot from acquire() live and returns its handle.
@@ -97,13 +105,11 @@ class HandleTable {
 
   // Returns a retired slot (its value reset by the caller) to the free list.
   // A slot acquired but never published goes back the same way.
+  // The free list runs through the slots: recycling never allocates.
   void recycle(Slot* s) noexcept {
     std::lock_guard lock(mu_);
-    try {
-      free_.push_back(s->index);
-    } catch (const std::bad_alloc&) {
-      // The slot is lost for reuse; its generation keeps it dead.
-    }
+    s->next_free = free_head_;
+    free_head_ = s->index + 1;
   }
 
   // Calls fn(slot) for every live slot (under the table's mutex; fn must not
@@ -124,9 +130,13 @@ class HandleTable {
     return reinterpret_cast<void*>((uintptr_t{gen} << 32) | (uintptr_t{idx} + 1));
   }
 
+  Slot& slot_at(uint32_t idx) const noexcept {
+    return blocks_[idx >> kBlockBits].load(std::memory_order_relaxed)[idx & kMask];
+  }
+
   std::array<std::atomic<Slot*>, kBlocks> blocks_{};
-  std::mutex mu_;
-  std::vector<uint32_t> free_;
+  mutable std::mutex mu_;
+  uint32_t free_head_ = 0;  // first free slot's index + 1 (0: none)
   uint64_t next_ = 0;  // slots ever handed out (the high-water mark)
 };
 

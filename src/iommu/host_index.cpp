@@ -5,23 +5,30 @@
 
 namespace dmakit::iommu {
 
-bool HostIndex::add(const void* vaddr, uint64_t iova, uint64_t len) {
+HostIndex::Added HostIndex::add(const void* vaddr, uint64_t iova, uint64_t len) {
   const auto va = reinterpret_cast<uintptr_t>(vaddr);
   std::unique_lock lock(mu_);
   auto next = by_host_.lower_bound(va);
-  if (next != by_host_.end() && next->first < va + len) return false;
-  if (next != by_host_.begin() && std::prev(next)->first + std::prev(next)->second.len > va) return false;
-  // Out of host memory the mapping simply stays untranslatable; the index
-  // never holds one side of an entry.
+  if (next != by_host_.end() && next->first < va + len) return Added::overlap;
+  if (next != by_host_.begin() && std::prev(next)->first + std::prev(next)->second.len > va) return Added::overlap;
+  // The index never holds one side of an entry.
   auto h = by_host_.end();
   try {
     h = by_host_.emplace_hint(next, va, ByHost{iova, len});
     by_iova_.emplace(iova, ByIova{va, len});
   } catch (const std::bad_alloc&) {
     if (h != by_host_.end()) by_host_.erase(h);
-    return false;
+    return Added::no_memory;
   }
-  return true;
+  return Added::yes;
+}
+
+void HostIndex::remove(const void* vaddr) {
+  std::unique_lock lock(mu_);
+  auto h = by_host_.find(reinterpret_cast<uintptr_t>(vaddr));
+  if (h == by_host_.end()) return;
+  by_iova_.erase(h->second.iova);
+  by_host_.erase(h);
 }
 
 void HostIndex::remove_inside(uint64_t iova, uint64_t len) {

@@ -26,9 +26,14 @@ struct HostRun {
 
 class HostIndex {
  public:
-  // Records a mapping that map() just made; false (nothing recorded) when
-  // its host range overlaps a recorded one.
-  bool add(const void* vaddr, uint64_t iova, uint64_t len);
+  enum class Added { yes, overlap, no_memory };
+  // Records a mapping that map() is making: overlap (nothing recorded) when
+  // its host range overlaps a recorded one; no_memory (nothing recorded)
+  // when host memory for the record ran out - the backend then refuses the
+  // map, so every mapping dmakit made translates.
+  Added add(const void* vaddr, uint64_t iova, uint64_t len);
+  // Forgets the record add() made at vaddr (a map the kernel then refused).
+  void remove(const void* vaddr);
   // Forgets the mappings wholly inside [iova, iova + len), as unmap() removes them.
   void remove_inside(uint64_t iova, uint64_t len);
   std::optional<HostRun> lookup(const void* vaddr) const;

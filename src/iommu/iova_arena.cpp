@@ -14,6 +14,8 @@
 #include <thread>
 #include <utility>
 
+#include "base/clock.hpp"
+#include "base/fault_inject.hpp"
 #include "base/log.hpp"
 #include "iommu/iova_bits.hpp"
 
@@ -39,14 +41,22 @@ Middle* sentinel_middle(const WordGroup* seg) {
   for (auto& e : m->seg) e.store(const_cast<WordGroup*>(seg), std::memory_order_relaxed);
   return m;
 }
-Middle* zero_middle() {
-  static Middle* const m = sentinel_middle(kZeroSegment.data());
+// Made on first use; a failed attempt is not remembered (a function-local
+// static would keep the null, and no arena could be made in the process
+// again), the next call tries again.
+Middle* shared_middle(std::atomic<Middle*>& slot, const WordGroup* seg) {
+  Middle* m = slot.load(std::memory_order_acquire);
+  if (m != nullptr) return m;
+  Middle* fresh = sentinel_middle(seg);
+  if (fresh == nullptr) return nullptr;
+  if (slot.compare_exchange_strong(m, fresh, std::memory_order_acq_rel)) return fresh;
+  delete fresh;  // another thread made it first
   return m;
 }
-Middle* hole_middle() {
-  static Middle* const m = sentinel_middle(kHoleSegment.data());
-  return m;
-}
+constinit std::atomic<Middle*> g_zero_middle{nullptr};
+constinit std::atomic<Middle*> g_hole_middle{nullptr};
+Middle* zero_middle() { return shared_middle(g_zero_middle, kZeroSegment.data()); }
+Middle* hole_middle() { return shared_middle(g_hole_middle, kHoleSegment.data()); }
 }  // namespace
 
 bool is_sentinel_middle(const Middle* m) { return m == zero_middle() || m == hole_middle(); }
@@ -246,11 +256,7 @@ constexpr Field kTail = &WordGroup::tail;
 
 // CLOCK_MONOTONIC_COARSE is read from the vDSO without touching the clock
 // source (a few ns); its tick-sized resolution is ample for a stale age bound.
-int64_t coarse_now_ns() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
+using base::coarse_now_ns;
 
 // A stable per-thread number, handed out in order of first use: N threads
 // land on N different shards, where a hash of the thread id could collide.
@@ -908,36 +914,75 @@ Status ShardedArena::flush_shard(Shard& p, bool notify_listener) {
     p.runs.clear();
     // 1. Under the lock: take the stale runs (adjacent ranges merge by
     //    construction); their pages stay used, so nobody gets them yet.
+    //    Out of host memory for the run list, the runs taken so far are
+    //    flushed and the rest stays stale (no exception under the spin lock).
     p.lock.lock();
     uint64_t total = 0;
-    for (uint64_t pn = p.stale_lo; pn < p.stale_hi;) {
+    uint64_t pn = p.stale_lo;
+    bool complete = true;
+    while (pn < p.stale_hi) {
       const uint64_t s = bits_.next(kStale, true, pn, p.stale_hi);
       if (s >= p.stale_hi) break;
       const uint64_t e = bits_.next(kStale, false, s, p.stale_hi);
-      p.runs.push_back({s, e - s, true});
+      try {
+        p.runs.push_back({s, e - s, true});
+      } catch (const std::bad_alloc&) {
+        complete = false;
+        break;
+      }
       bits_.assign(kStale, s, e - s, false);
       total += e - s;
       pn = e;
     }
     p.stale.sub(total);
     p.unmapping.add(total);
-    const uint64_t taken_ranges = p.pending_ranges;
-    p.pending_ranges = 0;
-    p.stale_lo = kNone;
-    p.stale_hi = 0;
+    const uint64_t taken_ranges = complete ? p.pending_ranges : 0;
+    p.pending_ranges -= taken_ranges;
+    if (complete) {
+      p.stale_lo = kNone;
+      p.stale_hi = 0;
+    } else {
+      p.stale_lo = pn;  // the rest waits for the next flush
+    }
     if (p.runs.empty()) rearm(p);
     p.lock.unlock();
-    if (p.runs.empty()) return ok();
+    if (!complete) {
+      first = fail(Errc::no_memory, "flush of IOVA shard {:#x}: out of host memory for its run list after {} runs; "
+                   "the rest stays stale", p.first << shift_, p.runs.size());
+    }
+    // The report of step 3 is allocated before anything is unmapped: once a
+    // run is unmapped nothing may fail before its pages are freed.
+    if (notify_listener && !p.runs.empty()) {
+      try {
+        done.reserve(p.runs.size());
+      } catch (const std::bad_alloc&) {
+        p.lock.lock();
+        for (const Run& r : p.runs) mark_stale(p, r.pn, r.n);
+        p.unmapping.sub(total);
+        p.pending_ranges += taken_ranges;
+        rearm(p);
+        p.lock.unlock();
+        p.runs.clear();
+        if (first) first = fail(Errc::no_memory, "flush of IOVA shard {:#x}: out of host memory for the report of "
+                                "its runs; they stay stale", p.first << shift_);
+      }
+    }
+    if (p.runs.empty()) return first;
 
     // 2. Without the lock: one unmap per run.
+    //    The first error is moved, not formatted, here: nothing may throw
+    //    between an unmap and step 4.
+    Run failed_run{};
+    bool unmap_failed = false;
     for (Run& r : p.runs) {
       auto st = domain_.unmap(r.pn << shift_, r.n << shift_);
       if (!st) {
         r.ok = false;
-        if (first)
-          first = std::unexpected(with_context(
-              st.error(), fmt::format("flush of stale IOVA run {:#x} len {:#x} (kept reserved)", r.pn << shift_,
-                                      r.n << shift_)));
+        if (!unmap_failed) {
+          unmap_failed = true;
+          failed_run = r;
+          first = std::unexpected(std::move(st).error());
+        }
       }
     }
 
@@ -973,8 +1018,21 @@ Status ShardedArena::flush_shard(Shard& p, bool notify_listener) {
     }
     rearm(p);
     p.lock.unlock();
+    if (unmap_failed) {
+      try {
+        first = std::unexpected(with_context(std::move(first).error(),
+                                             fmt::format("flush of stale IOVA run {:#x} len {:#x} (kept reserved)",
+                                                         failed_run.pn << shift_, failed_run.n << shift_)));
+      } catch (const std::bad_alloc&) {  // the unmap's own message still names the range
+      }
+    }
   }
-  if (!first) base::log().error("IOVA arena: {}", first.error().what());
+  if (!first) {
+    try {
+      base::log().error("IOVA arena: {}", first.error().what());
+    } catch (const std::bad_alloc&) {
+    }
+  }
   return first;
 }
 
@@ -1102,9 +1160,16 @@ ArenaConfig ArenaConfig::from_settings(const ArenaSettings& s) {
 }
 
 Result<std::unique_ptr<IovaArena>> IovaArena::create(Domain& domain, const ArenaConfig& cfg) {
-  auto arena = std::make_unique<ShardedArena>(domain, cfg);
-  DMAKIT_TRY(arena->init());
-  return std::unique_ptr<IovaArena>(std::move(arena));
+  // Everything init() allocates is owned by the arena (RAII), so out of
+  // host memory it all goes with it.
+  try {
+    auto arena = std::make_unique<ShardedArena>(domain, cfg);
+    DMAKIT_TRY(arena->init());
+    return std::unique_ptr<IovaArena>(std::move(arena));
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "IOVA arena on the '{}' domain: out of host memory for its shards and window "
+                "list", domain.info().backend);
+  }
 }
 
 }  // namespace dmakit::iommu

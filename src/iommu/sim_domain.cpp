@@ -7,10 +7,13 @@
 #include <cerrno>
 #include <bit>
 #include <cstring>
+#include <new>
 #include <sstream>
 #include <string>
 
 #include "base/config.hpp"
+#include "base/clock.hpp"
+#include "base/fault_inject.hpp"
 
 namespace dmakit::iommu {
 
@@ -31,11 +34,8 @@ constexpr uint64_t kHostPage = 4096;
 // The model's mm->locked_vm: pages pinned by all simulated domains.
 std::atomic<uint64_t> g_pinned_pages{0};
 
-int64_t coarse_now_ns() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
+// The memlock re-read interval runs on the library's clock (tests advance it).
+using base::coarse_now_ns;
 
 // The x86 MSI doorbell window that VT-d/AMD-Vi reserve (IOMMU_RESV_MSI).
 constexpr uint64_t kMsiStart = 0xfee00000;
@@ -169,10 +169,26 @@ Status SimDomain::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t p
   if (maps_.size() >= limit_)
     return fail_errno(ENOSPC, "map iova {:#x} len {:#x}: all {} mapping entries (dma_entry_limit) in use",
                       iova, len, limit_);
+  // Where type1 fails for its own reasons (pinning: ENOMEM, EFAULT), tests
+  // make the model fail too.
+  if (const int err = base::fault::inject(base::fault::Point::sim_map))
+    return fail_errno(err, "VFIO_IOMMU_MAP_DMA (simulated) iova {:#x} len {:#x} vaddr {}", iova, len, vaddr);
   DMAKIT_TRY(pin(iova, len));
-  maps_.emplace_hint(it, iova,
-                     Mapping{static_cast<std::byte*>(const_cast<void*>(vaddr)), len, prot});
-  host_index_.add(vaddr, iova, len);
+  // The kernel's answer when it cannot allocate its vfio_dma record: ENOMEM.
+  const HostIndex::Added indexed = host_index_.add(vaddr, iova, len);
+  if (indexed == HostIndex::Added::no_memory) {
+    g_pinned_pages.fetch_sub(len / kHostPage, std::memory_order_relaxed);
+    return fail_errno(ENOMEM, "VFIO_IOMMU_MAP_DMA (simulated) iova {:#x} len {:#x}: no memory for the mapping",
+                      iova, len);
+  }
+  try {
+    maps_.emplace_hint(it, iova, Mapping{static_cast<std::byte*>(const_cast<void*>(vaddr)), len, prot});
+  } catch (const std::bad_alloc&) {
+    if (indexed == HostIndex::Added::yes) host_index_.remove(vaddr);
+    g_pinned_pages.fetch_sub(len / kHostPage, std::memory_order_relaxed);
+    return fail_errno(ENOMEM, "VFIO_IOMMU_MAP_DMA (simulated) iova {:#x} len {:#x}: no memory for the mapping",
+                      iova, len);
+  }
   ++map_calls_;
   mapped_bytes_ += len;
   return ok();
@@ -182,6 +198,8 @@ Status SimDomain::unmap(uint64_t iova, uint64_t len) {
   std::lock_guard lk(mu_);
   ++unmap_calls_;
   DMAKIT_TRY(check_range(info_, nullptr, iova, len, 0, "unmap"));
+  if (const int err = base::fault::inject(base::fault::Point::sim_unmap))
+    return fail_errno(err, "VFIO_IOMMU_UNMAP_DMA (simulated) iova {:#x} len {:#x}", iova, len);
   const uint64_t last = iova + len - 1;
   // type1v2: the range may not start or end inside a mapping.
   auto it = maps_.upper_bound(iova);

@@ -210,10 +210,28 @@ Status Container::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t p
   m.iova = iova;
   m.size = len;
   std::lock_guard lock(mu_);
+  // The records first: once the kernel has mapped, nothing may fail. Each
+  // is undone on failure only if this call made it (an IOVA already mapped
+  // is the kernel's EEXIST below, and its records stay).
+  const HostIndex::Added indexed = host_index_.add(vaddr, iova, len);
+  if (indexed == HostIndex::Added::no_memory)
+    return fail_errno(ENOMEM, "map iova {:#x} len {:#x} on {}: no host memory for its record", iova, len, path_);
+  auto undo_index = [&] {
+    if (indexed == HostIndex::Added::yes) host_index_.remove(vaddr);
+  };
+  std::pair<decltype(live_)::iterator, bool> rec;
+  try {
+    rec = live_.try_emplace(iova, len);
+  } catch (const std::bad_alloc&) {
+    undo_index();
+    return fail_errno(ENOMEM, "map iova {:#x} len {:#x} on {}: no host memory for its record", iova, len, path_);
+  }
   // The kernel pins the pages, charges them to RLIMIT_MEMLOCK and programs the
   // IOMMU; from its return on, the device may access the memory.
   if (::ioctl(fd_.get(), VFIO_IOMMU_MAP_DMA, &m) != 0) {
     const int err = errno;
+    if (rec.second) live_.erase(rec.first);
+    undo_index();
     std::string hint;
     if (err == ENOMEM || err == EPERM) {
       auto mem = pci::current_memlock();
@@ -224,8 +242,6 @@ Status Container::map(const void* vaddr, uint64_t iova, uint64_t len, uint32_t p
     return fail_errno(err, "VFIO_IOMMU_MAP_DMA iova {:#x} len {:#x} vaddr {:#x} on {}{}", iova, len,
                       m.vaddr, path_, hint);
   }
-  live_[iova] = len;
-  host_index_.add(vaddr, iova, len);
   mapped_bytes_ += len;
   ++map_calls_;
   return ok();

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <bit>
 #include <mutex>
+#include <new>
 #include <unordered_map>
 
 #include "alloc_buffer/buffer_allocator.hpp"
@@ -34,13 +35,20 @@ class BufferBacking final : public Backing {
                   "contiguous run",
                   len, buf->chunks().size());
     Region r{buf->vaddr(), buf->iova(), len};
-    std::lock_guard lock(mu_);
-    held_.emplace(reinterpret_cast<uintptr_t>(r.vaddr), std::move(*buf));
+    // Boxed now, so that abandon() can keep it forever without allocating.
+    // Out of host memory the buffer goes back to the allocator as it unwinds.
+    try {
+      auto box = std::make_unique<alloc_buffer::Buffer>(std::move(*buf));
+      std::lock_guard lock(mu_);
+      held_.emplace(reinterpret_cast<uintptr_t>(r.vaddr), std::move(box));
+    } catch (const std::bad_alloc&) {
+      return fail(Errc::no_memory, "buffer allocator: no host memory to record a chunk of {} bytes", len);
+    }
     return r;
   }
 
   void release(const Region& r) override {
-    alloc_buffer::Buffer dying;  // returned to the allocator outside the lock
+    std::unique_ptr<alloc_buffer::Buffer> dying;  // returned to the allocator outside the lock
     std::lock_guard lock(mu_);
     auto it = held_.find(reinterpret_cast<uintptr_t>(r.vaddr));
     if (it == held_.end()) return;
@@ -54,7 +62,7 @@ class BufferBacking final : public Backing {
     if (it == held_.end()) return;
     // Deliberate leak: the buffer is never destroyed, so its memory and IOVA
     // mapping are never given to another owner while a device may use them.
-    (void)std::make_unique<alloc_buffer::Buffer>(std::move(it->second)).release();
+    (void)it->second.release();
     held_.erase(it);
   }
 
@@ -71,7 +79,7 @@ class BufferBacking final : public Backing {
   alloc_buffer::BufferAllocator& buffers_;
   const uint64_t dma_limit_;
   std::mutex mu_;
-  std::unordered_map<uintptr_t, alloc_buffer::Buffer> held_;
+  std::unordered_map<uintptr_t, std::unique_ptr<alloc_buffer::Buffer>> held_;
 };
 
 }  // namespace
@@ -83,7 +91,13 @@ std::unique_ptr<Backing> make_buffer_backing(alloc_buffer::BufferAllocator& buff
 Result<std::unique_ptr<DmaPool>> DmaPool::create(alloc_buffer::BufferAllocator& buffers, std::string name,
                                                  size_t size, size_t align, size_t boundary,
                                                  const PoolOptions& opts) {
-  return create(make_buffer_backing(buffers, opts.dma_limit), std::move(name), size, align, boundary, opts);
+  // The backing and what it asks the allocator (its orders) allocate; all
+  // of it is owned, so out of host memory nothing stays behind.
+  try {
+    return create(make_buffer_backing(buffers, opts.dma_limit), name, size, align, boundary, opts);
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "pool '{}': out of host memory for its backing", name);
+  }
 }
 
 }  // namespace dmakit::pool

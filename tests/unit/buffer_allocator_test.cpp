@@ -21,6 +21,7 @@
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"
 #include "pool/dma_pool.hpp"
+#include "base/clock.hpp"
 
 using namespace dmakit;
 using namespace dmakit::alloc_buffer;
@@ -194,6 +195,7 @@ TEST_F(BufferTest, BackoffSkipsAFailedOrder) {
 }
 
 TEST_F(BufferTest, BackoffExpiresAndTheOrderIsProbedAgain) {
+  base::ManualClock clock;
   settings_.backoff_ms = 1;
   make();
   fault_[0]->fail_after(0);
@@ -201,7 +203,11 @@ TEST_F(BufferTest, BackoffExpiresAndTheOrderIsProbedAgain) {
   ASSERT_TRUE(a);
   EXPECT_EQ(a->chunks()[0].order, M);
   fault_[0]->heal();
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the 1 ms back-off
+  clock.advance(std::chrono::microseconds(999));
+  auto held = alloc_->alloc({.len = 4 * M});
+  ASSERT_TRUE(held);
+  EXPECT_EQ(fault_[0]->attempts(), 1u) << "2M is still in back-off";
+  clock.advance(std::chrono::microseconds(1));  // the 1 ms back-off is over
   auto b = alloc_->alloc({.len = 4 * M});
   ASSERT_TRUE(b);
   EXPECT_EQ(fault_[0]->attempts(), 3u) << "probed again and served";

@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "alloc_buffer/buffer_allocator.hpp"
+#include "base/fault_inject.hpp"
 #include "base/eal.hpp"
 #include "buffer_support.hpp"
 #include "hugepage_reservation.hpp"
@@ -51,6 +52,23 @@ class HugeBufferTest : public buftest::RealSourcesTest {
     make(iommu::ArenaConfig{}, s);
   }
 };
+
+// The EAL refusing every memzone (fault point hugepage_memzone): the
+// hugepage and carved orders fail, the request is served by the anonymous
+// source, and nothing stays taken once the buffer is gone.
+TEST_F(HugeBufferTest, MemzoneFailureFallsBackToAnonymousMemory) {
+  {
+    base::fault::Arm arm(base::fault::Point::hugepage_memzone, 0, ENOMEM, base::fault::Arm::kAlways);
+    auto b = alloc_->alloc({.len = 4 * M});
+    ASSERT_TRUE(b) << b.error().what();
+    EXPECT_GT(arm.fired(), 0u);
+    for (const auto& c : b->chunks()) EXPECT_EQ(c.source, "anon-4K");
+    EXPECT_GT(alloc_->stats().order_fallbacks, 0u);
+  }
+  alloc_->trim(true);
+  for (const auto* s : alloc_->sources()) EXPECT_EQ(s->stats().live_bytes, 0u) << s->name();
+  EXPECT_EQ(sim_->stats().mappings, 0u);
+}
 
 TEST_F(HugeBufferTest, EveryOrderFromItsRealSource) {
   EXPECT_EQ(alloc_->orders(), (std::vector<uint64_t>{2 * M, M, 64 * K, 4 * K}));

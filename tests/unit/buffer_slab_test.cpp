@@ -497,7 +497,16 @@ TEST(SlabTier, SecondFreeOfASlotIsRefused) {
   // A stale copy of the record, as a second free of one buffer would bring.
   // The refused record is left alone (it may be another owner's), so the
   // copy is not freed here either.
-  auto stale = std::make_unique<Buffer::Impl>(**a);
+  auto stale = std::make_unique<Buffer::Impl>();
+  const Buffer::Impl& orig = **a;
+  stale->anchor = orig.anchor;
+  stale->size = orig.size;
+  stale->span = orig.span;
+  stale->prot = orig.prot;
+  stale->chunks = orig.chunks;
+  stale->from = orig.from;
+  stale->block = orig.block;
+  stale->slot = orig.slot;
   tier.free(std::move(*a));
   EXPECT_EQ(tier.stats().buffers_live, 0u);
   tier.free(std::move(stale));

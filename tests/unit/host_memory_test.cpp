@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "alloc_buffer/host_memory.hpp"
+#include "base/clock.hpp"
 
 using namespace dmakit;
 using alloc_buffer::HostMemoryGuard;
@@ -59,6 +60,7 @@ TEST_F(HostMemoryTest, AdmitsUpToAvailableLessReserveAndCountsWhatItAdmitted) {
 
 TEST_F(HostMemoryTest, ARequestLargerThanTheHostIsRefusedAndANewReadingCounts) {
   write(256, 180);
+  base::ManualClock clock;
   HostMemoryGuard g(path_);  // reserve = MemTotal / 16, at least 32 MiB
   auto big = g.admit(160 * MiB, "anon-4K");
   ASSERT_FALSE(big);
@@ -67,7 +69,9 @@ TEST_F(HostMemoryTest, ARequestLargerThanTheHostIsRefusedAndANewReadingCounts) {
   // The host freed memory: after the refresh interval the new figure applies
   // and the earlier admissions are in it.
   write(256, 400);
-  std::this_thread::sleep_for(HostMemoryGuard::kRefresh + std::chrono::milliseconds(5));
+  clock.advance(HostMemoryGuard::kRefresh - std::chrono::nanoseconds(1));
+  EXPECT_FALSE(g.admit(300 * MiB, "anon-4K")) << "read again before the refresh interval";
+  clock.advance(std::chrono::nanoseconds(1));
   EXPECT_TRUE(g.admit(300 * MiB, "anon-4K"));
 }
 

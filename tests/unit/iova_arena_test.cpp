@@ -18,6 +18,7 @@
 #include "child_process.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"
+#include "base/clock.hpp"
 
 namespace dmakit::iommu {
 namespace {
@@ -388,6 +389,7 @@ TEST(IovaArena, StalePagesBoundIsExactAcrossFastAndGeneralFrees) {
 }
 
 TEST(IovaArena, StaleAgeBoundTriggersFlush) {
+  base::ManualClock clock;
   auto d = sim();
   ArenaConfig cfg = small_cfg(0x200000, 1024);
   cfg.stale_max_age = std::chrono::milliseconds(300);
@@ -402,10 +404,11 @@ TEST(IovaArena, StaleAgeBoundTriggersFlush) {
   // Operations before the bound do not flush, however many.
   std::vector<IovaSpan> more;
   for (uint32_t i = 0; i < 3 * kStaleAgeCheckEvery; ++i) more.push_back(*a->alloc({K4, 0, ~0ull}));
-  EXPECT_EQ(a->stats().flushes, 0u);
-  // Well past the bound (the coarse clock ticks every few ms), the shard
-  // notices the age within kStaleAgeCheckEvery operations.
-  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  clock.advance(std::chrono::milliseconds(299));
+  for (uint32_t i = 0; i < 2 * kStaleAgeCheckEvery; ++i) more.push_back(*a->alloc({K4, 0, ~0ull}));
+  EXPECT_EQ(a->stats().flushes, 0u) << "flushed before the age bound";
+  // At the bound, the shard notices the age within kStaleAgeCheckEvery operations.
+  clock.advance(std::chrono::milliseconds(1));
   for (uint32_t i = 0; i < kStaleAgeCheckEvery; ++i) more.push_back(*a->alloc({K4, 0, ~0ull}));
   EXPECT_EQ(a->stats().stale_pages, 0u);
   EXPECT_EQ(a->stats().flushes, 1u);
