@@ -369,6 +369,20 @@ Result<Buffer> Allocator::alloc_once(const BufferRequest& req, uint64_t span_len
   return Buffer(std::move(*built));
 }
 
+namespace {
+
+// Appends to a message or an account of a request's orders. Out of host
+// memory the text is shorter; the request goes on.
+template <class Text>
+void note(std::string& out, Text&& text) noexcept {
+  try {
+    out += text();
+  } catch (const std::bad_alloc&) {
+  }
+}
+
+}  // namespace
+
 // An allocation failed for lack of IOVA space, mapping entries or memory:
 // recycled buffers and wholly free slabs may be holding exactly what is
 // missing (their IOVA ranges, their mappings, their memory). They are
@@ -409,12 +423,15 @@ Result<Buffer> Allocator::alloc_once(const BufferRequest& req, uint64_t span_len
   }
   SlabStats ss;
   if (slab_ != nullptr) ss = slab_->stats();
-  first.message += fmt::format(
-      "; {} live buffers hold {} bytes ({} slab buffers {} bytes), recycled {} bytes, slab memory free {} of {} "
-      "bytes, waiting for the flush {} bytes{}",
-      live + ss.buffers_live, live_bytes + ss.in_use_bytes, ss.buffers_live, ss.in_use_bytes, recycled,
-      ss.slab_bytes - ss.in_use_bytes, ss.slab_bytes, pending,
-      held || stale_before != 0 ? " (after retiring the recycled memory and free slabs)" : "");
+  // Out of host memory the refusal goes without the account.
+  note(first.message, [&] {
+    return fmt::format(
+        "; {} live buffers hold {} bytes ({} slab buffers {} bytes), recycled {} bytes, slab memory free {} of {} "
+        "bytes, waiting for the flush {} bytes{}",
+        live + ss.buffers_live, live_bytes + ss.in_use_bytes, ss.buffers_live, ss.in_use_bytes, recycled,
+        ss.slab_bytes - ss.in_use_bytes, ss.slab_bytes, pending,
+        held || stale_before != 0 ? " (after retiring the recycled memory and free slabs)" : "");
+  });
   return std::unexpected(std::move(first));
 }
 
@@ -513,16 +530,6 @@ bool reserve_chunk(Buffer::Impl& b) noexcept {
   }
 }
 
-// Appends to the account of a request's orders. Out of host memory the
-// account is shorter; the request goes on.
-template <class Text>
-void note(std::string& out, Text&& text) noexcept {
-  try {
-    out += text();
-  } catch (const std::bad_alloc&) {
-  }
-}
-
 }  // namespace
 
 // Slab memory: every chunk a multiple of kSlabBlock, so no 2 MiB block
@@ -536,6 +543,7 @@ Status Allocator::gather_slab(Impl& b, uint64_t need) {
     if (auto p = slab_runs_->take(need)) {
       if (!reserve_chunk(b)) {
         slab_runs_->give(*p, need);
+        give_back(b);  // the pin admitted for the slab
         return fail(Errc::no_memory, "slab of {} bytes: out of host memory for its chunk list", need);
       }
       b.chunks.push_back(BufferChunk{*p, 0, need, kSlabBlock, slab_runs_->name()});
@@ -612,9 +620,11 @@ Result<ImplPtr> Allocator::build_slab(uint64_t len, uint64_t dma_limit) {
   auto span = arena_.alloc(iommu::IovaRequest{len, align, dma_limit});
   if (!span) {
     give_back(*b);
-    return std::unexpected(with_context(std::move(span).error(),
-                                        fmt::format("slab: IOVA range of {} bytes aligned to {}", len,
-                                                    size_name(align))));
+    Error e = std::move(span).error();
+    std::string msg;
+    note(msg, [&] { return fmt::format("slab: IOVA range of {} bytes aligned to {}: {}", len, size_name(align), e.message); });
+    if (!msg.empty()) e.message = std::move(msg);
+    return std::unexpected(std::move(e));
   }
   b->span = *span;
   uint64_t off = 0;

@@ -14,6 +14,18 @@ namespace {
 constexpr uint64_t kFirstSlab = 4ull << 20;
 constexpr uint64_t kMaxSlab = 1ull << 30;
 
+// Prefixes context onto an error; out of host memory the error stays as it
+// is (it already says what failed).
+void prefix(Error& e, std::string_view context) noexcept {
+  try {
+    std::string m;
+    m.reserve(context.size() + 2 + e.message.size());
+    m.append(context).append(": ").append(e.message);
+    e.message = std::move(m);
+  } catch (const std::bad_alloc&) {
+  }
+}
+
 }  // namespace
 
 void SlabTier::SpinLock::lock_contended() {
@@ -50,6 +62,34 @@ SlabTier::~SlabTier() {
                      "in place",
                      live);
   for (auto& s : slabs_) (void)s->mem.release();
+  // The record pools are chains: freed one by one, not recursively.
+  for (int i = 0; i < nclasses_; ++i)
+    while (ImplPtr r = pop_record(classes_[i])) r.reset();
+}
+
+ImplPtr SlabTier::pop_record(Class& c) {
+  ImplPtr r = std::move(c.records);
+  if (r != nullptr) c.records = std::move(r->next);
+  return r;
+}
+
+void SlabTier::push_record(Class& c, ImplPtr rec) {
+  rec->next = std::move(c.records);
+  c.records = std::move(rec);
+}
+
+// A record for the pool, with room for its one chunk; null out of host memory.
+ImplPtr SlabTier::new_record() noexcept {
+  try {
+    auto rec = std::make_unique<Buffer::Impl>();
+    rec->anchor = anchor_;
+    rec->chunks.resize(1);
+    rec->contiguous = true;
+    rec->prot = iommu::kReadWrite;
+    return rec;
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
 }
 
 // Under the class lock. The block has a free slot.
@@ -89,13 +129,6 @@ void SlabTier::unlink(Class& c, SlabBlock* b) {
 // for its one chunk, so filling it allocates nothing.
 ImplPtr SlabTier::fill(ImplPtr rec, const BufferRequest& req, int cls, SlabBlock* b, uint32_t slot, bool fresh) {
   const uint64_t size = classes_[cls].size;
-  if (rec == nullptr) {
-    rec = std::make_unique<Buffer::Impl>();  // only while the record pool grows
-    rec->anchor = anchor_;
-    rec->chunks.resize(1);
-    rec->contiguous = true;
-    rec->prot = iommu::kReadWrite;
-  }
   char* va = b->va + uint64_t{slot} * size;
   const uint64_t iova = b->iova + uint64_t{slot} * size;
   rec->size = req.len;
@@ -115,53 +148,67 @@ ImplPtr SlabTier::fill(ImplPtr rec, const BufferRequest& req, int cls, SlabBlock
 // dozen loads and stores of block state, no syscall, no ioctl, no heap
 // allocation (the record comes from the class's pool); plus a memset of
 // the slot for a zeroed request on reused memory. Everything else - no
-// block with a free slot under the request's dma_limit - is alloc_slow.
+// block with a free slot under the request's dma_limit, or no pooled
+// record - is alloc_slow.
 Result<ImplPtr> SlabTier::alloc(const BufferRequest& req, int cls) {
   Class& c = classes_[cls];
   c.lock.lock();
   SlabBlock* b = c.head;
   while (b != nullptr && b->iova + kSlabBlock - 1 > req.dma_limit) b = b->next;
-  if (b == nullptr) [[unlikely]] {
+  if (b == nullptr || c.records == nullptr) [[unlikely]] {
     c.lock.unlock();
     return alloc_slow(req, cls);
   }
   bool fresh = false;
   const uint32_t slot = take_slot(c, b, fresh);
-  ImplPtr rec;
-  if (!c.records.empty()) {
-    rec = std::move(c.records.back());
-    c.records.pop_back();
-  }
+  ImplPtr rec = pop_record(c);
   c.lock.unlock();
   return fill(std::move(rec), req, cls, b, slot, fresh);
 }
 
-// A block for the class: a free block of a slab under dma_limit, else a new
-// slab. Then the slot is taken as on the fast path.
+// The record first (allocated while nothing is taken), then a block for the
+// class: one with a free slot, a free block of a slab under dma_limit, else
+// a new slab. Then the slot is taken as on the fast path. On failure the
+// record goes to the pool and nothing else has changed.
 [[gnu::cold, gnu::noinline]] Result<ImplPtr> SlabTier::alloc_slow(const BufferRequest& req, int cls) {
   Class& c = classes_[cls];
-  SlabBlock* b = DMAKIT_TRY(take_block(req.dma_limit));
-  b->cls = static_cast<uint32_t>(cls);
-  b->slots = c.slots;
-  b->used = b->nfree = b->bump = 0;
-  b->allocated.fill(0);
-  if (b->free_idx == nullptr) b->free_idx = std::make_unique<uint16_t[]>(SlabBlock::kMaxSlots);
   c.lock.lock();
-  link(c, b);
-  ++c.empty;
+  ImplPtr rec = pop_record(c);
+  c.lock.unlock();
+  if (rec == nullptr) rec = new_record();
+  if (rec == nullptr)
+    return fail(Errc::no_memory, "slab buffer of {} bytes: out of host memory for its record", req.len);
+  c.lock.lock();
+  SlabBlock* b = c.head;
+  while (b != nullptr && b->iova + kSlabBlock - 1 > req.dma_limit) b = b->next;
+  if (b == nullptr) {
+    c.lock.unlock();
+    auto got = take_block(req.dma_limit);
+    if (!got) {
+      c.lock.lock();
+      push_record(c, std::move(rec));
+      c.lock.unlock();
+      return std::unexpected(std::move(got).error());
+    }
+    b = *got;
+    b->cls = static_cast<uint32_t>(cls);
+    b->slots = c.slots;
+    b->used = b->nfree = b->bump = 0;
+    b->allocated.fill(0);
+    c.lock.lock();
+    link(c, b);
+    ++c.empty;
+  }
   bool fresh = false;
   const uint32_t slot = take_slot(c, b, fresh);
-  ImplPtr rec;
-  if (!c.records.empty()) {
-    rec = std::move(c.records.back());
-    c.records.pop_back();
-  }
   c.lock.unlock();
   return fill(std::move(rec), req, cls, b, slot, fresh);
 }
 
 Result<SlabBlock*> SlabTier::take_block(uint64_t dma_limit) {
-  auto from_slabs = [&]() -> SlabBlock* {
+  uint64_t want = 0;
+  {
+    std::lock_guard lock(mu_);
     for (auto& s : slabs_) {
       for (size_t k = s->free_blocks.size(); k-- > 0;) {
         SlabBlock& b = s->blocks[s->free_blocks[k]];
@@ -171,31 +218,69 @@ Result<SlabBlock*> SlabTier::take_block(uint64_t dma_limit) {
         return &b;
       }
     }
-    return nullptr;
-  };
-  uint64_t want = 0;
+    want = std::clamp(2 * total_, kFirstSlab, kMaxSlab);
+    // Room in the slab list before a slab is built, so that publishing it
+    // cannot fail for want of host memory.
+    try {
+      slabs_.reserve(slabs_.size() + 1);
+    } catch (const std::bad_alloc&) {
+      want = 0;
+    }
+  }
+  if (want == 0) return fail(Errc::no_memory, "slab for small buffers: out of host memory for the slab list");
+  std::unique_ptr<Slab> s = DMAKIT_TRY(grow(want, dma_limit));
+  SlabBlock* mine = &s->blocks[0];
+  const uint64_t len = s->len;
+  bool published = false;
   {
     std::lock_guard lock(mu_);
-    if (SlabBlock* b = from_slabs()) return b;
-    want = std::clamp(2 * total_, kFirstSlab, kMaxSlab);
+    try {
+      slabs_.push_back(std::move(s));  // reserved above; another grower may have taken the room
+      total_ += len;
+      published = true;
+    } catch (const std::bad_alloc&) {
+    }
   }
-  // A new slab, outside the lock (it maps). Smaller ones when the size
-  // wanted cannot be had, down to one block.
-  Result<ImplPtr> mem = fail(Errc::no_memory, "no slab built");
-  for (uint64_t len = want; len >= kSlabBlock; len /= 2) {
+  if (!published) {
+    host_.retire_slab(std::move(s->mem));
+    return fail(Errc::no_memory, "slab of {} bytes: out of host memory for the slab list", len);
+  }
+  return mine;
+}
+
+// A new slab of `want` bytes, or smaller ones when that cannot be had, down
+// to one block. Its metadata is allocated first, for the size wanted, so
+// that nothing can fail once the slab is built and mapped. Block 0 is the
+// caller's; the others wait in the free list, lowest IOVA on top.
+Result<std::unique_ptr<Slab>> SlabTier::grow(uint64_t want, uint64_t dma_limit) {
+  std::unique_ptr<Slab> s;
+  try {
+    s = std::make_unique<Slab>();
+    s->blocks.resize(want / kSlabBlock);
+    s->free_blocks.reserve(want / kSlabBlock);
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "slab of {} bytes: out of host memory for its block list", want);
+  }
+  // Outside the tier's lock (it maps).
+  uint64_t len = want;
+  Result<ImplPtr> mem = host_.build_slab(len, dma_limit);
+  // Out of memory, of entries, or of IOVA space (under a dma_limit a large
+  // slab may never fit where a smaller one does): try smaller.
+  while (!mem && len > kSlabBlock &&
+         (mem.error().code == Errc::no_memory || mem.error().code == Errc::no_space ||
+          mem.error().code == Errc::invalid_argument)) {
+    len /= 2;
     mem = host_.build_slab(len, dma_limit);
-    // Out of memory, of entries, or of IOVA space (under a dma_limit a
-    // large slab may never fit where a smaller one does): try smaller.
-    if (mem || (mem.error().code != Errc::no_memory && mem.error().code != Errc::no_space &&
-                mem.error().code != Errc::invalid_argument))
-      break;
   }
-  if (!mem) return std::unexpected(with_context(std::move(mem).error(), "slab for small buffers"));
+  if (!mem) {
+    Error e = std::move(mem).error();
+    prefix(e, "slab for small buffers");
+    return std::unexpected(std::move(e));
+  }
   grows_.fetch_add(1, std::memory_order_relaxed);
-  auto s = std::make_unique<Slab>();
   s->iova = (*mem)->span.iova;
   s->len = (*mem)->span.len;
-  s->blocks.resize(s->len / kSlabBlock);
+  s->blocks.resize(s->len / kSlabBlock);  // at most the size wanted: shrinks, no allocation
   size_t k = 0;
   const auto& m = **mem;
   for (size_t ci = 0; ci < m.chunks.size(); ++ci) {
@@ -210,15 +295,9 @@ Result<SlabBlock*> SlabTier::take_block(uint64_t dma_limit) {
     }
   }
   s->mem = std::move(*mem);
-  // Block 0 is this caller's; the others wait in the free list, lowest
-  // IOVA on top.
-  for (size_t i = s->blocks.size(); i-- > 1;) s->free_blocks.push_back(static_cast<uint32_t>(i));
+  for (size_t i = s->blocks.size(); i-- > 1;) s->free_blocks.push_back(static_cast<uint32_t>(i));  // reserved
   s->used_blocks = 1;
-  SlabBlock* mine = &s->blocks[0];
-  std::lock_guard lock(mu_);
-  total_ += s->len;
-  slabs_.push_back(std::move(s));
-  return mine;
+  return s;
 }
 
 // The block serves no class any more (unlinked, no slot in use).
@@ -263,7 +342,7 @@ void SlabTier::free(ImplPtr rec) {
     spare = b;
   }
   rec->block = nullptr;
-  c.records.push_back(std::move(rec));  // grows only past the peak of live buffers
+  push_record(c, std::move(rec));  // a chain: allocates nothing
   c.lock.unlock();
   if (spare != nullptr) [[unlikely]] return_block(spare);
 }
@@ -277,42 +356,42 @@ void SlabTier::free(ImplPtr rec) {
   (void)rec.release();
 }
 
+// Allocates nothing: it runs on trim, under memory pressure and before an
+// allocation fails for want of memory.
 uint64_t SlabTier::retire_free() {
   for (int i = 0; i < nclasses_; ++i) {
     Class& c = classes_[i];
-    std::vector<SlabBlock*> empty;
     c.lock.lock();
     for (SlabBlock* b = c.head; b != nullptr;) {
       SlabBlock* next = b->next;
       if (b->used == 0) {
         unlink(c, b);
-        empty.push_back(b);
+        return_block(b);  // the tier's mutex under the class lock: the lock order
       }
       b = next;
     }
     c.empty = 0;
     c.lock.unlock();
-    for (SlabBlock* b : empty) return_block(b);
-  }
-  std::vector<std::unique_ptr<Slab>> done;
-  {
-    std::lock_guard lock(mu_);
-    for (auto it = slabs_.begin(); it != slabs_.end();) {
-      if ((*it)->used_blocks == 0) {
-        total_ -= (*it)->len;
-        done.push_back(std::move(*it));
-        it = slabs_.erase(it);
-      } else {
-        ++it;
-      }
-    }
   }
   uint64_t bytes = 0;
-  for (auto& s : done) {
+  while (std::unique_ptr<Slab> s = take_retirable()) {
     bytes += s->len;
     host_.retire_slab(std::move(s->mem));
   }
   return bytes;
+}
+
+// A wholly free slab taken off the list, or null.
+std::unique_ptr<Slab> SlabTier::take_retirable() {
+  std::lock_guard lock(mu_);
+  for (auto it = slabs_.begin(); it != slabs_.end(); ++it) {
+    if ((*it)->used_blocks != 0) continue;
+    std::unique_ptr<Slab> s = std::move(*it);
+    slabs_.erase(it);
+    total_ -= s->len;
+    return s;
+  }
+  return nullptr;
 }
 
 SlabStats SlabTier::stats() const {

@@ -90,7 +90,9 @@ struct SlabBlock {
   bool listed = false;  // in its class's list of blocks with free slots
   SlabBlock *prev = nullptr, *next = nullptr;
   std::array<uint64_t, kMaxSlots / 64> allocated{};
-  std::unique_ptr<uint16_t[]> free_idx;  // stack of freed slot indices
+  // Stack of freed slot indices; in the block (1 KiB per 2 MiB) so that a
+  // block taking a class allocates nothing.
+  std::array<uint16_t, kMaxSlots> free_idx{};
 };
 
 struct Slab {
@@ -142,17 +144,22 @@ class SlabTier {
     SlabBlock* head = nullptr;      // blocks with a free slot
     uint32_t empty = 0;             // listed blocks with no slot in use
     uint64_t live = 0;
-    std::vector<ImplPtr> records;   // pooled Buffer records
+    ImplPtr records;                // pooled Buffer records, chained through Impl::next
   };
 
   Result<ImplPtr> alloc_slow(const BufferRequest& req, int cls);
   Result<SlabBlock*> take_block(uint64_t dma_limit);
+  Result<std::unique_ptr<Slab>> grow(uint64_t want, uint64_t dma_limit);
+  ImplPtr new_record() noexcept;
+  static ImplPtr pop_record(Class& c);
+  static void push_record(Class& c, ImplPtr rec);
   void return_block(SlabBlock* b);
   void refuse(ImplPtr rec);
   static uint32_t take_slot(Class& c, SlabBlock* b, bool& fresh);
   static void link(Class& c, SlabBlock* b);
   static void unlink(Class& c, SlabBlock* b);
   ImplPtr fill(ImplPtr rec, const BufferRequest& req, int cls, SlabBlock* b, uint32_t slot, bool fresh);
+  std::unique_ptr<Slab> take_retirable();
 
   SlabHost& host_;
   std::shared_ptr<Anchor> anchor_;

@@ -223,9 +223,12 @@ TEST_F(OutOfMemoryEal, BufferAllocatorCreate) {
 }
 
 // Buffers of every order, freed (recycled) and allocated again (recycle
-// hits), some freed past the watermark (retired), then trim(true).
+// hits), some freed past the watermark (retired), then trim(true). With the
+// default settings: the small ones come from slabs (slab growth, slot
+// alloc and free, free slabs retired by trim and by reclaim_and_retry).
 TEST_F(OutOfMemoryEal, BufferAllocatorAllocFreeRecycleTrim) {
   auto d = sim();
+  uint64_t grows = 0, reclaims = 0;
   sweep("buffer alloc/free/recycle/trim", [&](long k) {
     RunOutcome out;
     auto arena = iommu::IovaArena::create(*d, iommu::ArenaConfig{});
@@ -260,6 +263,9 @@ TEST_F(OutOfMemoryEal, BufferAllocatorAllocFreeRecycleTrim) {
       out.fired = oomtest::disarm();
       a.trim(true);
       const auto st = a.stats();
+      grows += st.slab_grows;
+      reclaims += st.reclaims;
+      EXPECT_EQ(st.slab_bytes, 0u) << "allocation " << k;
       EXPECT_EQ(st.buffers_live, 0u) << "allocation " << k;
       EXPECT_EQ(st.bytes_live, 0u) << "allocation " << k;
       EXPECT_EQ(st.recycled_bytes, 0u) << "allocation " << k;
@@ -271,6 +277,8 @@ TEST_F(OutOfMemoryEal, BufferAllocatorAllocFreeRecycleTrim) {
     }
     return out;
   });
+  EXPECT_GT(grows, 0u) << "no slab was built: the slab paths went unswept";
+  EXPECT_GT(reclaims, 0u) << "no failure was retried after retiring free slabs and recycled buffers";
 }
 
 // --- Context (simulated backend) -------------------------------------------
@@ -411,12 +419,17 @@ TEST_F(OutOfMemoryEal, CApi) {
       after.struct_size = sizeof after;
       EXPECT_EQ(dmakit_ctx_get_stats(ctx, &after), DMAKIT_OK);
       EXPECT_EQ(after.buffers_live, 0u) << "allocation " << k;
-      EXPECT_EQ(after.iova_pages_in_use * 4096, after.buffer_bytes_recycled) << "allocation " << k;  // the recycler's only
+      // Kept for reuse only: the recycler's buffers and slabs with no buffer in use.
+      EXPECT_EQ(after.buffer_slab_bytes_in_use, 0u) << "allocation " << k;
+      EXPECT_EQ(after.iova_pages_in_use * 4096, after.buffer_bytes_recycled + after.buffer_slab_bytes)
+          << "allocation " << k;
       EXPECT_EQ(after.caller_maps, 0u) << "allocation " << k;
       EXPECT_EQ(after.pools, 0u) << "allocation " << k;
-      // What stays mapped beyond the baseline is the recycler's, all of it mapped.
+      // What stays mapped beyond the baseline is the recycler's and the slabs', all of it mapped.
       if (have_before) {
-        EXPECT_EQ(after.mapped_bytes, before.mapped_bytes + after.buffer_bytes_recycled) << "allocation " << k;
+        EXPECT_EQ(after.mapped_bytes,
+                  before.mapped_bytes + after.buffer_bytes_recycled + after.buffer_slab_bytes - before.buffer_slab_bytes)
+            << "allocation " << k;
       }
       EXPECT_EQ(dmakit_ctx_destroy(ctx), DMAKIT_OK) << dmakit_last_error();
     } else {
