@@ -42,37 +42,10 @@ void print_iommu(const iommu::DomainInfo& d, const char* indent) {
   if (d.dma_avail) std::cout << indent << "DMA_AVAIL: " << *d.dma_avail << " mapping entries\n";
 }
 
-struct Preset {
-  std::string name;
-  size_t size = 0, align = 0, boundary = 0;
-};
-
-Result<std::vector<Preset>> parse_presets(const std::string& text) {
-  std::vector<Preset> out;
-  std::stringstream ss(text);
-  for (std::string item; std::getline(ss, item, ',');) {
-    std::stringstream fs(item);
-    std::vector<std::string> f;
-    for (std::string x; std::getline(fs, x, ':');) f.push_back(x);
-    if (f.size() != 4)
-      return fail(Errc::invalid_argument, "key 'pool.presets': '{}' is not name:size:align:boundary", item);
-    Preset p{f[0]};
-    try {
-      p.size = std::stoul(f[1]);
-      p.align = std::stoul(f[2]);
-      p.boundary = std::stoul(f[3]);
-    } catch (const std::exception&) {
-      return fail(Errc::invalid_argument, "key 'pool.presets': '{}' has a non-numeric field", item);
-    }
-    out.push_back(p);
-  }
-  return out;
-}
-
 // Builds a context, creates the preset pools and grows each by one chunk, so
 // the listing shows what a fresh pool of that shape carves from one buffer.
 Result<std::string> pools_listing(Tool& tool, Json& json) {
-  auto presets = DMAKIT_TRY(parse_presets(tool.cfg.pool.presets));
+  auto presets = DMAKIT_TRY(core::parse_pool_presets(tool.cfg.pool.presets));
   auto ctx = DMAKIT_TRY(core::Context::create(tool.cfg));
   for (const auto& p : presets) {
     auto pool = DMAKIT_TRY(ctx->create_pool(p.name, p.size, p.align, p.boundary));

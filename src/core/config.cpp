@@ -154,7 +154,38 @@ Status validate(const Config& c) {
   if (!(c.stress.seconds > 0.0))
     return fail(Errc::invalid_argument, "key 'stress.seconds': {} is not positive", c.stress.seconds);
   DMAKIT_TRY(parse_stress_mix(c.stress.mix));
+  DMAKIT_TRY(parse_pool_presets(c.pool.presets));
   return ok();
+}
+
+Result<std::vector<PoolPreset>> parse_pool_presets(std::string_view text) {
+  std::vector<PoolPreset> out;
+  std::string_view rest = text;
+  while (!rest.empty()) {
+    const size_t comma = rest.find(',');
+    const std::string_view item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view{} : rest.substr(comma + 1);
+    std::vector<std::string_view> f;
+    for (std::string_view r = item;;) {
+      const size_t colon = r.find(':');
+      f.push_back(r.substr(0, colon));
+      if (colon == std::string_view::npos) break;
+      r.remove_prefix(colon + 1);
+    }
+    if (f.size() != 4 || f[0].empty())
+      return fail(Errc::invalid_argument, "key 'pool.presets': '{}' is not name:size:align:boundary", item);
+    PoolPreset p{std::string(f[0])};
+    uint64_t* dst[3] = {&p.size, &p.align, &p.boundary};
+    for (int i = 0; i < 3; ++i) {
+      auto v = base::parse_value<uint64_t>("pool.presets", std::string(f[i + 1]));
+      if (!v)
+        return fail(Errc::invalid_argument, "key 'pool.presets': '{}': '{}' is not a decimal size (K, M, G allowed)",
+                    item, f[i + 1]);
+      *dst[i] = *v;
+    }
+    out.push_back(std::move(p));
+  }
+  return out;
 }
 
 Result<StressMix> parse_stress_mix(std::string_view text) {

@@ -53,4 +53,13 @@ Status validate(const Config& cfg);
 // error names the key and the text.
 Result<StressMix> parse_stress_mix(std::string_view text);
 
+// pool.presets: comma-separated name:size:align:boundary, each number
+// decimal (K, M, G allowed) as every size setting is read; the error names
+// the key and the entry.
+struct PoolPreset {
+  std::string name;
+  uint64_t size = 0, align = 0, boundary = 0;
+};
+Result<std::vector<PoolPreset>> parse_pool_presets(std::string_view text);
+
 }  // namespace dmakit::core

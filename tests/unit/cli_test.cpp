@@ -190,6 +190,11 @@ TEST(Cli, BadNumbersConfigFilesAndEalArgumentsExit2) {
       {"stress --eal.extra_args=--bogus", "'--bogus' is not passed to the EAL"},
       {"info --config /dev/zero", "/dev/zero: not a regular file"},
       {"info --device 00:03.x", "00:03.x"},
+      {"info --pool.presets x:64abc:64:0", "'64abc' is not a decimal size"},
+      {"info --pool.presets x:12x:64:0", "'12x' is not a decimal size"},
+      {"info --pool.presets x:-1:64:0", "'-1' is not a decimal size"},
+      {"info --pool.presets x:64:64", "'x:64:64' is not name:size:align:boundary"},
+      {"info --pool.presets a:64:64:0,,b:64:64:0", "'' is not name:size:align:boundary"},
   };
   for (const auto& c : cases) {
     auto r = run(c.args);
