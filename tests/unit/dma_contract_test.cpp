@@ -22,9 +22,14 @@ using namespace dmakit;
 namespace {
 
 constexpr uint64_t K = 1024;
+// A buffer with a mapping of its own: above buffer.slab_max (1 MiB by
+// default), so it is recycled or retired on its own rather than carved
+// from a slab. 2 MiB: one chunk, 512 pages of IOVA.
+constexpr uint64_t kOwn = 2048 * K;
 
 struct Mode {
   bool strict = false;
+  uint64_t slab_max = 1024 * K;  // the default; 0: every buffer has its own mapping
   uint64_t recycle_high_mb = 256;  // 0: every freed buffer is retired at once
   uint64_t stale_max_pages = 8192;
   uint32_t stale_max_age_ms = 50;
@@ -40,6 +45,7 @@ class DmaContract : public ::testing::Test {
     c.buffer.psi = false;
     c.buffer.prezero = false;
     c.buffer.recycle_high_mb = m.recycle_high_mb;
+    c.buffer.slab_max = m.slab_max;
     c.arena.strict = m.strict;
     c.arena.stale_max_pages = m.stale_max_pages;
     c.arena.stale_max_age_ms = m.stale_max_age_ms;
@@ -70,12 +76,13 @@ class DmaContract : public ::testing::Test {
 // of that size in the context gets the same memory at once.
 TEST_F(DmaContract, RecycledBufferStaysReachableAndGoesToTheNextOwnerAtOnce) {
   make({});
-  auto b = buffer(16 * K);
+  auto b = buffer(kOwn);
+  ASSERT_FALSE(b.from_slab());
   const uint64_t iova = b.iova();
   void* va = b.vaddr();
   free_buffer(b);
   EXPECT_TRUE(device_reaches(iova, va)) << "the recycler keeps the mapping";
-  auto next = buffer(16 * K);
+  auto next = buffer(kOwn);
   EXPECT_TRUE(next.recycled());
   EXPECT_EQ(next.vaddr(), va) << "a new owner while the device can reach it";
   EXPECT_EQ(next.iova(), iova);
@@ -85,13 +92,14 @@ TEST_F(DmaContract, RecycledBufferStaysReachableAndGoesToTheNextOwnerAtOnce) {
 // memory gets no new owner before that flush returned.
 TEST_F(DmaContract, RetiredBufferIsReachableUntilTheFlushAndOnlyThenReused) {
   make({.recycle_high_mb = 0});
-  auto b = buffer(16 * K);
+  auto b = buffer(kOwn);
+  ASSERT_FALSE(b.from_slab());
   const uint64_t iova = b.iova();
   void* va = b.vaddr();
   free_buffer(b);
   EXPECT_TRUE(device_reaches(iova, va)) << "lazy: the stale range stays mapped";
-  EXPECT_EQ(ctx_->buffers().stats().pending_flush_bytes, 16 * K) << "held until the flush";
-  auto other = buffer(16 * K);
+  EXPECT_EQ(ctx_->buffers().stats().pending_flush_bytes, kOwn) << "held until the flush";
+  auto other = buffer(kOwn);
   EXPECT_NE(other.vaddr(), va) << "memory behind a stale IOVA went to a new owner";
   ASSERT_TRUE(ctx_->flush());
   EXPECT_FALSE(device_reaches(iova, va)) << "dmakit_ctx_flush unmaps every stale range";
@@ -100,25 +108,29 @@ TEST_F(DmaContract, RetiredBufferIsReachableUntilTheFlushAndOnlyThenReused) {
 
 // The stale window is bounded by arena.stale_max_pages ...
 TEST_F(DmaContract, StaleWindowEndsAtTheStalePageBound) {
-  make({.recycle_high_mb = 0, .stale_max_pages = 8});
-  auto first = buffer(16 * K);  // 4 pages
+  make({.recycle_high_mb = 0, .stale_max_pages = 2 * kOwn / 4096});
+  auto first = buffer(kOwn);  // 512 pages
+  ASSERT_FALSE(first.from_slab());
   const uint64_t iova = first.iova();
   void* va = first.vaddr();
   // All buffers from one thread: one shard, whose stale pages count up.
-  auto second = buffer(16 * K);
+  auto second = buffer(kOwn);
   free_buffer(first);
-  EXPECT_TRUE(device_reaches(iova, va)) << "4 stale pages, below the bound";
-  free_buffer(second);  // 8 stale pages: the bound
+  EXPECT_TRUE(device_reaches(iova, va)) << "512 stale pages, below the bound";
+  free_buffer(second);  // 1024 stale pages: the bound
   EXPECT_FALSE(device_reaches(iova, va)) << "the shard flushed at stale_max_pages";
 }
 
 // ... and by arena.stale_max_age_ms, given kStaleAgeCheckEvery operations on
 // the shard. The buffers below stay allocated, so that the freed memory and
-// its IOVA cannot reappear under a new owner and fool the check.
+// its IOVA cannot reappear under a new owner and fool the check. Small
+// buffers with mappings of their own (slab_max = 0): each alloc is an
+// operation on the shard, as a slab buffer's is not.
 TEST_F(DmaContract, StaleWindowEndsAtTheStaleAgeBound) {
   base::ManualClock clock;
-  make({.recycle_high_mb = 0, .stale_max_age_ms = 50});
+  make({.slab_max = 0, .recycle_high_mb = 0, .stale_max_age_ms = 50});
   auto b = buffer(16 * K);
+  ASSERT_FALSE(b.from_slab());
   const uint64_t iova = b.iova();
   void* va = b.vaddr();
   free_buffer(b);
@@ -151,19 +163,67 @@ TEST_F(DmaContract, PoolBlockStaysReachableAndGoesToTheNextAllocAtOnce) {
   EXPECT_TRUE((*p)->free(*again));
 }
 
-// pool chunk (pool destroyed): an empty chunk is freed like a buffer
-// (recycled: reachable, and the next buffer of its size may get it); a chunk
-// that still holds an allocated block never gets a new owner and stays mapped.
-TEST_F(DmaContract, DestroyedPoolsChunksAreFreedAsBuffersExceptThoseWithLiveBlocks) {
+// pool chunk (pool destroyed), chunks of at most slab_max (the default for
+// small blocks): an empty chunk is freed like a slab buffer (the slab stays
+// mapped, and the next buffer of its size class gets the memory at once); a
+// chunk that still holds an allocated block never gets a new owner and
+// stays mapped, through trim and flush too.
+TEST_F(DmaContract, DestroyedPoolsSlabChunksAreFreedAsSlabBuffersExceptThoseWithLiveBlocks) {
   make({});
   auto empty = ctx_->create_pool("empty", 64, 64, 0);
   auto busy = ctx_->create_pool("busy", 64, 64, 0);
+  ASSERT_TRUE(empty && busy);
+  const uint64_t chunk = (*empty)->chunk_bytes();
+  ASSERT_LE(chunk, 1024 * K) << "the default chunk of a 64-byte pool is carved from a slab";
+  auto e = (*empty)->alloc();
+  auto live = (*busy)->alloc();
+  ASSERT_TRUE(e && live);
+  ASSERT_TRUE((*empty)->free(*e));
+  const uint64_t in_use = ctx_->buffers().stats().slab_bytes_in_use;
+  ASSERT_GE(in_use, 2 * chunk) << "both chunks are slab buffers";
+  ASSERT_TRUE(ctx_->destroy_pool(*empty));
+  ASSERT_TRUE(ctx_->destroy_pool(*busy));
+  EXPECT_EQ(ctx_->buffers().stats().slab_bytes_in_use, in_use - chunk) << "only the empty chunk was freed";
+  EXPECT_TRUE(device_reaches(e->iova, e->vaddr)) << "the slab stays mapped";
+  EXPECT_TRUE(device_reaches(live->iova, live->vaddr));
+  auto in = [&](const alloc_buffer::Buffer& b, const void* p) {
+    const auto* lo = static_cast<const char*>(b.vaddr());
+    const auto* c = static_cast<const char*>(p);
+    return c >= lo && c < lo + b.size();
+  };
+  auto next = buffer(chunk);
+  ASSERT_TRUE(next.from_slab());
+  EXPECT_TRUE(in(next, e->vaddr)) << "the freed chunk is the next slot of its class handed out";
+  EXPECT_TRUE(device_reaches(e->iova, e->vaddr));
+  ctx_->buffers().trim(true);
+  ASSERT_TRUE(ctx_->flush());
+  EXPECT_TRUE(device_reaches(live->iova, live->vaddr)) << "a chunk with a live block is never unmapped";
+  // Nor handed out again.
+  std::vector<alloc_buffer::Buffer> more;
+  for (int i = 0; i < 8; ++i) {
+    more.push_back(buffer(chunk));
+    EXPECT_FALSE(in(more.back(), live->vaddr)) << "the abandoned chunk went to a new owner";
+  }
+}
+
+// pool chunk (pool destroyed), chunks above slab_max: an empty chunk is
+// freed like a buffer (recycled: reachable, and the next buffer of its size
+// may get it; retired by trim and unmapped by the flush); a chunk that still
+// holds an allocated block never gets a new owner and stays mapped.
+TEST_F(DmaContract, DestroyedPoolsChunksAreFreedAsBuffersExceptThoseWithLiveBlocks) {
+  make({});
+  pool::PoolOptions o;
+  o.chunk_bytes = kOwn;
+  auto empty = ctx_->create_pool("empty", 64, 64, 0, o);
+  auto busy = ctx_->create_pool("busy", 64, 64, 0, o);
   ASSERT_TRUE(empty && busy);
   auto e = (*empty)->alloc();
   auto live = (*busy)->alloc();
   ASSERT_TRUE(e && live);
   ASSERT_TRUE((*empty)->free(*e));
   const uint64_t chunk = (*empty)->chunk_bytes();
+  ASSERT_EQ(chunk, kOwn);
+  ASSERT_EQ(ctx_->buffers().stats().slab_bytes_in_use, 0u) << "chunks above slab_max have mappings of their own";
   ASSERT_TRUE(ctx_->destroy_pool(*empty));
   ASSERT_TRUE(ctx_->destroy_pool(*busy));
   EXPECT_TRUE(device_reaches(e->iova, e->vaddr)) << "a recycled chunk keeps its mapping";
@@ -196,7 +256,8 @@ TEST_F(DmaContract, CallerMappingIsUnreachableWhenUnmapReturns) {
 // memory may have a new owner after the free.
 TEST_F(DmaContract, StrictArenaUnmapsRetiredRangesInsideTheFree) {
   make({.strict = true, .recycle_high_mb = 0});
-  auto b = buffer(16 * K);
+  auto b = buffer(kOwn);
+  ASSERT_FALSE(b.from_slab());
   const uint64_t iova = b.iova();
   void* va = b.vaddr();
   free_buffer(b);
@@ -209,12 +270,14 @@ TEST_F(DmaContract, StrictArenaUnmapsRetiredRangesInsideTheFree) {
 // recycler is above the arena).
 TEST_F(DmaContract, StrictArenaStillRecyclesBuffersMapped) {
   make({.strict = true});
-  auto b = buffer(16 * K);
+  auto b = buffer(kOwn);
+  ASSERT_FALSE(b.from_slab());
   const uint64_t iova = b.iova();
   void* va = b.vaddr();
   free_buffer(b);
   EXPECT_TRUE(device_reaches(iova, va));
-  auto next = buffer(16 * K);
+  auto next = buffer(kOwn);
+  EXPECT_TRUE(next.recycled());
   EXPECT_EQ(next.vaddr(), va);
 }
 
