@@ -133,8 +133,10 @@ class AnonFaults : public ::testing::Test {
     arena_ = std::move(*a);
   }
   // A fresh allocator whose only source is a fresh anonymous 4K source (so
-  // its first take reserves a region).
-  void make(bool psi = false) {
+  // its first take reserves a region). slab_max = 0: every buffer is built
+  // from the source on its own; else small buffers come from slabs, built
+  // from the source as one run each.
+  void make(bool psi = false, uint64_t slab_max = 0) {
     std::vector<std::unique_ptr<alloc_buffer::MemorySource>> v;
     auto s = alloc_buffer::make_anon_source(4 * K, true);
     ASSERT_TRUE(s);
@@ -144,6 +146,7 @@ class AnonFaults : public ::testing::Test {
     bs.psi = psi;
     bs.prezero = false;
     bs.orders = "4K";
+    bs.slab_max = slab_max;
     auto made = alloc_buffer::create_buffer_allocator(*arena_, bs, std::move(v));
     ASSERT_TRUE(made) << made.error().what();
     alloc_ = std::move(*made);
@@ -170,6 +173,31 @@ class AnonFaults : public ::testing::Test {
     EXPECT_EQ(a.fired(), times == 1 ? 1u : a.calls());
     expect_baseline();
   }
+  // The same point failing on every call while a slab for a 16K buffer is
+  // built (each smaller slab tried fails too): the error says it was the
+  // slab and names `call`, nothing stays taken; disarmed, the slab builds.
+  void expect_slab_fails(Point point, int err, std::initializer_list<std::string> call) {
+    make(false, 1024 * K);
+    {
+      Arm a(point, 0, err, Arm::kAlways);
+      auto b = alloc_->alloc({.len = 16 * K});
+      ASSERT_FALSE(b) << base::fault::name(point);
+      EXPECT_EQ(b.error().code, Errc::no_memory) << b.error().what();
+      EXPECT_TRUE(names(b.error(), {"slab"}));
+      EXPECT_TRUE(names(b.error(), call));
+      EXPECT_TRUE(names(b.error(), {std::strerror(err)}));
+      EXPECT_GE(a.fired(), 1u);
+      EXPECT_EQ(a.fired(), a.calls());
+      EXPECT_EQ(alloc_->stats().slabs, 0u);
+      expect_baseline();
+    }
+    auto b = alloc_->alloc({.len = 16 * K});
+    ASSERT_TRUE(b) << b.error().what();
+    EXPECT_TRUE(b->from_slab());
+    b = Result<alloc_buffer::Buffer>(fail(Errc::internal, "freed"));
+    expect_baseline();
+    EXPECT_EQ(alloc_->stats().slabs, 0u) << "trim retires the wholly free slab";
+  }
   std::unique_ptr<iommu::SimDomain> domain_;
   std::unique_ptr<iommu::IovaArena> arena_;
   std::unique_ptr<alloc_buffer::BufferAllocator> alloc_;
@@ -188,6 +216,19 @@ TEST_F(AnonFaults, MadviseDontforkFails) {
 }
 TEST_F(AnonFaults, MadvisePopulateFails) {
   expect_alloc_fails(Point::anon_madvise_populate, EFAULT, Errc::no_memory, {"populating"});
+}
+
+TEST_F(AnonFaults, SlabGrowthReserveMmapFails) {
+  expect_slab_fails(Point::anon_reserve_mmap, ENOMEM, {"reserving", "address space"});
+}
+TEST_F(AnonFaults, SlabGrowthCommitMprotectFails) {
+  expect_slab_fails(Point::anon_commit_mprotect, ENOMEM, {"committing"});
+}
+TEST_F(AnonFaults, SlabGrowthMadviseDontforkFails) {
+  expect_slab_fails(Point::anon_madvise_dontfork, EINVAL, {"madvise(MADV_DONTFORK)"});
+}
+TEST_F(AnonFaults, SlabGrowthMadvisePopulateFails) {
+  expect_slab_fails(Point::anon_madvise_populate, EFAULT, {"populating"});
 }
 
 TEST_F(AnonFaults, SimMapFailureGivesTheMemoryBack) {
