@@ -15,6 +15,7 @@
 #include "base/eal.hpp"
 #include "bench.hpp"
 #include "bench_buffer.hpp"
+#include "fault_source.hpp"
 #include "iommu/sim_domain.hpp"
 #include "pool/dma_pool.hpp"
 #include "timing.hpp"

@@ -255,7 +255,7 @@ class AnonSource final : public MemorySource {
     return SourceStats{live_, live_, takes_, failures_};
   }
 
-  std::vector<AddressRange> regions() const {
+  std::vector<AddressRange> regions() const override {
     std::lock_guard lock(mu_);
     std::vector<AddressRange> out;
     for (const auto& [base, r] : regions_) out.push_back({base, r.len});
@@ -731,28 +731,6 @@ std::vector<AddressRange> eal_memory_lists() {
   std::vector<AddressRange> out;
   for (const EalList& l : eal_lists()) out.push_back({l.base, l.len});
   return out;
-}
-
-std::vector<AddressRange> anon_regions(const MemorySource& source) {
-  if (const auto* fault = dynamic_cast<const FaultSource*>(&source)) return anon_regions(fault->inner());
-  if (const auto* anon = dynamic_cast<const AnonSource*>(&source)) return anon->regions();
-  return {};
-}
-
-FaultSource::FaultSource(std::unique_ptr<MemorySource> inner)
-    : inner_(std::move(inner)), name_(fmt::format("fault({})", inner_->name())) {}
-
-Result<void*> FaultSource::take(uint64_t len) {
-  attempts_.fetch_add(1, std::memory_order_relaxed);
-  uint64_t b = budget_.load(std::memory_order_relaxed);
-  while (b != kNever) {
-    if (b == 0) {
-      injected_.fetch_add(1, std::memory_order_relaxed);
-      return fail(Errc::no_memory, "{}: injected failure", name_);
-    }
-    if (budget_.compare_exchange_weak(b, b - 1, std::memory_order_relaxed)) break;
-  }
-  return inner_->take(len);
 }
 
 }  // namespace dmakit::alloc_buffer

@@ -22,8 +22,8 @@
 //                   source reserves for itself (never placed by mmap(NULL),
 //                   where the EAL may map over it); VFIO pins it when it is
 //                   mapped.
-//   FaultSource     wraps another source and fails on command (after K
-//                   successful takes, or always): for tests and benchmarks.
+// (bench/fault_source.hpp adds a source that fails on command, for the
+// benchmarks and the tests; the library never uses it.)
 //
 // Sources never free memory that is still taken: destroying a source with
 // live chunks logs them and leaves the memory in place (a device may still
@@ -52,6 +52,11 @@ struct SourceStats {
   uint64_t failures = 0;        // failed take() calls
 };
 
+struct AddressRange {
+  uintptr_t base = 0;
+  uint64_t len = 0;
+};
+
 class MemorySource {
  public:
   virtual ~MemorySource() = default;
@@ -71,20 +76,15 @@ class MemorySource {
   // Returns memory from take(), same pointer and length.
   virtual void give(void* p, uint64_t len) = 0;
   virtual SourceStats stats() const = 0;
+  // The address-space regions the source holds reserved for its pieces,
+  // lowest first (anonymous memory); empty for sources that reserve none.
+  virtual std::vector<AddressRange> regions() const { return {}; }
 };
 
 // Anonymous private memory. order >= 4 KiB; chunks are aligned to order.
 // runs: serve any multiple of order as one virtually contiguous run.
 Result<std::unique_ptr<MemorySource>> make_anon_source(uint64_t order, bool runs = true);
 
-struct AddressRange {
-  uintptr_t base = 0;
-  uint64_t len = 0;
-};
-
-// The address-space regions an anonymous source (or a FaultSource around
-// one) holds reserved for its pieces, lowest first; empty for other sources.
-std::vector<AddressRange> anon_regions(const MemorySource& source);
 
 // EAL hugepage memory of page size page_size (2 MiB or 1 GiB), reserved in
 // slabs of slab_pages pages (fewer when a slab cannot be had). Fails with
@@ -93,36 +93,6 @@ Result<std::unique_ptr<MemorySource>> make_hugepage_source(uint64_t page_size, u
 
 // Pieces of `order` bytes split from parent's chunks; parent must outlive it.
 Result<std::unique_ptr<MemorySource>> make_carved_source(MemorySource& parent, uint64_t order);
-
-// Fault injection around a real source.
-class FaultSource final : public MemorySource {
- public:
-  static constexpr uint64_t kNever = ~0ull;
-  explicit FaultSource(std::unique_ptr<MemorySource> inner);
-
-  // Succeed `k` more takes, then fail every take until changed (0 = fail now).
-  void fail_after(uint64_t k) { budget_.store(k, std::memory_order_relaxed); }
-  void heal() { budget_.store(kNever, std::memory_order_relaxed); }
-  uint64_t attempts() const { return attempts_.load(std::memory_order_relaxed); }
-  uint64_t injected() const { return injected_.load(std::memory_order_relaxed); }
-  MemorySource& inner() { return *inner_; }
-  const MemorySource& inner() const { return *inner_; }
-
-  std::string_view name() const override { return name_; }
-  uint64_t order() const override { return inner_->order(); }
-  uint64_t max_run() const override { return inner_->max_run(); }
-  bool fresh_zero() const override { return inner_->fresh_zero(); }
-  Result<void*> take(uint64_t len) override;
-  void give(void* p, uint64_t len) override { inner_->give(p, len); }
-  SourceStats stats() const override { return inner_->stats(); }
-
- private:
-  std::unique_ptr<MemorySource> inner_;
-  std::string name_;
-  std::atomic<uint64_t> budget_{kNever};
-  std::atomic<uint64_t> attempts_{0};
-  std::atomic<uint64_t> injected_{0};
-};
 
 // The EAL is started in hugepage mode and has memory lists of this page size.
 bool eal_has_page_size(uint64_t page_size);

@@ -35,6 +35,7 @@
 
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "alloc_buffer/memory_source.hpp"
+#include "fault_source.hpp"
 #include "fuzz_support.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"

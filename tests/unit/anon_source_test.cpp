@@ -64,7 +64,7 @@ TEST(AnonSource, PiecesAreAlignedToTheirOrderInsideAReservedRegion) {
       EXPECT_EQ(reinterpret_cast<uintptr_t>(*p) % order, 0u) << size_name(order);
       got.push_back(*p);
     }
-    const auto regions = anon_regions(*src);
+    const auto regions = src->regions();
     ASSERT_EQ(regions.size(), 1u);
     EXPECT_GE(regions[0].len, 1ull << 30) << "a region is at least 1 GiB unless the kernel refuses it";
     for (void* p : got) {
@@ -156,19 +156,19 @@ TEST(AnonSource, AWhollyFreeRegionIsReleasedUnlessItIsTheLast) {
   auto src = anon(4 * K);
   auto small = src->take(4 * K);
   ASSERT_TRUE(small);
-  ASSERT_EQ(anon_regions(*src).size(), 1u);
-  const uint64_t first_len = anon_regions(*src)[0].len;
+  ASSERT_EQ(src->regions().size(), 1u);
+  const uint64_t first_len = src->regions()[0].len;
   // Does not fit beside the small piece: a second region (its pages are never touched).
   auto big = src->take(first_len);
   ASSERT_TRUE(big) << big.error().what();
-  const auto two = anon_regions(*src);
+  const auto two = src->regions();
   ASSERT_EQ(two.size(), 2u);
   EXPECT_TRUE(inside(two, *big, first_len));
   src->give(*big, first_len);
   EXPECT_EQ(perms_at(*big), "") << "the second region was released";
-  ASSERT_EQ(anon_regions(*src).size(), 1u);
+  ASSERT_EQ(src->regions().size(), 1u);
   src->give(*small, 4 * K);
-  ASSERT_EQ(anon_regions(*src).size(), 1u) << "the last region stays reserved";
+  ASSERT_EQ(src->regions().size(), 1u) << "the last region stays reserved";
   EXPECT_EQ(perms_at(*small), "---p");
 }
 
@@ -232,7 +232,7 @@ int take_under_limit(uint64_t room) {
   if (room >= 8 * M) {
     // 1 GiB does not fit: regions shrink, but stay larger than a 2 MiB page.
     if (!p) return 12;
-    const auto regions = anon_regions(**src);
+    const auto regions = (*src)->regions();
     if (regions.size() != 1) return 13;
     if (regions[0].len > room || regions[0].len <= kPage2M) return 14;
     return 0;

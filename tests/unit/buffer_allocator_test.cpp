@@ -16,6 +16,7 @@
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
 #include "buffer_support.hpp"
+#include "fault_source.hpp"
 #include "child_process.hpp"
 #include "alloc_buffer/host_memory.hpp"
 #include "iommu/iova_arena.hpp"

@@ -17,6 +17,7 @@
 
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "alloc_buffer/slab.hpp"
+#include "fault_source.hpp"
 #include "base/eal.hpp"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"

@@ -262,7 +262,7 @@ TEST_F(ClobberTest, AnonymousRegionsKeepClearOfTheEal) {
   }
   const MemorySource* anon = source("anon-4K");
   ASSERT_NE(anon, nullptr);
-  const std::vector<AddressRange> regions = anon_regions(*anon);
+  const std::vector<AddressRange> regions = anon->regions();
   ASSERT_FALSE(regions.empty());
   const uint64_t largest_page = eal_has_page_size(kPage1G) ? kPage1G : kPage2M;
   for (const AddressRange& r : regions) {
