@@ -38,6 +38,27 @@ void* operator new(size_t n) { return dmakit::oomtest::checked_alloc(n, 0); }
 void* operator new[](size_t n) { return dmakit::oomtest::checked_alloc(n, 0); }
 void* operator new(size_t n, std::align_val_t a) { return dmakit::oomtest::checked_alloc(n, static_cast<size_t>(a)); }
 void* operator new[](size_t n, std::align_val_t a) { return dmakit::oomtest::checked_alloc(n, static_cast<size_t>(a)); }
+// The nothrow forms too (the arena's bitmaps use them): left to the
+// runtime, they would pair its allocator with the free() below.
+inline void* nothrow_alloc(size_t n, size_t align) noexcept {
+  try {
+    return dmakit::oomtest::checked_alloc(n, align);
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
+}
+void* operator new(size_t n, const std::nothrow_t&) noexcept { return nothrow_alloc(n, 0); }
+void* operator new[](size_t n, const std::nothrow_t&) noexcept { return nothrow_alloc(n, 0); }
+void* operator new(size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return nothrow_alloc(n, static_cast<size_t>(a));
+}
+void* operator new[](size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return nothrow_alloc(n, static_cast<size_t>(a));
+}
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, size_t) noexcept { std::free(p); }
