@@ -13,6 +13,7 @@
 #include <thread>
 #include <unistd.h>
 
+#include "nohuge_eal.hpp"
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
 #include "buffer_support.hpp"
@@ -33,13 +34,7 @@ constexpr uint64_t K = 1024, M = 1024 * 1024;
 
 class BufferTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    base::EalSettings e;
-    e.mode = "nohuge";
-    e.memory_mb = 64;
-    auto r = base::ensure_eal(e);
-    ASSERT_TRUE(r) << r.error().what();
-  }
+  static void SetUpTestSuite() { testing_support::start_nohuge_eal(); }
 
   void SetUp() override {
     auto d = iommu::SimDomain::create();

@@ -15,6 +15,7 @@
 #include <set>
 #include <thread>
 
+#include "nohuge_eal.hpp"
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "alloc_buffer/slab.hpp"
 #include "fault_source.hpp"
@@ -36,13 +37,7 @@ bool all_zero(const void* p, uint64_t len) {
 
 class SlabTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    base::EalSettings e;
-    e.mode = "nohuge";
-    e.memory_mb = 64;
-    auto r = base::ensure_eal(e);
-    ASSERT_TRUE(r) << r.error().what();
-  }
+  static void SetUpTestSuite() { testing_support::start_nohuge_eal(); }
 
   void SetUp() override {
     settings_.psi = false;

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <string>
 
+#include "nohuge_eal.hpp"
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
 #include "base/fault_inject.hpp"
@@ -119,13 +120,7 @@ TEST(FaultInject, SimUnmapFailureKeepsTheRangeStaleUntilAFlushSucceeds) {
 
 class AnonFaults : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    base::EalSettings e;
-    e.mode = "nohuge";
-    e.memory_mb = 64;
-    auto r = base::ensure_eal(e);
-    ASSERT_TRUE(r) << r.error().what();
-  }
+  static void SetUpTestSuite() { testing_support::start_nohuge_eal(); }
   void SetUp() override {
     domain_ = sim();
     auto a = iommu::IovaArena::create(*domain_, iommu::ArenaConfig{});

@@ -12,6 +12,7 @@
 #include <functional>
 #include <vector>
 
+#include "nohuge_eal.hpp"
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "base/eal.hpp"
 #include "core/context.hpp"
@@ -167,13 +168,7 @@ TEST(OutOfMemory, IovaArenaStrict) { arena_ops(true); }
 
 class OutOfMemoryEal : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    base::EalSettings e;
-    e.mode = "nohuge";
-    e.memory_mb = 64;
-    auto r = base::ensure_eal(e);
-    ASSERT_TRUE(r) << r.error().what();
-  }
+  static void SetUpTestSuite() { testing_support::start_nohuge_eal(); }
 };
 
 constexpr uint64_t K = 1024, M = 1024 * 1024;

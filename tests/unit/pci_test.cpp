@@ -8,6 +8,7 @@
 
 #include <cstring>
 
+#include "child_process.hpp"
 #include "fake_sysfs.hpp"
 #include "iommu/pci.hpp"
 
@@ -282,33 +283,11 @@ TEST_F(PciSysfs, BindReportsAProbeThatPickedAnotherDriver) {
 // Runs fn in a child process as user nobody; returns what it reported.
 template <class Fn>
 std::pair<int, std::string> as_nobody(Fn fn) {
-  int p[2];
-  if (::pipe(p) != 0) return {-1, "pipe failed"};
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::close(p[0]);
-    std::string out = "setresuid failed";
-    int code = -1;
-    if (::setresgid(65534, 65534, 65534) == 0 && ::setresuid(65534, 65534, 65534) == 0) {
-      auto [c, msg] = fn();
-      code = c;
-      out = msg;
-    }
-    std::string line = std::to_string(code) + " " + out;
-    [[maybe_unused]] ssize_t n = ::write(p[1], line.data(), line.size());
-    ::_exit(0);
-  }
-  ::close(p[1]);
-  std::string got;
-  char buf[512];
-  ssize_t n;
-  while ((n = ::read(p[0], buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
-  ::close(p[0]);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  const auto sp = got.find(' ');
-  if (sp == std::string::npos) return {-1, got};
-  return {std::stoi(got.substr(0, sp)), got.substr(sp + 1)};
+  return testing_child::run_in_child([&fn]() -> std::pair<int, std::string> {
+    if (::setresgid(65534, 65534, 65534) != 0 || ::setresuid(65534, 65534, 65534) != 0)
+      return {-1, "setresuid failed"};
+    return fn();
+  });
 }
 
 TEST_F(PciSysfs, BindWithoutPermissionSaysSo) {
