@@ -120,6 +120,8 @@ Status validate(const Config& c) {
     return fail(Errc::invalid_argument, "key 'eal.mode': '{}' is not auto, huge or nohuge", c.eal.mode);
   if (c.eal.memory_mb < 16)
     return fail(Errc::invalid_argument, "key 'eal.memory_mb': {} is below the 16 MiB minimum", c.eal.memory_mb);
+  if (c.eal.memory_mb > (1u << 20))
+    return fail(Errc::invalid_argument, "key 'eal.memory_mb': {} is above 1048576 (1 TiB)", c.eal.memory_mb);
   if (!c.eal.file_prefix.empty()) DMAKIT_TRY(base::check_file_prefix(c.eal.file_prefix));
   DMAKIT_TRY(base::check_eal_extra_args(c.eal.extra_args));
   if (!one_of(c.iommu.backend, {"auto", "vfio", "sim"}))
@@ -138,7 +140,23 @@ Status validate(const Config& c) {
   if (c.arena.iova_end != 0 && c.arena.iova_end <= c.arena.iova_start)
     return fail(Errc::invalid_argument, "key 'arena.iova_end': {:#x} is not above arena.iova_start {:#x}",
                 c.arena.iova_end, c.arena.iova_start);
+  // Bounds far above any useful value, so a slip (a byte count for a page
+  // count, milliseconds for seconds) is refused rather than run.
+  if (c.arena.large_threshold_pages > (1ull << 24))
+    return fail(Errc::invalid_argument, "key 'arena.large_threshold_pages': {} is above 16777216 pages (64 GiB)",
+                c.arena.large_threshold_pages);
+  if (c.arena.stale_max_pages > (1ull << 32))
+    return fail(Errc::invalid_argument, "key 'arena.stale_max_pages': {} is above 4294967296 pages (16 TiB)",
+                c.arena.stale_max_pages);
+  if (c.arena.stale_max_age_ms > 3600000)
+    return fail(Errc::invalid_argument, "key 'arena.stale_max_age_ms': {} is above 3600000 (an hour)",
+                c.arena.stale_max_age_ms);
   DMAKIT_TRY(check_size_list("buffer.orders", c.buffer.orders));
+  if (c.buffer.backoff_ms > 3600000)
+    return fail(Errc::invalid_argument, "key 'buffer.backoff_ms': {} is above 3600000 (an hour)", c.buffer.backoff_ms);
+  if (c.buffer.recycle_high_mb > (1ull << 24))
+    return fail(Errc::invalid_argument, "key 'buffer.recycle_high_mb': {} is above 16777216 (16 TiB)",
+                c.buffer.recycle_high_mb);
   if (c.buffer.slab_max != 0 && (c.buffer.slab_max < 4096 || c.buffer.slab_max > (2u << 20) ||
                                  (c.buffer.slab_max & (c.buffer.slab_max - 1)) != 0))
     return fail(Errc::invalid_argument, "key 'buffer.slab_max': {} is not 0 or a power of two in 4096..2097152",
@@ -149,6 +167,8 @@ Status validate(const Config& c) {
     return fail(Errc::invalid_argument, "key 'stress.max_bytes': {} is outside 4096..1T", c.stress.max_bytes);
   if (c.stress.seconds > 366.0 * 86400)
     return fail(Errc::invalid_argument, "key 'stress.seconds': {} is more than a year", c.stress.seconds);
+  if (c.stress.ops > (1ull << 48))
+    return fail(Errc::invalid_argument, "key 'stress.ops': {} is above 2^48", c.stress.ops);
   if (c.stress.threads == 0 || c.stress.threads > 256)
     return fail(Errc::invalid_argument, "key 'stress.threads': {} is outside 1..256", c.stress.threads);
   if (!(c.stress.seconds > 0.0))

@@ -89,6 +89,13 @@ TEST(Config, MalformedValuesNameFileKeyAndReason) {
       {"[eal]\nmode = \"fast\"\n", "key 'eal.mode': 'fast' is not auto, huge or nohuge"},
       {"[buffer]\norders = \"2M,3K\"\n", "key 'buffer.orders': '3K' is not a power of two"},
       {"[log]\nlevel = \"loud\"\n", "key 'log.level': unknown level 'loud'"},
+      {"[eal]\nmemory_mb = 2000000\n", "key 'eal.memory_mb': 2000000 is above 1048576"},
+      {"[arena]\nlarge_threshold_pages = 1G\n", "key 'arena.large_threshold_pages': 1073741824 is above"},
+      {"[arena]\nstale_max_pages = 8G\n", "key 'arena.stale_max_pages': 8589934592 is above"},
+      {"[arena]\nstale_max_age_ms = 86400000\n", "key 'arena.stale_max_age_ms': 86400000 is above 3600000"},
+      {"[buffer]\nbackoff_ms = 4000000\n", "key 'buffer.backoff_ms': 4000000 is above 3600000"},
+      {"[buffer]\nrecycle_high_mb = 1G\n", "key 'buffer.recycle_high_mb': 1073741824 is above"},
+      {"[stress]\nops = 1000000G\n", "key 'stress.ops': 1073741824000000 is above 2^48"},
   };
   for (const auto& c : cases) {
     TempFile f(c.text);
