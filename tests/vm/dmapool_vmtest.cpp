@@ -72,7 +72,11 @@ class PoolVfio : public ::testing::Test {
     auto arena = iommu::IovaArena::create(*domain_, iommu::ArenaConfig{});
     ASSERT_TRUE(arena) << arena.error().what();
     arena_ = std::move(*arena);
-    auto buffers = alloc_buffer::create_buffer_allocator(*arena_, alloc_buffer::BufferSettings{});
+    // Chunks as buffers of their own (no slabs), so the memory a source
+    // holds is exactly the pools' chunks (buffer_vmtest covers slabs).
+    alloc_buffer::BufferSettings bs;
+    bs.slab_max = 0;
+    auto buffers = alloc_buffer::create_buffer_allocator(*arena_, bs);
     ASSERT_TRUE(buffers) << buffers.error().what();
     buffers_ = std::move(*buffers);
 
