@@ -61,7 +61,9 @@ SlabTier::~SlabTier() {
     base::log().warn("buffer slabs: {} slab buffers live at teardown; their slabs' memory and mappings are left "
                      "in place",
                      live);
-  for (auto& s : slabs_) (void)s->mem.release();
+  // The slab's record is host bookkeeping: dropping it returns nothing to a
+  // source and unmaps nothing.
+  for (auto& s : slabs_) s->mem.reset();
   // The record pools are chains: freed one by one, not recursively.
   for (int i = 0; i < nclasses_; ++i)
     while (ImplPtr r = pop_record(classes_[i])) r.reset();

@@ -491,8 +491,8 @@ TEST(SlabTier, SecondFreeOfASlotIsRefused) {
   auto a = tier.alloc(req, cls);
   ASSERT_TRUE(a) << a.error().what();
   // A stale copy of the record, as a second free of one buffer would bring.
-  // The refused record is left alone (it may be another owner's), so the
-  // copy is not freed here either.
+  // The tier leaves a refused record alone (it may be another owner's);
+  // this test owns the copy and frees it after the refusal.
   auto stale = std::make_unique<Buffer::Impl>();
   const Buffer::Impl& orig = **a;
   stale->anchor = orig.anchor;
@@ -505,8 +505,10 @@ TEST(SlabTier, SecondFreeOfASlotIsRefused) {
   stale->slot = orig.slot;
   tier.free(std::move(*a));
   EXPECT_EQ(tier.stats().buffers_live, 0u);
+  Buffer::Impl* const refused = stale.get();
   tier.free(std::move(stale));
   EXPECT_EQ(tier.stats().double_frees, 1u);
+  std::unique_ptr<Buffer::Impl>{refused}.reset();
   EXPECT_EQ(tier.stats().buffers_live, 0u);
   auto c = tier.alloc(req, cls);
   auto d = tier.alloc(req, cls);
