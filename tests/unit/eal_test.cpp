@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "base/eal.hpp"
+#include "core/context.hpp"
 #include "base/log.hpp"
 #include "hugepage_reservation.hpp"
 
@@ -95,6 +96,26 @@ cpu_set_t affinity() {
   cpu_set_t seen;
   std::thread([&] { seen = affinity(); }).join();
   if (!CPU_EQUAL(&before, &seen)) finish(3);
+  finish(0);
+}
+
+// The same through the whole library: a Context (EAL, domain, arena,
+// buffer allocator with its threads, pools) leaves the caller's mask alone.
+[[noreturn]] void child_ThreadsAfterContextCreateMayRunOnEveryCpu() {
+  const cpu_set_t before = affinity();
+  if (CPU_COUNT(&before) < 2) finish(10);
+  core::Config cfg;
+  cfg.eal.mode = "nohuge";
+  cfg.eal.memory_mb = 64;
+  cfg.iommu.backend = "sim";
+  auto ctx = core::Context::create(cfg);
+  if (!ctx) finish(1);
+  cpu_set_t after = affinity();
+  if (!CPU_EQUAL(&before, &after)) finish(2);
+  cpu_set_t seen;
+  std::thread([&] { seen = affinity(); }).join();
+  if (!CPU_EQUAL(&before, &seen)) finish(3);
+  ctx->reset();
   finish(0);
 }
 
@@ -181,6 +202,10 @@ TEST(EalOwner, ReusesTheApplicationsEal) {
 
 TEST(EalOwner, LeavesTheCallersCpuAffinityAlone) {
   EXPECT_EXIT(child_LeavesTheCallersCpuAffinityAlone(), ::testing::ExitedWithCode(0), "");
+}
+
+TEST(EalOwner, ThreadsAfterContextCreateMayRunOnEveryCpu) {
+  EXPECT_EXIT(child_ThreadsAfterContextCreateMayRunOnEveryCpu(), ::testing::ExitedWithCode(0), "");
 }
 
 TEST(EalLog, EalMessagesReachTheDmakitLogger) {
