@@ -34,6 +34,12 @@ inline void* checked_alloc(size_t n, size_t align) {
 }
 }  // namespace dmakit::oomtest
 
+// The replacements below pair malloc with free by design; gcc's inliner
+// cannot see that the operator new it pairs a delete with is this one.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
 void* operator new(size_t n) { return dmakit::oomtest::checked_alloc(n, 0); }
 void* operator new[](size_t n) { return dmakit::oomtest::checked_alloc(n, 0); }
 void* operator new(size_t n, std::align_val_t a) { return dmakit::oomtest::checked_alloc(n, static_cast<size_t>(a)); }
