@@ -45,8 +45,9 @@ void sizes(const std::string& text) {
   if (*v % unit != 0) fuzz::violation("size '{}' = {} is not a multiple of its unit", text, *v);
   uint64_t n = 0;
   for (size_t i = 0; i < digits; ++i) {
-    if (n > (UINT64_MAX - 9) / 10) fuzz::violation("size '{}' accepted though its digits overflow", text);
-    n = n * 10 + static_cast<uint64_t>(text[i] - '0');
+    const uint64_t d = static_cast<uint64_t>(text[i] - '0');
+    if (n > (UINT64_MAX - d) / 10) fuzz::violation("size '{}' accepted though its digits overflow", text);
+    n = n * 10 + d;
   }
   if (n * unit != *v) fuzz::violation("size '{}' parsed as {}", text, *v);
 }
