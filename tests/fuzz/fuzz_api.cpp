@@ -332,6 +332,14 @@ class Model {
     freed_buf_.clear();
   }
 
+  // An IOVA handed out again was unmapped first (the arena's rule, checked
+  // by raw_alloc's map): its earlier free needs no check, and once the new
+  // owner frees it, it may stay mapped as recycled memory.
+  void forget_reused(uint64_t lo, uint64_t hi) {
+    for (auto* v : {&freed_raw_, &freed_buf_})
+      std::erase_if(*v, [&](const IovaSpan& s) { return s.iova < hi && lo < s.end(); });
+  }
+
   // ---- operations ----
   void step() {
     switch (in_.ConsumeIntegralInRange(0, 15)) {
@@ -383,6 +391,7 @@ class Model {
       if (auto fr = arena_->free(*r); !fr) violation("free of an unmapped raw range refused: {}", fr.error().what());
       return;  // out of mapping entries
     }
+    forget_reused(r->iova, r->end());
     raws_.push_back({*r, slot});
     raw_slots_ |= 1u << slot;
     check_translate(r->iova, r->len, host, iommu::kReadWrite, "raw range");
@@ -439,8 +448,11 @@ class Model {
     const uint32_t prots[] = {iommu::kReadWrite, iommu::kRead, iommu::kWrite};
     req.prot = prots[in_.ConsumeIntegralInRange(0, 2)];
     const auto before = buffers_->stats().buffers_live;
+    const auto grows = buffers_->stats().slab_grows;
     auto r = buffers_->alloc(req);
     ++allocs_since_free_;
+    // A new slab is mapped over IOVA the model cannot see (like pool growth).
+    if (buffers_->stats().slab_grows != grows) forget_freed();
     if (!r) {
       const Errc c = r.error().code;
       // invalid_argument: a dma_limit the request can never fit under.
@@ -468,6 +480,7 @@ class Model {
     }
     if (total != b.span()) violation("buffer chunks cover {:#x} of its {:#x}-byte span", total, b.span());
     check_new_iova(b.iova(), b.iova() + b.span(), "buffer");
+    forget_reused(b.iova(), b.iova() + b.span());
     if (req.zeroed)
       for (uint64_t off : {uint64_t{0}, req.len / 2, req.len - 1})
         if (*static_cast<const uint8_t*>(b.at(off)) != 0)
