@@ -295,7 +295,7 @@ void subscribe(iommu::IovaArena& arena, Allocator* a) {
   }
   // Outside the hub lock: the arena may hold its own lock while it calls out.
   if (first)
-    arena.set_flush_listener([key = &arena](std::span<const iommu::IovaSpan> ranges) {
+    (void)arena.add_flush_listener([key = &arena](std::span<const iommu::IovaSpan> ranges) {
       std::lock_guard lock(hub().mu);
       auto it = hub().subs.find(key);
       if (it == hub().subs.end()) return;

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <new>
 #include <mutex>
+#include <shared_mutex>
 #include <string_view>
 #include <thread>
 #include <utility>
@@ -325,10 +326,8 @@ class ShardedArena final : public IovaArena {
   [[gnu::noinline]] Result<IovaSpan> alloc_general(const IovaRequest& req);
   [[gnu::noinline]] Status free_general(IovaSpan range);
   Status flush() override;
-  void set_flush_listener(FlushListener listener) override {
-    std::lock_guard lk(listener_mu_);
-    listener_ = std::move(listener);
-  }
+  Result<ListenerId> add_flush_listener(FlushListener listener) override;
+  void remove_flush_listener(ListenerId id) override;
   ArenaStats stats() const override;
   uint64_t page_size() const override { return page_; }
   Domain& domain() override { return domain_; }
@@ -380,8 +379,11 @@ class ShardedArena final : public IovaArena {
   std::unique_ptr<Shard[]> shards_;
   std::vector<std::pair<uint64_t, uint64_t>> holes_;  // [pn, n) reserved between windows
   std::atomic<uint64_t> failures_{0};
-  std::mutex listener_mu_;
-  FlushListener listener_;
+  // Held shared while listeners run, exclusively to change the list: a
+  // removed listener is never running once remove_flush_listener returns.
+  std::shared_mutex listeners_mu_;
+  std::vector<std::pair<ListenerId, FlushListener>> listeners_;
+  ListenerId next_listener_ = 1;
 #ifdef DMAKIT_FUZZ_HOOKS
   // Planted bug of the fuzz build (DMAKIT_PLANT_BUG=arena-double-handout):
   // hand out the last range again while it is still in use, so the API
@@ -1045,12 +1047,24 @@ void ShardedArena::unlock_then_flush_if(Shard& p, bool due) {
 }
 
 void ShardedArena::notify(std::span<const IovaSpan> done) {
-  FlushListener l;
-  {
-    std::lock_guard lk(listener_mu_);
-    l = listener_;
+  std::shared_lock lk(listeners_mu_);
+  for (const auto& [id, listener] : listeners_) listener(done);
+}
+
+Result<IovaArena::ListenerId> ShardedArena::add_flush_listener(FlushListener listener) {
+  if (!listener) return fail(Errc::invalid_argument, "IOVA arena: empty flush listener");
+  std::unique_lock lk(listeners_mu_);
+  try {
+    listeners_.emplace_back(next_listener_, std::move(listener));
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_memory, "IOVA arena: out of host memory for a flush listener");
   }
-  if (l) l(done);
+  return next_listener_++;
+}
+
+void ShardedArena::remove_flush_listener(ListenerId id) {
+  std::unique_lock lk(listeners_mu_);
+  std::erase_if(listeners_, [id](const auto& l) { return l.first == id; });
 }
 
 Status ShardedArena::flush() {

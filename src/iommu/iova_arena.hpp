@@ -131,8 +131,10 @@ class IovaArena {
   // their IOVAs can be handed out again: memory that stood behind them may
   // now be given to a new owner. Called from whichever thread flushed, with
   // no bitmap lock held but inside the shard's flush, so it must not call
-  // back into the arena.
+  // back into the arena. Every registered listener hears every flush (each
+  // buffer allocator sharing the arena keeps its own list of what waits).
   using FlushListener = std::function<void(std::span<const IovaSpan>)>;
+  using ListenerId = uint64_t;
 
   static Result<std::unique_ptr<IovaArena>> create(Domain& domain, const ArenaConfig& cfg);
   virtual ~IovaArena() = default;
@@ -152,7 +154,12 @@ class IovaArena {
   // Flushes every shard now; returns the first unmap error.
   virtual Status flush() = 0;
 
-  virtual void set_flush_listener(FlushListener listener) = 0;
+  // Registers a listener; Errc::no_memory when its entry cannot be stored.
+  virtual Result<ListenerId> add_flush_listener(FlushListener listener) = 0;
+  // Unregisters it: once this returns, the listener is not running and is
+  // never called again, so its owner may be destroyed. An unknown id is
+  // ignored. Must not be called from inside a listener.
+  virtual void remove_flush_listener(ListenerId id) = 0;
 
   virtual ArenaStats stats() const = 0;
   virtual uint64_t page_size() const = 0;

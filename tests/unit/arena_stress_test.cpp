@@ -146,9 +146,9 @@ TEST_P(ArenaStress, ThreadsKeepTheInvariants) {
   // and mapped again by the time the listener runs, so reachability is
   // checked through map() refusing nothing, not here.)
   std::atomic<uint64_t> reported_pages{0};
-  s.arena->set_flush_listener([&](std::span<const IovaSpan> spans) {
+  ASSERT_TRUE(s.arena->add_flush_listener([&](std::span<const IovaSpan> spans) {
     for (auto& r : spans) reported_pages.fetch_add(r.len / K4);
-  });
+  }));
 
   const unsigned threads = 4;
   const uint64_t ops = 20000;

@@ -7,6 +7,8 @@
 
 #include <sys/mman.h>
 
+#include <array>
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <random>
@@ -267,7 +269,7 @@ TEST(IovaArena, ReuseOnlyAfterUnmap) {
   auto a = arena(*d, small_cfg(0x100000, 64));
   HostPage mem;
   std::set<uint64_t> flushed;  // pages the listener reported as unmapped
-  a->set_flush_listener([&](std::span<const IovaSpan> spans) {
+  ASSERT_TRUE(a->add_flush_listener([&](std::span<const IovaSpan> spans) {
     for (auto& s : spans) {
       for (uint64_t p = s.iova; p < s.end(); p += K4) {
         // Reported only after the unmap returned.
@@ -275,7 +277,7 @@ TEST(IovaArena, ReuseOnlyAfterUnmap) {
         flushed.insert(p);
       }
     }
-  });
+  }));
   std::set<uint64_t> ever_freed;
   std::mt19937_64 rng(7);
   std::vector<IovaSpan> live;
@@ -416,13 +418,75 @@ TEST(IovaArena, StaleAgeBoundTriggersFlush) {
   for (auto& m : more) ASSERT_TRUE(a->free(m));
 }
 
+// Several owners share an arena (one buffer allocator each): every
+// registered listener hears every flush, a removed one nothing more.
+TEST(IovaArena, EveryListenerHearsEveryFlushUntilRemoved) {
+  auto d = sim();
+  auto a = arena(*d, small_cfg(0x100000, 64));
+  HostPage mem;
+  std::array<uint64_t, 3> heard{};
+  std::array<IovaArena::ListenerId, 3> ids{};
+  for (size_t i = 0; i < heard.size(); ++i) {
+    auto id = a->add_flush_listener([&heard, i](std::span<const IovaSpan> s) {
+      for (const auto& r : s) heard[i] += r.len / K4;
+    });
+    ASSERT_TRUE(id);
+    ids[i] = *id;
+  }
+  EXPECT_NE(ids[0], ids[1]);
+  EXPECT_NE(ids[1], ids[2]);
+  auto free_and_flush = [&](uint64_t pages) {
+    auto r = a->alloc({pages * K4, 0, ~0ull});
+    ASSERT_TRUE(r);
+    ASSERT_TRUE(d->map(mem.get(), r->iova, K4, kRead));
+    ASSERT_TRUE(a->free(*r));
+    ASSERT_TRUE(a->flush());
+  };
+  free_and_flush(1);
+  EXPECT_EQ(heard, (std::array<uint64_t, 3>{1, 1, 1}));
+  a->remove_flush_listener(ids[1]);
+  a->remove_flush_listener(ids[1]);  // unknown now: ignored
+  free_and_flush(1);
+  EXPECT_EQ(heard, (std::array<uint64_t, 3>{2, 1, 2}));
+  EXPECT_FALSE(a->add_flush_listener({}));  // an empty function is refused
+}
+
+// remove_flush_listener waits for a listener that is running: afterwards
+// its owner may be destroyed.
+TEST(IovaArena, RemoveWaitsForARunningListener) {
+  auto d = sim();
+  auto a = arena(*d, small_cfg(0x100000, 64));
+  HostPage mem;
+  std::atomic<int> stage{0};  // 1: the listener runs; 2: it may return
+  std::atomic<bool> running_after_remove{false};
+  auto id = a->add_flush_listener([&](std::span<const IovaSpan>) {
+    stage.store(1);
+    while (stage.load() != 2) std::this_thread::yield();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    running_after_remove.store(false);
+  });
+  ASSERT_TRUE(id);
+  auto r = a->alloc({K4, 0, ~0ull});
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(d->map(mem.get(), r->iova, K4, kRead));
+  ASSERT_TRUE(a->free(*r));
+  std::thread flusher([&] { EXPECT_TRUE(a->flush()); });
+  while (stage.load() != 1) std::this_thread::yield();
+  running_after_remove.store(true);
+  stage.store(2);
+  a->remove_flush_listener(*id);
+  // The listener had to finish (and clear the flag) before remove returned.
+  EXPECT_FALSE(running_after_remove.load());
+  flusher.join();
+}
+
 TEST(IovaArena, StrictModeUnmapsAtFree) {
   auto d = sim();
   ArenaConfig cfg = small_cfg(0x200000, 1024);
   cfg.strict = true;
   auto a = arena(*d, cfg);
   std::vector<IovaSpan> reported;
-  a->set_flush_listener([&](std::span<const IovaSpan> s) { reported.insert(reported.end(), s.begin(), s.end()); });
+  ASSERT_TRUE(a->add_flush_listener([&](std::span<const IovaSpan> s) { reported.insert(reported.end(), s.begin(), s.end()); }));
   HostPage mem;
   for (int i = 0; i < 10; ++i) {
     auto r = a->alloc({2 * K4, 0, ~0ull});
