@@ -10,6 +10,7 @@
 #include "bench_buffer.hpp"
 #include "json.hpp"
 #include "core/context.hpp"
+#include "sim_config.hpp"
 
 namespace dmakit::bench {
 namespace {
@@ -31,11 +32,7 @@ double field(const Json& row, const char* name) {
 }
 
 TEST(BufferBench, SmallBufferCasesRunAndCheckTheirWork) {
-  core::Config cfg;
-  cfg.eal.mode = "nohuge";
-  cfg.eal.memory_mb = 256;
-  cfg.iommu.backend = "sim";
-  auto ctx = core::Context::create(cfg);
+  auto ctx = core::Context::create(testing_support::sim_config());
   ASSERT_TRUE(ctx.has_value()) << ctx.error().what();
   BufferBenchOptions o;
   o.many_small = 70000;  // past the simulated dma_entry_limit of 65535
@@ -88,11 +85,7 @@ TEST(BufferBench, SmallBufferCasesRunAndCheckTheirWork) {
 }
 
 TEST(BufferBench, RefusesZeroCounts) {
-  core::Config cfg;
-  cfg.eal.mode = "nohuge";
-  cfg.eal.memory_mb = 256;
-  cfg.iommu.backend = "sim";
-  auto ctx = core::Context::create(cfg);
+  auto ctx = core::Context::create(testing_support::sim_config());
   ASSERT_TRUE(ctx.has_value()) << ctx.error().what();
   BufferBenchOptions o;
   o.pairs = 0;

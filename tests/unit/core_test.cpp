@@ -8,6 +8,7 @@
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "child_process.hpp"
 #include "core/context.hpp"
+#include "sim_config.hpp"
 #include "dmakit/dmakit.h"
 #include "iommu/iova_arena.hpp"
 #include "iommu/sim_domain.hpp"
@@ -15,17 +16,7 @@
 
 using namespace dmakit;
 
-namespace {
-
-core::Config sim_config() {
-  core::Config c;
-  c.iommu.backend = "sim";
-  c.eal.mode = "nohuge";
-  c.eal.memory_mb = 256;
-  return c;
-}
-
-}  // namespace
+using testing_support::sim_config;
 
 // A Context on a 48-bit IOMMU in a process whose address space is capped
 // (RLIMIT_AS counts every mapping, as strict overcommit charges every

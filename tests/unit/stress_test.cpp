@@ -3,19 +3,14 @@
 #include <gtest/gtest.h>
 
 #include "core/context.hpp"
+#include "sim_config.hpp"
 #include "stress.hpp"
 
 using namespace dmakit;
 
 namespace {
 
-core::Config sim_config() {
-  core::Config c;
-  c.iommu.backend = "sim";
-  c.eal.mode = "nohuge";
-  c.eal.memory_mb = 256;
-  return c;
-}
+using testing_support::sim_config;
 
 // n samples 100 ms apart; f(i) gives sample i's values.
 template <class F>
