@@ -142,7 +142,7 @@ TEST_F(ArenaVfio, LazyFreeKeepsMappingUntilFlush) {
   auto arena = make_arena(quiet_config(false));
   ASSERT_TRUE(arena);
   std::vector<IovaSpan> reported;
-  arena->set_flush_listener([&](std::span<const IovaSpan> r) { reported.insert(reported.end(), r.begin(), r.end()); });
+  ASSERT_TRUE(arena->add_flush_listener([&](std::span<const IovaSpan> r) { reported.insert(reported.end(), r.begin(), r.end()); }));
 
   auto mem = DmaMemory::allocate(4 * kPage);
   ASSERT_TRUE(mem) << mem.error().what();
@@ -197,7 +197,7 @@ TEST_F(ArenaVfio, StrictFreeUnmapsAtOnce) {
   auto arena = make_arena(quiet_config(true));
   ASSERT_TRUE(arena);
   std::vector<IovaSpan> reported;
-  arena->set_flush_listener([&](std::span<const IovaSpan> r) { reported.insert(reported.end(), r.begin(), r.end()); });
+  ASSERT_TRUE(arena->add_flush_listener([&](std::span<const IovaSpan> r) { reported.insert(reported.end(), r.begin(), r.end()); }));
 
   auto mem = DmaMemory::allocate(2 * kPage);
   ASSERT_TRUE(mem) << mem.error().what();
