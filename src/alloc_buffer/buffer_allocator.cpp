@@ -316,7 +316,14 @@ void unsubscribe(iommu::IovaArena& arena, Allocator* a) {
 
 Buffer::~Buffer() {
   if (impl_ == nullptr) return;
-  std::shared_ptr<Anchor> anchor = impl_->anchor;
+  // A slab buffer goes to this thread's slab cache without the anchor: a
+  // cache attached to its tier proves the tier is alive.
+  if (impl_->block != nullptr && SlabTier::free_to_cache(impl_.get())) [[likely]] {
+    (void)impl_.release();
+    return;
+  }
+  // The record keeps the anchor alive while the lock is held.
+  Anchor* anchor = impl_->anchor.get();
   std::shared_lock lock(anchor->mu);
   // Without an owner the allocator is gone: the memory stays where it is,
   // because a device may still use it (the destructor reported it). Only
@@ -1042,6 +1049,7 @@ Allocator::~Allocator() {
     psi_thread_.join();
   }
   if (stop_fd_ >= 0) ::close(stop_fd_);
+  if (slab_ != nullptr) slab_->close_caches();  // other threads' cached slots too, so their slabs retire
   trim(true);
   slab_.reset();  // after the flush above, so retired slabs went back to their sources
   if (subscribed_) unsubscribe(arena_, this);

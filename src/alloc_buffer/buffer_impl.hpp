@@ -38,6 +38,10 @@ struct Buffer::Impl {
   // nullptr for buffers with a mapping of their own.
   SlabBlock* block = nullptr;
   uint32_t slot = 0;
+  // The slab tier the record belongs to (set when the tier makes it): its
+  // thread-cache slot and its uid.
+  uint32_t cache_slot = 0;
+  uint64_t tier_uid = 0;
   // Link while the record sits in one of the recycler's chains (buffer
   // allocator); pushing and popping a chain never allocates.
   std::unique_ptr<Impl> next;

@@ -4,6 +4,7 @@
 #include <bit>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #include "base/log.hpp"
 
@@ -28,6 +29,158 @@ void prefix(Error& e, std::string_view context) noexcept {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------
+// Thread-cache registry: tier slots, uids, and each thread's caches. The
+// registry mutex orders thread exit against tier teardown and attaching.
+
+namespace {
+
+struct Registry {
+  std::mutex mu;
+  std::vector<uint32_t> free_slots;
+  uint32_t next_slot = 1;  // 0: no caches
+  uint64_t next_uid = 1;
+};
+
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+SlabCache g_idle_cache;  // uid 0: matches no tier; never written
+
+constexpr std::array<SlabCache*, kSlabCacheSlots> idle_slots() {
+  std::array<SlabCache*, kSlabCacheSlots> a{};
+  a.fill(&g_idle_cache);
+  return a;
+}
+constinit const std::array<SlabCache*, kSlabCacheSlots> g_idle_slots = idle_slots();
+
+__thread bool tl_exiting __attribute__((tls_model("initial-exec"))) = false;
+
+}  // namespace
+
+namespace detail {
+__thread SlabCache* const* tl_slab_caches __attribute__((tls_model("initial-exec"))) = g_idle_slots.data();
+}  // namespace detail
+
+// Owns a thread's caches; at thread exit every cache still attached goes
+// back to its tier.
+struct ThreadSlabCaches {
+  std::vector<std::unique_ptr<SlabCache>> caches;  // by slot
+  std::vector<SlabCache*> ptrs;                    // what tl_slab_caches points at, once sized
+  ~ThreadSlabCaches() {
+    tl_exiting = true;
+    detail::tl_slab_caches = g_idle_slots.data();
+    std::lock_guard lock(registry().mu);
+    for (auto& c : caches)
+      if (c && c->tier != nullptr) c->tier->absorb_cache(*c);
+  }
+};
+
+namespace {
+thread_local ThreadSlabCaches tl_caches;
+}
+
+// This thread's cache for the tier, attached on first use; null when the
+// tier has no slot, the thread is exiting or host memory is short.
+SlabCache* SlabTier::own_cache() noexcept {
+  if (cache_slot_ == 0 || tl_exiting) return nullptr;
+  SlabCache* c = detail::tl_slab_caches[cache_slot_];
+  if (c->uid.load(std::memory_order_relaxed) == uid_) return c;
+  try {
+    ThreadSlabCaches& t = tl_caches;
+    if (t.caches.size() <= cache_slot_) t.caches.resize(cache_slot_ + 1);
+    if (t.ptrs.empty()) t.ptrs.assign(kSlabCacheSlots, &g_idle_cache);
+    auto& mine = t.caches[cache_slot_];
+    if (!mine) mine = std::make_unique<SlabCache>();
+    std::lock_guard lock(registry().mu);
+    caches_.reserve(caches_.size() + 1);
+    // A cache left in this slot by a destroyed tier was emptied and detached.
+    mine->tier = this;
+    mine->gen = drain_gen();
+    for (int i = 0; i < kSlabCachedClasses; ++i) {
+      const uint64_t size = i < nclasses_ ? classes_[i].size : 0;
+      mine->mags[i].n.store(0, std::memory_order_relaxed);
+      mine->mags[i].cap = size != 0 && size <= kSlabCacheMaxClass
+                              ? static_cast<uint32_t>(std::min<uint64_t>(kSlabMagazine, kSlabCacheBytes / size))
+                              : 0;
+    }
+    mine->uid.store(uid_, std::memory_order_relaxed);
+    caches_.push_back(mine.get());
+    t.ptrs[cache_slot_] = mine.get();
+    detail::tl_slab_caches = t.ptrs.data();
+    return mine.get();
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
+}
+
+// Every cached slot of c back to its block (this thread's cache, or one
+// whose thread is gone).
+void SlabTier::drain_cache(SlabCache& c) noexcept {
+  for (int i = 0; i < kSlabCachedClasses && i < nclasses_; ++i) {
+    SlabCache::Magazine& m = c.mags[i];
+    const uint32_t n = m.n.load(std::memory_order_relaxed);
+    if (n == 0) continue;
+    Class& cl = classes_[i];
+    cl.lock.lock();
+    for (uint32_t k = 0; k < n; ++k) {
+      SlabBlock* spare = give_back_locked(cl, ImplPtr(m.recs[k]));
+      if (spare != nullptr) return_block(spare);  // the tier's mutex under the class lock: the lock order
+    }
+    m.n.store(0, std::memory_order_relaxed);
+    cl.lock.unlock();
+  }
+  c.gen = drain_gen();
+}
+
+// Registry lock held: the cache's thread exits.
+void SlabTier::absorb_cache(SlabCache& c) noexcept {
+  drain_cache(c);
+  c.uid.store(0, std::memory_order_relaxed);
+  c.tier = nullptr;
+  std::erase(caches_, &c);
+}
+
+// Under the class lock. A slot back to its block, its record to the pool;
+// returns the block when it turned wholly free and the class keeps another
+// empty one (the caller returns it to its slab).
+SlabBlock* SlabTier::give_back_locked(Class& c, ImplPtr rec) noexcept {
+  SlabBlock* b = rec->block;
+  const uint32_t i = rec->slot;
+  b->free_idx[b->nfree++] = static_cast<uint16_t>(i);
+  if (!b->listed) link(c, b);
+  --c.live;
+  SlabBlock* spare = nullptr;
+  if (--b->used == 0 && ++c.empty > 1) {
+    unlink(c, b);
+    --c.empty;
+    spare = b;
+  }
+  rec->block = nullptr;
+  push_record(c, std::move(rec));  // a chain: allocates nothing
+  return spare;
+}
+
+// Teardown: no other thread uses the tier any more, so every thread's
+// cached slots go back to their blocks (retire_free then finds every free
+// slab) and every cache is detached.
+void SlabTier::close_caches() noexcept {
+  std::lock_guard lock(registry().mu);
+  while (!caches_.empty()) absorb_cache(*caches_.back());
+}
+
+uint64_t SlabTier::cached_count(int cls) const {
+  if (cls >= kSlabCachedClasses) return 0;
+  uint64_t n = 0;
+  std::lock_guard lock(registry().mu);
+  for (const SlabCache* c : caches_) n += c->mags[cls].n.load(std::memory_order_relaxed);
+  return n;
+}
+
+// ---------------------------------------------------------------------------
+
 void SlabTier::SpinLock::lock_contended() {
   for (int spins = 0;; ++spins) {
     if (!held.load(std::memory_order_relaxed) && !held.exchange(true, std::memory_order_acquire)) return;
@@ -49,14 +202,46 @@ SlabTier::SlabTier(SlabHost& host, std::shared_ptr<Anchor> anchor, uint64_t unit
     classes_[i].size = unit << i;
     classes_[i].slots = static_cast<uint32_t>(kSlabBlock / classes_[i].size);
   }
+  std::lock_guard lock(registry().mu);
+  Registry& r = registry();
+  uid_ = r.next_uid++;
+  if (!r.free_slots.empty()) {
+    cache_slot_ = r.free_slots.back();
+    r.free_slots.pop_back();
+  } else if (r.next_slot < kSlabCacheSlots) {
+    cache_slot_ = r.next_slot++;
+  }  // else: no thread caches for this tier
 }
 
 SlabTier::~SlabTier() {
-  // Called with no Buffer able to reach the tier (the anchor is cleared).
-  // Slabs with slots in use keep their memory and mapping: a device may
-  // still use them; only their records go.
+  // Called with no Buffer able to reach the tier (the anchor is cleared, and
+  // detached caches match no record). Cached slots are not in use; their
+  // records go with the tier. Slabs with slots in use keep their memory and
+  // mapping: a device may still use them; only their records go.
+  uint64_t cached = 0;
+  {
+    std::lock_guard lock(registry().mu);
+    for (SlabCache* c : caches_) {
+      for (auto& m : c->mags) {
+        const uint32_t n = m.n.load(std::memory_order_relaxed);
+        cached += n;
+        for (uint32_t k = 0; k < n; ++k) ImplPtr(m.recs[k]).reset();
+        m.n.store(0, std::memory_order_relaxed);
+      }
+      c->uid.store(0, std::memory_order_relaxed);
+      c->tier = nullptr;
+    }
+    caches_.clear();
+    if (cache_slot_ != 0) {
+      try {
+        registry().free_slots.push_back(cache_slot_);
+      } catch (const std::bad_alloc&) {  // the slot stays taken: one tier fewer gets caches
+      }
+    }
+  }
   uint64_t live = 0;
   for (int i = 0; i < nclasses_; ++i) live += classes_[i].live;
+  live -= cached;
   if (live != 0)
     base::log().warn("buffer slabs: {} slab buffers live at teardown; their slabs' memory and mappings are left "
                      "in place",
@@ -88,6 +273,8 @@ ImplPtr SlabTier::new_record() noexcept {
     rec->chunks.resize(1);
     rec->contiguous = true;
     rec->prot = iommu::kReadWrite;
+    rec->cache_slot = cache_slot_;
+    rec->tier_uid = uid_;
     return rec;
   } catch (const std::bad_alloc&) {
     return nullptr;
@@ -104,7 +291,6 @@ uint32_t SlabTier::take_slot(Class& c, SlabBlock* b, bool& fresh) {
     i = b->bump++;
     fresh = b->virgin;
   }
-  b->allocated[i / 64] |= 1ull << (i % 64);
   if (b->used++ == 0) --c.empty;
   if (b->used == b->slots) unlink(c, b);
   ++c.live;
@@ -138,6 +324,7 @@ ImplPtr SlabTier::fill(ImplPtr rec, const BufferRequest& req, int cls, SlabBlock
   rec->chunks[0] = BufferChunk{va, iova, size, size, "slab"};
   rec->block = b;
   rec->slot = slot;
+  b->owner[slot] = rec.get();
   rec->zero = fresh;
   if (req.zeroed && !fresh) {
     std::memset(va, 0, size);
@@ -146,13 +333,40 @@ ImplPtr SlabTier::fill(ImplPtr rec, const BufferRequest& req, int cls, SlabBlock
   return rec;
 }
 
-// Fast path, budget: one uncontended spin lock, a list-head test and a
+// Fast path, budget: a TLS load, the uid and magazine tests, the top
+// record's dma_limit test, a pop and five stores; no lock, no atomic read-
+// modify-write, plus a memset for a zeroed request. An empty magazine (or
+// no cache) takes the locked path.
+Result<ImplPtr> SlabTier::alloc(const BufferRequest& req, int cls) {
+  SlabCache* tc = detail::tl_slab_caches[cache_slot_];
+  if (cls < kSlabCachedClasses && tc->uid.load(std::memory_order_relaxed) == uid_) {
+    SlabCache::Magazine& m = tc->mags[cls];
+    const uint32_t n = m.n.load(std::memory_order_relaxed);
+    if (n != 0 && m.recs[n - 1]->span.end() - 1 <= req.dma_limit) [[likely]] {
+      m.n.store(n - 1, std::memory_order_relaxed);
+      return take_cached(m.recs[n - 1], req);
+    }
+  }
+  return alloc_locked(req, cls);
+}
+
+// A cached slot handed out: still bound to its record, memory dirty.
+ImplPtr SlabTier::take_cached(Buffer::Impl* r, const BufferRequest& req) {
+  ImplPtr rec(r);
+  rec->size = req.len;
+  rec->block->owner[rec->slot] = r;
+  rec->zero = req.zeroed;
+  if (req.zeroed) std::memset(rec->chunks[0].vaddr, 0, rec->span.len);
+  return rec;
+}
+
+// Locked path, budget: one uncontended spin lock, a list-head test and a
 // dozen loads and stores of block state, no syscall, no ioctl, no heap
 // allocation (the record comes from the class's pool); plus a memset of
 // the slot for a zeroed request on reused memory. Everything else - no
 // block with a free slot under the request's dma_limit, or no pooled
 // record - is alloc_slow.
-Result<ImplPtr> SlabTier::alloc(const BufferRequest& req, int cls) {
+Result<ImplPtr> SlabTier::alloc_locked(const BufferRequest& req, int cls) {
   Class& c = classes_[cls];
   c.lock.lock();
   SlabBlock* b = c.head;
@@ -196,7 +410,6 @@ Result<ImplPtr> SlabTier::alloc(const BufferRequest& req, int cls) {
     b->cls = static_cast<uint32_t>(cls);
     b->slots = c.slots;
     b->used = b->nfree = b->bump = 0;
-    b->allocated.fill(0);
     c.lock.lock();
     link(c, b);
     ++c.empty;
@@ -312,48 +525,58 @@ void SlabTier::return_block(SlabBlock* b) {
   --s->used_blocks;
 }
 
-// Fast path, the same budget as alloc: one spin lock, the slot's bit
-// checked and cleared (a slot that is not allocated is refused, so two
-// frees of one slot never make two owners), its index pushed, the record
-// pooled. Only a block turning wholly free, with another empty block
-// already kept for the class, goes back to its slab (the tier's mutex).
+// The free path behind free_to_cache, under the anchor: one class lock.
+// The record must own its slot (so two frees of one slot never make two
+// owners). With this thread's cache attached the slot goes to its magazine
+// - half of a full magazine first back to the blocks - else to its block.
+// A drain asked for by retire_free() empties the whole cache afterwards.
 void SlabTier::free(ImplPtr rec) {
   SlabBlock* b = rec->block;
   const uint32_t i = rec->slot;
-  const uint32_t cls = b->cls;  // stable while this slot is allocated; checked below when it is not
+  const uint32_t cls = b->cls;  // stable while this slot is taken; checked below when it is not
   if (cls >= static_cast<uint32_t>(nclasses_) || i >= SlabBlock::kMaxSlots) [[unlikely]] {
     refuse(std::move(rec));
     return;
   }
   Class& c = classes_[cls];
-  SlabBlock* spare = nullptr;
+  SlabCache* tc = cls < static_cast<uint32_t>(kSlabCachedClasses) ? own_cache() : nullptr;
+  SlabCache::Magazine* m = tc != nullptr && tc->mags[cls].cap != 0 ? &tc->mags[cls] : nullptr;
   c.lock.lock();
-  const uint64_t bit = 1ull << (i % 64);
-  if (b->cls != cls || (b->allocated[i / 64] & bit) == 0) [[unlikely]] {
+  if (b->cls != cls || b->owner[i] != rec.get()) [[unlikely]] {
     c.lock.unlock();
     refuse(std::move(rec));
     return;
   }
-  b->allocated[i / 64] &= ~bit;
-  b->free_idx[b->nfree++] = static_cast<uint16_t>(i);
-  if (!b->listed) link(c, b);
-  --c.live;
-  if (--b->used == 0 && ++c.empty > 1) {
-    unlink(c, b);
-    --c.empty;
-    spare = b;
+  b->owner[i] = nullptr;
+  if (m == nullptr) {
+    SlabBlock* spare = give_back_locked(c, std::move(rec));
+    if (spare != nullptr) return_block(spare);
+    c.lock.unlock();
+    return;
   }
-  rec->block = nullptr;
-  push_record(c, std::move(rec));  // a chain: allocates nothing
+  uint32_t n = m->n.load(std::memory_order_relaxed);
+  if (n == m->cap) {  // the older half back to the blocks
+    const uint32_t half = (n + 1) / 2;
+    for (uint32_t k = 0; k < half; ++k) {
+      SlabBlock* spare = give_back_locked(c, ImplPtr(m->recs[k]));
+      if (spare != nullptr) return_block(spare);
+    }
+    std::copy(m->recs.begin() + half, m->recs.begin() + n, m->recs.begin());
+    n -= half;
+  }
+  m->recs[n] = rec.release();
+  m->n.store(n + 1, std::memory_order_relaxed);
   c.lock.unlock();
-  if (spare != nullptr) [[unlikely]] return_block(spare);
+  if (tc->gen != drain_gen()) drain_cache(*tc);
 }
 
-// A free of a slot that is not allocated: counted, logged, nothing changed.
+// A free by a record that does not own its slot (a second free, a stale
+// copy): counted, logged, nothing changed.
 // The record is left alone (never freed): another owner may hold it.
 [[gnu::cold, gnu::noinline]] void SlabTier::refuse(ImplPtr rec) {
   double_frees_.fetch_add(1, std::memory_order_relaxed);
-  base::log().error("buffer slabs: free of slot {} at IOVA {:#x}, which is not allocated; refused", rec->slot,
+  base::log().error("buffer slabs: free of slot {} at IOVA {:#x} by a buffer that does not own it (freed twice?); "
+                    "refused", rec->slot,
                     rec->span.iova);
   (void)rec.release();
 }
@@ -361,6 +584,12 @@ void SlabTier::free(ImplPtr rec) {
 // Allocates nothing: it runs on trim, under memory pressure and before an
 // allocation fails for want of memory.
 uint64_t SlabTier::retire_free() {
+  // Other threads give their cached slots back at their next free.
+  drain_gen_.fetch_add(1, std::memory_order_relaxed);
+  if (cache_slot_ != 0) {
+    SlabCache* tc = detail::tl_slab_caches[cache_slot_];
+    if (tc->uid.load(std::memory_order_relaxed) == uid_) drain_cache(*tc);
+  }
   for (int i = 0; i < nclasses_; ++i) {
     Class& c = classes_[i];
     c.lock.lock();
@@ -401,9 +630,12 @@ SlabStats SlabTier::stats() const {
   for (int i = 0; i < nclasses_; ++i) {
     Class& c = classes_[i];
     c.lock.lock();
-    st.buffers_live += c.live;
-    st.in_use_bytes += c.live * c.size;
+    const uint64_t taken = c.live;
     c.lock.unlock();
+    // Slots in thread caches are taken from their blocks but not in use.
+    const uint64_t live = taken - std::min(taken, cached_count(i));
+    st.buffers_live += live;
+    st.in_use_bytes += live * c.size;
   }
   {
     std::lock_guard lock(mu_);

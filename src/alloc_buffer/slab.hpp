@@ -20,14 +20,31 @@
 // memory pressure, and before an allocation fails).
 //
 // Metadata out of band: block and slot state (an index stack of free slots,
-// an allocated bit per slot) lives in host memory apart from the DMA memory,
-// which a device may overwrite whole.
+// the owner record of each slot) lives in host memory apart from the DMA
+// memory, which a device may overwrite whole.
 //
 // Threads and locks. Each class has a spin lock guarding its blocks' slot
 // state, its list of blocks with free slots and its pool of Buffer records;
 // the tier's mutex guards the slab list and the slabs' free blocks. The
 // class lock is taken before the tier's and never across a call out (build,
 // retire, memset).
+//
+// Thread caches. A thread keeps the slots it freed, with their records, in
+// a magazine per class of at most 64 KiB (up to 256 KiB per class: 64 slots
+// of 4 KiB, 4 of 64 KiB), and its next allocation of that class takes one
+// back: an alloc+free pair then takes no lock and no atomic read-modify-
+// write. A cached slot stays taken from its block (its slab stays mapped)
+// but is not in use. A full magazine gives half back under one class lock.
+// retire_free() (trim, pressure, before a failure) gives back the calling
+// thread's caches and asks every other thread to give back its own at its
+// next free; a thread's caches go back when it exits, so what other threads
+// hold is bounded by the sum above per thread. Records are matched to
+// caches by the tier's uid, never reused, so a Buffer freed after its tier
+// is gone never reaches a cache (it takes the anchor's slow path). At most
+// kSlabCacheSlots tiers have caches at once; the others work without.
+//
+// Double frees. Each slot records the record it was handed to; a free whose
+// record is not the slot's owner is refused, on every path.
 //
 // Owns: the slabs (their memory records) and their metadata, the pooled
 // Buffer records. Retiring a slab hands its memory record to the host.
@@ -72,7 +89,7 @@ struct SlabStats {
   uint64_t free_bytes = 0;    // wholly free slabs, retirable
   uint64_t buffers_live = 0;  // slots handed out
   uint64_t grows = 0;         // slabs built
-  uint64_t double_frees = 0;  // frees of a slot that was not allocated, refused
+  uint64_t double_frees = 0;  // frees by a record that does not own its slot, refused
 };
 
 struct Slab;
@@ -89,11 +106,41 @@ struct SlabBlock {
   bool virgin = false;  // fresh zero memory, no slot handed out yet since the slab was built
   bool listed = false;  // in its class's list of blocks with free slots
   SlabBlock *prev = nullptr, *next = nullptr;
-  std::array<uint64_t, kMaxSlots / 64> allocated{};
+  // The record each slot is handed to; null while the slot is free or
+  // cached. A free must bring the owner.
+  std::array<Buffer::Impl*, kMaxSlots> owner{};
   // Stack of freed slot indices; in the block (1 KiB per 2 MiB) so that a
   // block taking a class allocates nothing.
   std::array<uint16_t, kMaxSlots> free_idx{};
 };
+
+class SlabTier;
+
+inline constexpr uint32_t kSlabCacheSlots = 64;     // tiers with thread caches at once
+inline constexpr uint64_t kSlabCacheMaxClass = 64 << 10;
+inline constexpr uint64_t kSlabCacheBytes = 256 << 10;  // per class and thread
+inline constexpr uint32_t kSlabMagazine = 64;       // slots per magazine, at most
+inline constexpr int kSlabCachedClasses = 5;        // 4 KiB .. 64 KiB
+
+// One thread's cache for one tier. Only its thread touches the magazines,
+// except the tier's destructor and the thread's exit (registry lock held).
+struct SlabCache {
+  std::atomic<uint64_t> uid{0};  // the tier's uid while attached, else 0
+  SlabTier* tier = nullptr;
+  uint64_t gen = 0;              // the tier's drain request last honoured
+  struct Magazine {
+    std::atomic<uint32_t> n{0};  // written by its thread only; read by stats()
+    uint32_t cap = 0;            // 0: the class is not cached
+    std::array<Buffer::Impl*, kSlabMagazine> recs{};
+  };
+  std::array<Magazine, kSlabCachedClasses> mags;
+};
+
+namespace detail {
+// This thread's caches by tier slot; slots it has not attached (and slot 0)
+// point at an idle cache whose uid matches no tier.
+extern __thread SlabCache* const* tl_slab_caches __attribute__((tls_model("initial-exec")));
+}  // namespace detail
 
 struct Slab {
   ImplPtr mem;
@@ -119,13 +166,41 @@ class SlabTier {
     return static_cast<int>(std::bit_width(need - 1)) - unit_shift_;
   }
   Result<ImplPtr> alloc(const BufferRequest& req, int cls);
-  // Takes back a slab buffer's record (b->block set). A slot that is not
-  // allocated is refused (logged, counted) and nothing changes.
+
+  // Free fast path, budget: a TLS load, the uid, magazine and owner tests,
+  // two stores; no lock, no atomic read-modify-write. Takes the record of
+  // a slab buffer (b->block set) into this thread's cache and returns true;
+  // false sends the caller to free() under the anchor (no cache attached,
+  // magazine full, a drain asked for, or a slot this record does not own).
+  static bool free_to_cache(Buffer::Impl* b) noexcept {
+    SlabCache* tc = detail::tl_slab_caches[b->cache_slot];
+    if (tc->uid.load(std::memory_order_relaxed) != b->tier_uid) return false;
+    SlabBlock* blk = b->block;
+    const uint32_t cls = blk->cls;
+    if (cls >= kSlabCachedClasses || b->slot >= SlabBlock::kMaxSlots) return false;
+    SlabCache::Magazine& m = tc->mags[cls];
+    const uint32_t n = m.n.load(std::memory_order_relaxed);
+    if (n >= m.cap || blk->owner[b->slot] != b || tc->gen != tc->tier->drain_gen()) return false;
+    blk->owner[b->slot] = nullptr;
+    m.recs[n] = b;
+    m.n.store(n + 1, std::memory_order_relaxed);
+    return true;
+  }
+
+  // Takes back a slab buffer's record (b->block set). A slot the record does
+  // not own is refused (logged, counted) and nothing changes.
   void free(ImplPtr b);
   // Returns the cached empty blocks to their slabs and retires every wholly
   // free slab through the host. Returns the bytes retired.
   uint64_t retire_free();
   SlabStats stats() const;
+  uint64_t drain_gen() const { return drain_gen_.load(std::memory_order_relaxed); }
+
+  // Before teardown, with no other thread using the tier: every thread's
+  // cached slots back to their blocks, every cache detached.
+  void close_caches() noexcept;
+  // A thread's exit (registry lock held).
+  void absorb_cache(SlabCache& c) noexcept;
 
  private:
   struct SpinLock {
@@ -147,7 +222,13 @@ class SlabTier {
     ImplPtr records;                // pooled Buffer records, chained through Impl::next
   };
 
+  Result<ImplPtr> alloc_locked(const BufferRequest& req, int cls);
   Result<ImplPtr> alloc_slow(const BufferRequest& req, int cls);
+  ImplPtr take_cached(Buffer::Impl* rec, const BufferRequest& req);
+  SlabCache* own_cache() noexcept;
+  void drain_cache(SlabCache& c) noexcept;
+  SlabBlock* give_back_locked(Class& c, ImplPtr rec) noexcept;
+  uint64_t cached_count(int cls) const;
   Result<SlabBlock*> take_block(uint64_t dma_limit);
   Result<std::unique_ptr<Slab>> grow(uint64_t want, uint64_t dma_limit);
   ImplPtr new_record() noexcept;
@@ -168,6 +249,12 @@ class SlabTier {
   const uint64_t max_class_;
   std::unique_ptr<Class[]> classes_;
   int nclasses_ = 0;
+
+  // Thread caches: the registry slot (0: none) and the uid records carry.
+  uint32_t cache_slot_ = 0;
+  uint64_t uid_ = 0;
+  std::atomic<uint64_t> drain_gen_{0};
+  std::vector<SlabCache*> caches_;  // attached; registry lock
 
   mutable std::mutex mu_;  // slabs_, total_, Slab::free_blocks, Slab::used_blocks
   std::vector<std::unique_ptr<Slab>> slabs_;

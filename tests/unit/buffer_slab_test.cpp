@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <cstring>
 #include <set>
 #include <thread>
@@ -454,6 +456,156 @@ TEST_F(SlabTest, ContractDefaultStrict) {
   EXPECT_FALSE(reachable(big_iova, 2 * M));
 }
 
+// --- Thread caches ---------------------------------------------------------
+
+// A thread keeps the slots it frees for its own next allocations. They are
+// not in use, and they go back to their blocks when the thread exits, so
+// the slab can then be retired.
+TEST_F(SlabTest, ThreadCacheGoesBackWhenItsThreadExits) {
+  make();
+  std::thread t([&] {
+    std::vector<Buffer> v;
+    for (int i = 0; i < 16; ++i) {
+      auto b = alloc_->alloc({.len = 4 * K});
+      ASSERT_TRUE(b) << b.error().what();
+      v.push_back(std::move(*b));
+    }
+    const uint64_t last = v.back().iova();
+    v.clear();  // into this thread's cache
+    EXPECT_EQ(alloc_->stats().buffers_live, 0u);
+    EXPECT_EQ(alloc_->stats().slab_bytes_in_use, 0u);
+    auto again = alloc_->alloc({.len = 4 * K, .zeroed = true});
+    ASSERT_TRUE(again);
+    EXPECT_EQ(again->iova(), last) << "the last slot freed is the first handed out again";
+    EXPECT_TRUE(all_zero(again->vaddr(), 4 * K));
+    EXPECT_EQ(alloc_->stats().buffers_live, 1u);
+  });
+  t.join();
+  EXPECT_EQ(alloc_->stats().buffers_live, 0u);
+  alloc_->trim(true);
+  EXPECT_EQ(alloc_->stats().slabs, 0u) << "slots cached by a thread that exited keep their slab";
+}
+
+// trim() in one thread asks the others for their cached slots: a thread
+// still running gives them back at its next free.
+TEST_F(SlabTest, TrimAsksOtherThreadsForTheirCachedSlots) {
+  make();
+  std::mutex mu;
+  std::condition_variable cv;
+  int stage = 0;
+  auto wait_for = [&](int s) {
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return stage >= s; });
+  };
+  auto go = [&](int s) {
+    {
+      std::lock_guard lock(mu);
+      stage = s;
+    }
+    cv.notify_all();
+  };
+  std::thread t([&] {
+    {
+      std::vector<Buffer> v;
+      for (int i = 0; i < 8; ++i) v.push_back(std::move(*alloc_->alloc({.len = 4 * K})));
+    }
+    go(1);
+    wait_for(2);
+    { auto b = alloc_->alloc({.len = 4 * K}); }  // this free honours the request
+    go(3);
+    wait_for(4);
+  });
+  wait_for(1);
+  alloc_->trim(true);
+  EXPECT_EQ(alloc_->stats().slabs, 1u) << "a running thread's cache is its own until its next free";
+  EXPECT_EQ(alloc_->stats().slab_bytes_in_use, 0u);
+  go(2);
+  wait_for(3);
+  alloc_->trim(true);
+  EXPECT_EQ(alloc_->stats().slabs, 0u) << "the thread kept its cached slots after a drain was asked for";
+  go(4);
+  t.join();
+}
+
+// The allocator goes while another thread still caches slots: they go back
+// with it, and every slab is retired and unmapped (TearDown checks).
+TEST_F(SlabTest, AllocatorDestroyedWhileAnotherThreadCachesSlots) {
+  make();
+  std::atomic<int> stage{0};
+  std::thread t([&] {
+    {
+      std::vector<Buffer> v;
+      for (int i = 0; i < 8; ++i) v.push_back(std::move(*alloc_->alloc({.len = 4 * K})));
+    }
+    stage.store(1);
+    while (stage.load() != 2) std::this_thread::yield();
+  });
+  while (stage.load() != 1) std::this_thread::yield();
+  alloc_.reset();
+  ASSERT_TRUE(arena_->flush());
+  EXPECT_EQ(sim_->stats().mappings, 0u) << "a slab whose slots another thread cached was left mapped";
+  stage.store(2);
+  t.join();  // the thread's exit finds its cache detached
+}
+
+// Buffers allocated in one thread and freed in another: the freeing
+// thread's cache fills and gives half back at a time; no slot is ever
+// handed to two owners.
+TEST_F(SlabTest, FreedInAnotherThreadNeverSharesASlot) {
+  make();
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Buffer> handoff;
+  bool done = false;
+  std::atomic<uint64_t> bad{0};
+  std::thread consumer([&] {
+    for (;;) {
+      std::vector<Buffer> got;
+      {
+        std::unique_lock lock(mu);
+        cv.wait(lock, [&] { return done || !handoff.empty(); });
+        if (handoff.empty() && done) return;
+        got.swap(handoff);
+      }
+      for (auto& b : got) {
+        auto* p = static_cast<unsigned char*>(b.vaddr());
+        if (std::any_of(p, p + 4 * K, [&](unsigned char x) { return x != p[0]; })) ++bad;
+        auto again = alloc_->alloc({.len = 4 * K});  // from this thread's cache, once it has one
+        if (!again) { ++bad; continue; }
+        std::memset(again->vaddr(), 0x5a, 4 * K);
+      }
+    }
+  });
+  std::set<uint64_t> live;
+  for (int round = 0; round < 300; ++round) {
+    std::vector<Buffer> mine;
+    for (int i = 0; i < 32; ++i) {
+      auto b = alloc_->alloc({.len = 4 * K});
+      ASSERT_TRUE(b) << b.error().what();
+      std::memset(b->vaddr(), round & 0xff, 4 * K);
+      mine.push_back(std::move(*b));
+    }
+    for (auto& b : mine) live.insert(b.iova());
+    EXPECT_EQ(live.size(), mine.size()) << "two live buffers share a slot";
+    live.clear();
+    {
+      std::lock_guard lock(mu);
+      for (auto& b : mine) handoff.push_back(std::move(b));
+    }
+    cv.notify_one();
+  }
+  {
+    std::lock_guard lock(mu);
+    done = true;
+  }
+  cv.notify_one();
+  consumer.join();
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_EQ(alloc_->stats().buffers_live, 0u);
+  alloc_->trim(true);
+  EXPECT_EQ(alloc_->stats().slabs, 0u);
+}
+
 // --- The tier on its own: a second free of one slot is refused ----------
 
 class OneSlabHost final : public SlabHost {
@@ -520,6 +672,34 @@ TEST(SlabTier, SecondFreeOfASlotIsRefused) {
   EXPECT_EQ(tier.retire_free(), 4 * M);
   EXPECT_EQ(host.retired, 1);
   EXPECT_EQ(tier.stats().slabs, 0u);
+}
+
+// More tiers than there are thread-cache slots: the ones without a slot
+// work without caches, and every tier hands out and takes back its slots.
+TEST(SlabTier, MoreTiersThanCacheSlotsAllWork) {
+  const size_t n = kSlabCacheSlots + 8;
+  std::vector<std::unique_ptr<OneSlabHost>> hosts;
+  std::vector<std::unique_ptr<SlabTier>> tiers;
+  auto anchor = std::make_shared<Anchor>();
+  const BufferRequest req{.len = 4 * K};
+  for (size_t i = 0; i < n; ++i) {
+    hosts.push_back(std::make_unique<OneSlabHost>());
+    tiers.push_back(std::make_unique<SlabTier>(*hosts.back(), anchor, 4 * K, M));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    SlabTier& tier = *tiers[i];
+    uint64_t first = 0;
+    for (int round = 0; round < 3; ++round) {
+      auto a = tier.alloc(req, 0);
+      ASSERT_TRUE(a) << "tier " << i << ": " << a.error().what();
+      if (round == 0) first = (*a)->span.iova;
+      EXPECT_EQ((*a)->span.iova, first) << "tier " << i << " did not take its freed slot back";
+      EXPECT_EQ(tier.stats().buffers_live, 1u);
+      tier.free(std::move(*a));
+      EXPECT_EQ(tier.stats().buffers_live, 0u);
+    }
+    EXPECT_EQ(tier.retire_free(), 4 * M) << "tier " << i;
+  }
 }
 
 }  // namespace
