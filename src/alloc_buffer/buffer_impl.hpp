@@ -1,5 +1,6 @@
 // The record behind a Buffer handle, shared by the allocator's parts (the
-// builder and recycler in buffer_allocator.cpp, the slab tier in slab.cpp).
+// files allocator.hpp names: buffer_allocator.cpp, builder.cpp, recycler.cpp,
+// background.cpp) and the slab tier in slab.cpp.
 // Internal: nothing outside src/alloc_buffer includes it.
 #pragma once
 
