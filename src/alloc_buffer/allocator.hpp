@@ -1,10 +1,10 @@
 // Allocator: the one BufferAllocator, internal to src/alloc_buffer; the
 // design is in buffer_allocator.hpp. It owns the memory sources, the slab
 // tier, the recycled and flush-pending records, the zeroing and PSI threads
-// and its subscription to the arena's flush listener; not the arena.
+// and its flush listener registered with the arena; not the arena.
 //
 // Its parts, by file:
-//   buffer_allocator.cpp  Buffer's methods, the flush hub, alloc (fast path,
+//   buffer_allocator.cpp  Buffer's methods, alloc (fast path,
 //                         reclaim_and_retry), start/destruction, stats, the factory
 //   builder.cpp           buffers and slabs built from the sources: order
 //                         fallback (gather, gather_slab), IOVA, map_runs,
@@ -12,7 +12,7 @@
 //   recycler.cpp          freed buffers: release, pop_recycled, trim and the
 //                         shrinker's victims; retire, retire_slab, on_flushed
 //   background.cpp        the zeroing thread (zero_loop, wait_prezeroed) and
-//                         the memory-pressure thread (psi_loop; armed by start)
+//                         the memory-pressure thread (arm_psi, psi_loop)
 //   slab.cpp              the slab tier, which calls back through SlabHost
 #pragma once
 
@@ -110,8 +110,9 @@ class Allocator final : public BufferAllocator, public SlabHost {
 
   ~Allocator() override;
 
-  // Starts the threads and joins the arena's flush listener.
-  void start(bool psi);
+  // Registers the flush listener and starts the threads (a thread that
+  // cannot start is done without); fails only for the listener.
+  Status start(bool psi);
   // Serves requests up to slab_max from slabs (not in isolation mode, and
   // only when a source can give slab memory: 2 MiB pages or runs). `runs`:
   // a source of whole hugepage runs tried first for each slab, or null.
@@ -135,7 +136,7 @@ class Allocator final : public BufferAllocator, public SlabHost {
 
   // From Buffer's destructor, which hands over its record.
   void release(std::unique_ptr<Buffer::Impl> b);
-  // From the arena, through the listener hub.
+  // From the arena's flush, through the listener start() registered.
   void on_flushed(std::span<const iommu::IovaSpan> ranges);
 
  private:
@@ -160,6 +161,7 @@ class Allocator final : public BufferAllocator, public SlabHost {
   // into, so it may be erased. Under mu_.
   bool idle(const std::map<uint64_t, SizeClass>::iterator& it) const;
   void zero_loop();
+  void arm_psi();
   void psi_loop(int psi_fd);
   static void zero_memory(Impl& b);
 
@@ -199,7 +201,7 @@ class Allocator final : public BufferAllocator, public SlabHost {
 
   std::thread zero_thread_, psi_thread_;
   int stop_fd_ = -1;  // eventfd that wakes the PSI thread for shutdown
-  bool subscribed_ = false;
+  iommu::IovaArena::ListenerId listener_ = 0;  // 0: not registered
 };
 
 }  // namespace dmakit::alloc_buffer

@@ -1,15 +1,19 @@
 // The allocator's own threads: the zeroing thread, which turns dirty
 // recycled buffers clean, and the memory-pressure thread, which retires
-// recycled memory on a PSI event (armed by start()). The design is in
+// recycled memory on a PSI event (arm_psi, called by start()). The design is in
 // buffer_allocator.hpp; the map of the allocator's files in allocator.hpp.
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <pthread.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <mutex>
 
 #include "alloc_buffer/allocator.hpp"
+#include "base/fault_inject.hpp"
 #include "base/log.hpp"
 
 namespace dmakit::alloc_buffer {
@@ -67,6 +71,47 @@ void Allocator::psi_loop(int psi_fd) {
   }
   psi_armed_.store(false);
   ::close(psi_fd);
+}
+
+// Arms the PSI trigger and starts psi_loop; without one (no PSI, no rights,
+// no thread) memory pressure is simply not watched.
+void Allocator::arm_psi() {
+  int fd = ::open("/proc/pressure/memory", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+  static std::once_flag logged;
+  if (fd < 0) {
+    int err = errno;
+    std::call_once(logged, [err] {
+      base::log().debug("buffer allocator: no memory-pressure trigger (/proc/pressure/memory: {})",
+                        std::strerror(err));
+    });
+    return;
+  }
+  const char trig[] = "some 150000 2000000";
+  if (::write(fd, trig, sizeof trig) < 0) {
+    int err = errno;
+    std::call_once(logged, [err] {
+      base::log().debug("buffer allocator: PSI trigger refused: {}", std::strerror(err));
+    });
+    ::close(fd);
+    return;
+  }
+  if (const int err = base::fault::inject(base::fault::Point::allocator_eventfd))
+    errno = err;
+  else
+    stop_fd_ = ::eventfd(0, EFD_CLOEXEC);
+  if (stop_fd_ < 0) {
+    base::log().warn("buffer allocator: eventfd: {}; no memory-pressure trigger", std::strerror(errno));
+    ::close(fd);
+    return;
+  }
+  try {
+    psi_thread_ = std::thread([this, fd] { psi_loop(fd); });
+  } catch (const std::exception& e) {  // system_error, or bad_alloc for the thread's state
+    base::log().warn("buffer allocator: no memory-pressure thread: {}", e.what());
+    ::close(fd);
+    return;
+  }
+  psi_armed_.store(true);
 }
 
 }  // namespace dmakit::alloc_buffer

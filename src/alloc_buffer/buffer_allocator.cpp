@@ -1,12 +1,10 @@
 // BufferAllocator implementation; the design is in buffer_allocator.hpp.
-// This file: Buffer's methods, the flush hub, allocation (alloc and the
-// reclaim before a refusal), start and destruction, stats and the factory.
+// This file: Buffer's methods, allocation (alloc and the reclaim before a
+// refusal), start and destruction, stats and the factory.
 // allocator.hpp names the files of the other parts.
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "alloc_buffer/allocator.hpp"
 
-#include <fcntl.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,11 +13,9 @@
 #include <shared_mutex>
 #include <sstream>
 #include <system_error>
-#include <unordered_map>
 
 #include "base/config.hpp"
 #include "base/eal.hpp"
-#include "base/fault_inject.hpp"
 #include "base/log.hpp"
 
 namespace dmakit::alloc_buffer {
@@ -92,54 +88,6 @@ Buffer::~Buffer() {
   // the record dies, with impl_; it frees no memory and unmaps nothing.
   if (anchor->owner != nullptr) anchor->owner->release(std::move(impl_));
 }
-
-// ---------------------------------------------------------------------------
-// Flush hub.
-// The arena has one flush listener; this hub lets several allocators share
-// an arena. The hub's lock is held while a subscriber runs, so an allocator
-// that unsubscribes is never called afterwards.
-
-namespace {
-
-struct Hub {
-  std::mutex mu;
-  std::unordered_map<iommu::IovaArena*, std::vector<Allocator*>> subs;
-};
-
-Hub& hub() {
-  static Hub h;
-  return h;
-}
-
-void subscribe(iommu::IovaArena& arena, Allocator* a) {
-  bool first = false;
-  {
-    std::lock_guard lock(hub().mu);
-    auto& v = hub().subs[&arena];
-    first = v.empty();
-    v.push_back(a);
-  }
-  // Outside the hub lock: the arena may hold its own lock while it calls out.
-  if (first)
-    (void)arena.add_flush_listener([key = &arena](std::span<const iommu::IovaSpan> ranges) {
-      std::lock_guard lock(hub().mu);
-      auto it = hub().subs.find(key);
-      if (it == hub().subs.end()) return;
-      for (Allocator* s : it->second) s->on_flushed(ranges);
-    });
-}
-
-void unsubscribe(iommu::IovaArena& arena, Allocator* a) {
-  std::lock_guard lock(hub().mu);
-  auto it = hub().subs.find(&arena);
-  if (it == hub().subs.end()) return;
-  std::erase(it->second, a);
-  // The dispatcher stays installed; with no subscribers it does nothing.
-  if (it->second.empty()) hub().subs.erase(it);
-}
-
-}  // namespace
-// ------------------------------------------------------- end of the flush hub
 
 // ---------------------------------------------------------------------------
 // Allocation. Fast path: pop a recycled buffer of the same span (clean first
@@ -260,9 +208,13 @@ Allocator::Allocator(iommu::IovaArena& arena, const BufferSettings& s,
   anchor_->owner = this;
 }
 
-void Allocator::start(bool psi) {
-  subscribed_ = true;  // first: an empty hub entry left by a failed subscribe is removed too
-  subscribe(arena_, this);
+Status Allocator::start(bool psi) {
+  // One listener per allocator: the arena reports every flush to each
+  // allocator sharing it, and the records waiting for an unmap are found by
+  // the allocator that retired them.
+  listener_ = DMAKIT_TRY(arena_.add_flush_listener([this](std::span<const iommu::IovaSpan> ranges) {
+    on_flushed(ranges);
+  }));
   // A thread that cannot start (std::system_error: EAGAIN, RLIMIT_NPROC)
   // costs only its service: zeroed requests are then memset by the caller.
   if (prezero_) {
@@ -272,43 +224,8 @@ void Allocator::start(bool psi) {
       base::log().warn("buffer allocator: no pre-zeroing thread: {}", e.what());
     }
   }
-  if (!psi) return;
-  int fd = ::open("/proc/pressure/memory", O_RDWR | O_NONBLOCK | O_CLOEXEC);
-  static std::once_flag logged;
-  if (fd < 0) {
-    int err = errno;
-    std::call_once(logged, [err] {
-      base::log().debug("buffer allocator: no memory-pressure trigger (/proc/pressure/memory: {})",
-                        std::strerror(err));
-    });
-    return;
-  }
-  const char trig[] = "some 150000 2000000";
-  if (::write(fd, trig, sizeof trig) < 0) {
-    int err = errno;
-    std::call_once(logged, [err] {
-      base::log().debug("buffer allocator: PSI trigger refused: {}", std::strerror(err));
-    });
-    ::close(fd);
-    return;
-  }
-  if (const int err = base::fault::inject(base::fault::Point::allocator_eventfd))
-    errno = err;
-  else
-    stop_fd_ = ::eventfd(0, EFD_CLOEXEC);
-  if (stop_fd_ < 0) {
-    base::log().warn("buffer allocator: eventfd: {}; no memory-pressure trigger", std::strerror(errno));
-    ::close(fd);
-    return;
-  }
-  try {
-    psi_thread_ = std::thread([this, fd] { psi_loop(fd); });
-  } catch (const std::exception& e) {  // system_error, or bad_alloc for the thread's state
-    base::log().warn("buffer allocator: no memory-pressure thread: {}", e.what());
-    ::close(fd);
-    return;
-  }
-  psi_armed_.store(true);
+  if (psi) arm_psi();
+  return ok();
 }
 
 Allocator::~Allocator() {
@@ -332,7 +249,8 @@ Allocator::~Allocator() {
   if (slab_ != nullptr) slab_->close_caches();  // other threads' cached slots too, so their slabs retire
   trim(true);
   slab_.reset();  // after the flush above, so retired slabs went back to their sources
-  if (subscribed_) unsubscribe(arena_, this);
+  // After this the arena never calls on_flushed again.
+  if (listener_ != 0) arena_.remove_flush_listener(listener_);
   std::lock_guard lock(mu_);
   if (live_ != 0)
     base::log().warn("buffer allocator destroyed with {} live buffers ({} bytes): their memory and IOVA "
@@ -486,7 +404,7 @@ Result<std::unique_ptr<BufferAllocator>> create_allocator(iommu::IovaArena& aren
     if (auto r = make_hugepage_run_source()) runs = std::move(*r);
   }
   a->enable_slabs(s.slab_max, std::move(runs));
-  a->start(s.psi);
+  DMAKIT_TRY(a->start(s.psi));
   return std::unique_ptr<BufferAllocator>(std::move(a));
 }
 

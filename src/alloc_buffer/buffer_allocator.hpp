@@ -21,7 +21,9 @@
 // Slabs. A request of at most buffer.slab_max bytes (and alignment), read-
 // write, is served by the slab tier (slab.hpp): a slot of a power-of-two
 // class carved from a slab mapped once, so small buffers cost no mapping
-// entry each and, in the steady state, no syscall or heap allocation.
+// entry each and, in the steady state, no syscall or heap allocation. Each
+// thread caches the slots of up to 64 KiB it frees (at most 256 KiB per class)
+// for its own next allocations, with no lock taken.
 //
 // Isolation mode (buffer.isolation). No slabs and no recycler: every buffer
 // is its own mapping and a freed buffer is retired at once, so its memory
@@ -39,7 +41,9 @@
 // An allocation that fails for lack of IOVA space, mapping entries or
 // memory retires every recycled buffer and every wholly free slab, flushes
 // the arena and tries once more, so memory kept for reuse never causes a
-// failure.
+// failure. The failing thread's cached slots go back first; other threads
+// give theirs back at their next free or when they exit (the per-thread
+// bound above is what may stay out of reach meanwhile).
 //
 // Retiring a buffer frees its IOVA range to the arena, where it turns stale
 // and stays mapped. Its host memory stays with the buffer until the arena's

@@ -381,6 +381,29 @@ TEST_F(BufferTest, MemoryBehindStaleIovaIsNotReusedBeforeFlush) {
   EXPECT_EQ(live(), b->span()) << "returned after the flush reported the unmap";
 }
 
+// Two allocators share one arena, each with its own flush listener: a flush
+// gives each the memory it retired, and once one is gone the arena no longer
+// calls it (a call into the destroyed allocator would be a use after free,
+// which the sanitizer job would report).
+TEST_F(BufferTest, AllocatorsSharingAnArenaEachHearTheFlush) {
+  settings_.recycle_high_mb = 0;  // every free retires at once
+  auto other = create_buffer_allocator(*arena_, settings_, {});
+  ASSERT_TRUE(other) << other.error().what();
+  make();
+  { ASSERT_TRUE(alloc_->alloc({.len = 64 * K})); }
+  { ASSERT_TRUE((*other)->alloc({.len = 128 * K})); }
+  EXPECT_EQ(alloc_->stats().pending_flush_bytes, 64 * K);
+  EXPECT_EQ((*other)->stats().pending_flush_bytes, 128 * K);
+  ASSERT_TRUE(arena_->flush());
+  EXPECT_EQ(alloc_->stats().pending_flush_bytes, 0u);
+  EXPECT_EQ((*other)->stats().pending_flush_bytes, 0u);
+  other->reset();
+  { ASSERT_TRUE(alloc_->alloc({.len = 64 * K})); }
+  EXPECT_EQ(alloc_->stats().pending_flush_bytes, 64 * K);
+  ASSERT_TRUE(arena_->flush());
+  EXPECT_EQ(alloc_->stats().pending_flush_bytes, 0u);
+}
+
 TEST_F(BufferTest, BadInputIsRefusedByName) {
   make();
   auto z = alloc_->alloc({.len = 0});
