@@ -6,6 +6,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/cache_slots.hpp"
 #include "base/log.hpp"
 
 namespace dmakit::alloc_buffer {
@@ -35,15 +36,8 @@ void prefix(Error& e, std::string_view context) noexcept {
 
 namespace {
 
-struct Registry {
-  std::mutex mu;
-  std::vector<uint32_t> free_slots;
-  uint32_t next_slot = 1;  // 0: no caches
-  uint64_t next_uid = 1;
-};
-
-Registry& registry() {
-  static Registry r;
+base::CacheSlots& registry() {
+  static base::CacheSlots r(kSlabCacheSlots);
   return r;
 }
 
@@ -72,7 +66,7 @@ struct ThreadSlabCaches {
   ~ThreadSlabCaches() {
     tl_exiting = true;
     detail::tl_slab_caches = g_idle_slots.data();
-    std::lock_guard lock(registry().mu);
+    std::lock_guard lock(registry().mutex());
     for (auto& c : caches)
       if (c && c->tier != nullptr) c->tier->absorb_cache(*c);
   }
@@ -94,7 +88,7 @@ SlabCache* SlabTier::own_cache() noexcept {
     if (t.ptrs.empty()) t.ptrs.assign(kSlabCacheSlots, &g_idle_cache);
     auto& mine = t.caches[cache_slot_];
     if (!mine) mine = std::make_unique<SlabCache>();
-    std::lock_guard lock(registry().mu);
+    std::lock_guard lock(registry().mutex());
     caches_.reserve(caches_.size() + 1);
     // A cache left in this slot by a destroyed tier was emptied and detached.
     mine->tier = this;
@@ -167,14 +161,14 @@ SlabBlock* SlabTier::give_back_locked(Class& c, ImplPtr rec) noexcept {
 // cached slots go back to their blocks (retire_free then finds every free
 // slab) and every cache is detached.
 void SlabTier::close_caches() noexcept {
-  std::lock_guard lock(registry().mu);
+  std::lock_guard lock(registry().mutex());
   while (!caches_.empty()) absorb_cache(*caches_.back());
 }
 
 uint64_t SlabTier::cached_count(int cls) const {
   if (cls >= kSlabCachedClasses) return 0;
   uint64_t n = 0;
-  std::lock_guard lock(registry().mu);
+  std::lock_guard lock(registry().mutex());
   for (const SlabCache* c : caches_) n += c->mags[cls].n.load(std::memory_order_relaxed);
   return n;
 }
@@ -202,15 +196,10 @@ SlabTier::SlabTier(SlabHost& host, std::shared_ptr<Anchor> anchor, uint64_t unit
     classes_[i].size = unit << i;
     classes_[i].slots = static_cast<uint32_t>(kSlabBlock / classes_[i].size);
   }
-  std::lock_guard lock(registry().mu);
-  Registry& r = registry();
-  uid_ = r.next_uid++;
-  if (!r.free_slots.empty()) {
-    cache_slot_ = r.free_slots.back();
-    r.free_slots.pop_back();
-  } else if (r.next_slot < kSlabCacheSlots) {
-    cache_slot_ = r.next_slot++;
-  }  // else: no thread caches for this tier
+  std::lock_guard lock(registry().mutex());
+  const auto t = registry().take_locked(true);  // slot 0 when all are taken: no thread caches
+  uid_ = t.uid;
+  cache_slot_ = t.slot;
 }
 
 SlabTier::~SlabTier() {
@@ -220,7 +209,7 @@ SlabTier::~SlabTier() {
   // mapping: a device may still use them; only their records go.
   uint64_t cached = 0;
   {
-    std::lock_guard lock(registry().mu);
+    std::lock_guard lock(registry().mutex());
     for (SlabCache* c : caches_) {
       for (auto& m : c->mags) {
         const uint32_t n = m.n.load(std::memory_order_relaxed);
@@ -232,12 +221,7 @@ SlabTier::~SlabTier() {
       c->tier = nullptr;
     }
     caches_.clear();
-    if (cache_slot_ != 0) {
-      try {
-        registry().free_slots.push_back(cache_slot_);
-      } catch (const std::bad_alloc&) {  // the slot stays taken: one tier fewer gets caches
-      }
-    }
+    registry().give_back_locked(cache_slot_);
   }
   uint64_t live = 0;
   for (int i = 0; i < nclasses_; ++i) live += classes_[i].live;

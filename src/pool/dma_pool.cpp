@@ -11,6 +11,7 @@
 #include <new>
 #include <type_traits>
 
+#include "base/cache_slots.hpp"
 #include "base/log.hpp"
 
 namespace dmakit::pool {
@@ -92,15 +93,8 @@ void DmaPool::ChunkDeleter::operator()(Chunk* ch) const noexcept {
 
 namespace {
 
-struct Registry {
-  std::mutex mu;
-  std::vector<uint32_t> free_slots;
-  uint32_t next_slot = 1;  // 0: no caches
-  uint64_t next_uid = 1;
-};
-
-Registry& registry() {
-  static Registry r;
+base::CacheSlots& registry() {
+  static base::CacheSlots r(detail::kCacheSlots);
   return r;
 }
 
@@ -133,7 +127,7 @@ struct ThreadCaches {
   ~ThreadCaches() {
     tl_exiting = true;
     tl_slots = g_idle_slots.data();
-    std::lock_guard lock(registry().mu);
+    std::lock_guard lock(registry().mutex());
     for (auto& c : caches)
       if (c && c->pool != nullptr) c->pool->absorb_cache(*c);
   }
@@ -159,7 +153,7 @@ DmaPool::Cache* DmaPool::attach_cache() {
     std::lock_guard lock(mu_);
     m = take_empty_locked();
   }
-  std::lock_guard lock(registry().mu);
+  std::lock_guard lock(registry().mutex());
   try {
     reserve_for(caches_, caches_.size() + 1);
   } catch (const std::bad_alloc&) {
@@ -349,20 +343,12 @@ std::unique_ptr<DmaPool> DmaPool::create_pool(std::unique_ptr<Backing> backing, 
   p->gran_shift_ = static_cast<uint32_t>(std::countr_zero(uint64_t{rsize}));
   bool out_of_slots = false;
   {
-    Registry& r = registry();
-    std::lock_guard lock(r.mu);
-    r.free_slots.reserve(kCacheSlots);  // the destructor gives its slot back without allocating
-    p->uid_ = r.next_uid++;
-    if (p->mag_cap_ == 0) {
-      p->slot_ = 0;
-    } else if (!r.free_slots.empty()) {
-      p->slot_ = r.free_slots.back();
-      r.free_slots.pop_back();
-    } else if (r.next_slot < kCacheSlots) {
-      p->slot_ = r.next_slot++;
-    } else {
-      out_of_slots = true;
-    }
+    base::CacheSlots& r = registry();
+    std::lock_guard lock(r.mutex());
+    const auto t = r.take_locked(p->mag_cap_ != 0);
+    p->uid_ = t.uid;
+    p->slot_ = t.slot;
+    out_of_slots = p->mag_cap_ != 0 && t.slot == 0;
   }
   if (out_of_slots) {
     p->mag_cap_ = 0;
@@ -374,10 +360,10 @@ std::unique_ptr<DmaPool> DmaPool::create_pool(std::unique_ptr<Backing> backing, 
 
 DmaPool::~DmaPool() {
   {
-    Registry& r = registry();
-    std::lock_guard lock(r.mu);
+    base::CacheSlots& r = registry();
+    std::lock_guard lock(r.mutex());
     detach_all_caches();
-    if (slot_ != 0) r.free_slots.push_back(slot_);
+    r.give_back_locked(slot_);
   }
   // The state bytes are the truth: a chunk holding an allocated block may
   // still be written by a device, so it is abandoned rather than released.
@@ -584,7 +570,7 @@ DmaPool::Magazine* DmaPool::take_empty_locked() {
 
 // The oldest full magazine of another thread (the one it will want last).
 DmaPool::Magazine* DmaPool::steal() {
-  std::lock_guard reg(registry().mu);
+  std::lock_guard reg(registry().mutex());
   const Cache* self = tl_slots[slot_];
   for (Cache* other : caches_) {
     if (other == self || other->home_blocks.load(std::memory_order_relaxed) == 0) continue;
@@ -993,7 +979,7 @@ PoolStats DmaPool::stats() const {
   s.boundary = boundary_;
   s.chunk_bytes = chunk_bytes();
   uint64_t cached = 0;
-  std::lock_guard reg(registry().mu);
+  std::lock_guard reg(registry().mutex());
   for (const Cache* c : caches_)
     cached += c->count(mag_cap_) + c->prev_count.load(std::memory_order_relaxed) +
               c->home_blocks.load(std::memory_order_relaxed);
