@@ -80,8 +80,7 @@ Buffer::~Buffer() {
     (void)impl_.release();
     return;
   }
-  // The record keeps the anchor alive while the lock is held.
-  Anchor* anchor = impl_->anchor.get();
+  std::shared_ptr<Anchor> anchor = impl_->anchor;
   std::shared_lock lock(anchor->mu);
   // Without an owner the allocator is gone: the memory stays where it is,
   // because a device may still use it (the destructor reported it). Only

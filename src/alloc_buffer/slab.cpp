@@ -559,9 +559,9 @@ void SlabTier::free(ImplPtr rec) {
 // The record is left alone (never freed): another owner may hold it.
 [[gnu::cold, gnu::noinline]] void SlabTier::refuse(ImplPtr rec) {
   double_frees_.fetch_add(1, std::memory_order_relaxed);
-  base::log().error("buffer slabs: free of slot {} at IOVA {:#x} by a buffer that does not own it (freed twice?); "
-                    "refused", rec->slot,
-                    rec->span.iova);
+  base::log().error("buffer slabs: free of slot {} at IOVA {:#x} by a buffer that does not own it (freed "
+                    "twice?); refused",
+                    rec->slot, rec->span.iova);
   (void)rec.release();
 }
 
