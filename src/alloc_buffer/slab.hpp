@@ -167,8 +167,8 @@ class SlabTier {
   }
   Result<ImplPtr> alloc(const BufferRequest& req, int cls);
 
-  // Free fast path, budget: a TLS load, the uid, magazine and owner tests,
-  // two stores; no lock, no atomic read-modify-write. Takes the record of
+  // Free fast path, budget: a TLS load, the uid, magazine, owner and drain
+  // tests, three stores; no lock, no atomic read-modify-write. Takes the record of
   // a slab buffer (b->block set) into this thread's cache and returns true;
   // false sends the caller to free() under the anchor (no cache attached,
   // magazine full, a drain asked for, or a slot this record does not own).
