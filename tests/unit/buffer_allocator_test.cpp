@@ -51,16 +51,7 @@ class BufferTest : public ::testing::Test {
     settings_.slab_max = 0;
   }
 
-  void TearDown() override {
-    alloc_.reset();
-    if (arena_) {
-      EXPECT_EQ(arena_->stats().pages_in_use, 0u) << "IOVA leaked";
-    }
-    arena_.reset();
-    if (sim_) {
-      EXPECT_EQ(sim_->stats().mappings, 0u) << "mapping leaked";
-    }
-  }
+  void TearDown() override { buftest::destroy_and_expect_nothing_left(alloc_, arena_, sim_); }
 
   // Sources 2M, 1M, 64K (one chunk per take) and 4K (runs), each wrapped.
   void make(bool scatter4k = false) {

@@ -20,6 +20,7 @@
 #include "nohuge_eal.hpp"
 #include "alloc_buffer/buffer_allocator.hpp"
 #include "alloc_buffer/slab.hpp"
+#include "buffer_support.hpp"
 #include "fault_source.hpp"
 #include "base/eal.hpp"
 #include "iommu/iova_arena.hpp"
@@ -50,16 +51,7 @@ class SlabTest : public ::testing::Test {
     arena_cfg_.stale_max_age = std::chrono::milliseconds(0);
   }
 
-  void TearDown() override {
-    alloc_.reset();
-    if (arena_) {
-      EXPECT_EQ(arena_->stats().pages_in_use, 0u) << "IOVA leaked";
-    }
-    arena_.reset();
-    if (sim_) {
-      EXPECT_EQ(sim_->stats().mappings, 0u) << "mapping leaked";
-    }
-  }
+  void TearDown() override { buftest::destroy_and_expect_nothing_left(alloc_, arena_, sim_); }
 
   // The domain, arena and allocator; one 4 KiB anonymous source serving
   // runs (what a host without hugepages has), behind a fault wrapper.

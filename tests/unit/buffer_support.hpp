@@ -123,6 +123,21 @@ class RealSourcesTest : public ::testing::Test {
   std::unique_ptr<alloc_buffer::BufferAllocator> alloc_;
 };
 
+// A fixture's allocator and arena destroyed in that order, then checked:
+// the allocator left no IOVA page in use and no mapping in the domain.
+inline void destroy_and_expect_nothing_left(std::unique_ptr<alloc_buffer::BufferAllocator>& alloc,
+                                            std::unique_ptr<iommu::IovaArena>& arena,
+                                            const std::unique_ptr<iommu::SimDomain>& sim) {
+  alloc.reset();
+  if (arena) {
+    EXPECT_EQ(arena->stats().pages_in_use, 0u) << "IOVA leaked";
+  }
+  arena.reset();
+  if (sim) {
+    EXPECT_EQ(sim->stats().mappings, 0u) << "mapping leaked";
+  }
+}
+
 inline uint64_t live_bytes(const alloc_buffer::BufferAllocator& a) {
   uint64_t sum = 0;
   for (const auto* s : a.sources()) sum += s->stats().live_bytes;
