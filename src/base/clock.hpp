@@ -18,27 +18,24 @@ namespace dmakit::base {
 namespace detail {
 extern std::atomic<bool> g_manual_clock;   // a ManualClock is installed
 extern std::atomic<int64_t> g_manual_ns;   // its time
+
+// `id` in nanoseconds, or the ManualClock's time while one is set.
+inline int64_t now_ns(clockid_t id) {
+  if (g_manual_clock.load(std::memory_order_relaxed)) [[unlikely]]
+    return g_manual_ns.load(std::memory_order_relaxed);
+  timespec ts{};
+  clock_gettime(id, &ts);
+  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
 }  // namespace detail
 
 // CLOCK_MONOTONIC in nanoseconds.
-inline int64_t mono_now_ns() {
-  if (detail::g_manual_clock.load(std::memory_order_relaxed)) [[unlikely]]
-    return detail::g_manual_ns.load(std::memory_order_relaxed);
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
+inline int64_t mono_now_ns() { return detail::now_ns(CLOCK_MONOTONIC); }
 
 // CLOCK_MONOTONIC_COARSE (vDSO, a few ns, tick resolution) in nanoseconds;
 // for bounds of milliseconds. Same time base as mono_now_ns under a
 // ManualClock.
-inline int64_t coarse_now_ns() {
-  if (detail::g_manual_clock.load(std::memory_order_relaxed)) [[unlikely]]
-    return detail::g_manual_ns.load(std::memory_order_relaxed);
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
+inline int64_t coarse_now_ns() { return detail::now_ns(CLOCK_MONOTONIC_COARSE); }
 
 // For tests: while one lives, the library's time stands still at a point
 // after the real clock's present and moves only by advance(). One at a time
