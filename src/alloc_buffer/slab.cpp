@@ -120,8 +120,7 @@ void SlabTier::drain_cache(SlabCache& c) noexcept {
     Class& cl = classes_[i];
     cl.lock.lock();
     for (uint32_t k = 0; k < n; ++k) {
-      SlabBlock* spare = give_back_locked(cl, ImplPtr(m.recs[k]));
-      if (spare != nullptr) return_block(spare);  // the tier's mutex under the class lock: the lock order
+      give_back_locked(cl, ImplPtr(m.recs[k]));
     }
     m.n.store(0, std::memory_order_relaxed);
     cl.lock.unlock();
@@ -138,23 +137,22 @@ void SlabTier::absorb_cache(SlabCache& c) noexcept {
 }
 
 // Under the class lock. A slot back to its block, its record to the pool;
-// returns the block when it turned wholly free and the class keeps another
-// empty one (the caller returns it to its slab).
-SlabBlock* SlabTier::give_back_locked(Class& c, ImplPtr rec) noexcept {
+// a block turning wholly free while the class keeps another empty one goes
+// back to its slab (the tier's mutex under the class lock: the lock order).
+void SlabTier::give_back_locked(Class& c, ImplPtr rec) noexcept {
   SlabBlock* b = rec->block;
   const uint32_t i = rec->slot;
   b->free_idx[b->nfree++] = static_cast<uint16_t>(i);
   if (!b->listed) link(c, b);
   --c.live;
-  SlabBlock* spare = nullptr;
-  if (--b->used == 0 && ++c.empty > 1) {
+  const bool spare = --b->used == 0 && ++c.empty > 1;
+  if (spare) {
     unlink(c, b);
     --c.empty;
-    spare = b;
   }
   rec->block = nullptr;
   push_record(c, std::move(rec));  // a chain: allocates nothing
-  return spare;
+  if (spare) return_block(b);
 }
 
 // Teardown: no other thread uses the tier any more, so every thread's
@@ -533,8 +531,7 @@ void SlabTier::free(ImplPtr rec) {
   }
   b->owner[i] = nullptr;
   if (m == nullptr) {
-    SlabBlock* spare = give_back_locked(c, std::move(rec));
-    if (spare != nullptr) return_block(spare);
+    give_back_locked(c, std::move(rec));
     c.lock.unlock();
     return;
   }
@@ -542,8 +539,7 @@ void SlabTier::free(ImplPtr rec) {
   if (n == m->cap) {  // the older half back to the blocks
     const uint32_t half = (n + 1) / 2;
     for (uint32_t k = 0; k < half; ++k) {
-      SlabBlock* spare = give_back_locked(c, ImplPtr(m->recs[k]));
-      if (spare != nullptr) return_block(spare);
+      give_back_locked(c, ImplPtr(m->recs[k]));
     }
     std::copy(m->recs.begin() + half, m->recs.begin() + n, m->recs.begin());
     n -= half;

@@ -227,7 +227,7 @@ class SlabTier {
   ImplPtr take_cached(Buffer::Impl* rec, const BufferRequest& req);
   SlabCache* own_cache() noexcept;
   void drain_cache(SlabCache& c) noexcept;
-  SlabBlock* give_back_locked(Class& c, ImplPtr rec) noexcept;
+  void give_back_locked(Class& c, ImplPtr rec) noexcept;
   uint64_t cached_count(int cls) const;
   Result<SlabBlock*> take_block(uint64_t dma_limit);
   Result<std::unique_ptr<Slab>> grow(uint64_t want, uint64_t dma_limit);
